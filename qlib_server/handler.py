@@ -1,0 +1,159 @@
+"""RequestHandler: the Flask-SocketIO front, wiring the listener and the responder together.
+
+Socket.IO events go to the :class:`~qlib_server.listener.RequestListener`; results come back through
+the :class:`~qlib_server.responder.RequestResponder`. HTTP on the same port serves ``/healthz``,
+``/readyz`` and ``/metrics``. With ``socketio_message_queue`` set, several handlers share their
+clients through Flask-SocketIO's Redis message queue: any handler can answer any client.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from typing import Callable, Optional
+
+from flask import Flask, Response, request
+from flask_socketio import SocketIO
+
+from .broker import Broker
+from .config import ServerConfig
+from .expressions import check_expression, qlib_operators
+from .listener import RequestListener
+from .metrics import Metrics
+from .protocol import REQUEST_TYPES, Limits, RequestParser, response
+from .registry import SessionRegistry
+from .responder import Pending, RequestResponder
+
+log = logging.getLogger(__name__)
+
+
+def make_parser(cfg: ServerConfig) -> RequestParser:
+    operators = qlib_operators(cfg.custom_ops)
+    limits = Limits(cfg.max_body_bytes, cfg.max_fields, cfg.max_instruments, cfg.max_expression_length,
+                    cfg.max_expression_depth)
+
+    def check(text: str) -> str:
+        return check_expression(text, operators=operators, max_length=limits.max_expression_length,
+                                max_depth=limits.max_expression_depth)
+
+    return RequestParser(cfg.client_version, limits, check)
+
+
+class RequestHandler:
+    """One request-handler process: Socket.IO server, listener, responder and timeout sweeper."""
+
+    def __init__(self, cfg: ServerConfig, registry: SessionRegistry, broker_factory: Callable[[], Broker]):
+        self.cfg = cfg
+        self.registry = registry
+        self.broker_factory = broker_factory
+        self.metrics = Metrics()
+        self.pending = Pending()
+        self.app = Flask("qlib_server")
+        self.socketio = SocketIO(
+            self.app, async_mode=cfg.async_mode, message_queue=cfg.socketio_message_queue,
+            max_http_buffer_size=cfg.max_body_bytes + 4096, cors_allowed_origins=[], logger=False,
+            engineio_logger=False,
+        )
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks]
+        self.publisher = broker_factory()
+        self.publisher.declare(cfg.task_queue, cfg.message_queue, cfg.max_deliveries)
+        self.responder = RequestResponder(registry, self.metrics, self._emit, self.pending, cfg.request_timeout)
+        self.listener = RequestListener(
+            make_parser(cfg), registry, self.publisher, cfg.task_queue, self.responder, self.pending,
+            self.metrics, self._emit, cfg.max_inflight_per_client,
+        )
+        self._consumer_alive = False
+        self._bind()
+
+    def _emit(self, event: str, data: dict, sid: str) -> None:
+        self.socketio.emit(event, data, to=sid)
+
+    # -- Socket.IO and HTTP routes ---------------------------------------------------------------
+    def _admit(self, auth: Optional[dict]) -> bool:
+        address = request.remote_addr or ""
+        by_network = bool(self.networks) and any(ipaddress.ip_address(address) in n for n in self.networks)
+        token = auth.get("token") if isinstance(auth, dict) else None
+        by_token = bool(self.cfg.auth_token) and isinstance(token, str) and hmac.compare_digest(
+            token.encode(), self.cfg.auth_token.encode())
+        return by_network or by_token or (not self.networks and not self.cfg.auth_token)
+
+    def _bind(self) -> None:
+        sio, app = self.socketio, self.app
+
+        @sio.on("connect")
+        def connect(auth=None):
+            if not self._admit(auth):
+                self.metrics.refused_connections.inc()
+                log.warning("refused connection from %s", request.remote_addr)
+                return False
+            self.metrics.connected.inc()
+
+        @sio.on("disconnect")
+        def disconnect(*_):
+            self.metrics.connected.dec()
+            for key in self.pending.drop(request.sid):
+                try:
+                    self.registry.discard(key, request.sid)
+                except Exception:  # the waiting list expires by itself
+                    pass
+
+        for request_type in REQUEST_TYPES:
+            sio.on_event(f"{request_type}_request", self._handler_for(request_type))
+
+        @sio.on("*")
+        def unknown(event, *_):
+            name = event if isinstance(event, str) and event.isidentifier() and len(event) < 40 else "unknown"
+            name = name[:-8] if name.endswith("_request") else name
+            sio.emit(f"{name}_response", response(None, 1, f"unknown event {str(event)[:40]!r}; expected one of "
+                                                  + ", ".join(f"{t}_request" for t in REQUEST_TYPES)), to=request.sid)
+
+        @app.get("/healthz")
+        def healthz():
+            return {"status": "ok"}
+
+        @app.get("/readyz")
+        def readyz():
+            checks = {"redis": self.registry.ping(), "rabbitmq": self.publisher.ping(),
+                      "consuming": self._consumer_alive}
+            return {"ready": all(checks.values()), **checks}, 200 if all(checks.values()) else 503
+
+        @app.get("/metrics")
+        def metrics():
+            return Response(self.metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    def _handler_for(self, request_type: str):
+        def handle(payload=None, *_):
+            self.listener.on_request(request_type, request.sid, payload)
+
+        handle.__name__ = f"on_{request_type}_request"
+        return handle
+
+    # -- running -----------------------------------------------------------------------------------
+    def _consume(self) -> None:
+        self._consumer_alive = True
+        try:
+            self.responder.consume(self.broker_factory(), self.cfg.message_queue)
+        finally:
+            self._consumer_alive = False
+
+    def _sweep(self) -> None:
+        while self.responder.running:
+            self.socketio.sleep(1.0)
+            self.responder.sweep()
+
+    def start_background(self) -> None:
+        self.socketio.start_background_task(self._consume)
+        self.socketio.start_background_task(self._sweep)
+
+    def serve(self) -> None:
+        """Run the Socket.IO server on ``flask_server:flask_port`` until stopped."""
+        self.start_background()
+        log.info("request handler listening on %s:%s (%s)", self.cfg.flask_server, self.cfg.flask_port,
+                 self.cfg.async_mode)
+        self.socketio.run(self.app, host=self.cfg.flask_server, port=self.cfg.flask_port,
+                          allow_unsafe_werkzeug=True, log_output=False)
+
+    def stop(self) -> None:
+        self.responder.running = False
+        self.socketio.stop()

@@ -1,0 +1,72 @@
+"""RequestListener: a client's request event → checked request → waiting list → task queue.
+
+Only the first waiter of a request key publishes a task; every other identical request just joins
+the waiting list. A request that cannot be queued is answered at once with an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from .broker import Broker
+from .errors import QlibServerError, RequestError
+from .metrics import Metrics
+from .protocol import Request, RequestParser, response
+from .registry import SessionRegistry
+from .responder import Pending, RequestResponder
+
+log = logging.getLogger(__name__)
+Emit = Callable[[str, dict, str], None]
+
+
+class RequestListener:
+    """Handles ``<type>_request`` events of one request handler."""
+
+    def __init__(self, parser: RequestParser, registry: SessionRegistry, broker: Broker, task_queue: str,
+                 responder: RequestResponder, pending: Pending, metrics: Metrics, emit: Emit,
+                 max_inflight: int = 8):
+        self.parser = parser
+        self.registry = registry
+        self.broker = broker
+        self.task_queue = task_queue
+        self.responder = responder
+        self.pending = pending
+        self.metrics = metrics
+        self.emit = emit
+        self.max_inflight = max_inflight
+
+    def on_request(self, request_type: str, sid: str, payload: Any) -> None:
+        """Handle one request event from session ``sid``; every path ends in a queued task or a response."""
+        started = time.monotonic()
+        self.metrics.requests.labels(request_type).inc()
+        try:
+            request = self.parser.parse(request_type, payload)
+            if self.pending.count(sid) >= self.max_inflight:
+                raise RequestError(f"too many requests in flight on this connection (limit {self.max_inflight})")
+        except RequestError as exc:
+            log.info("refused %s request from %s: %s", request_type, sid, exc)
+            self.metrics.responses.labels(request_type, str(exc.status)).inc()
+            self.emit(f"{request_type}_response", response(None, exc.status, str(exc)), sid)
+            return
+        self.pending.add(sid, request.key, request.type, started)
+        try:
+            self._enqueue(request, sid)
+        except QlibServerError as exc:
+            log.error("cannot queue %s task %s: %s", request.type, request.key, exc)
+            info = f"the server cannot queue this request now: {exc}"
+            try:  # the task will not run: answer every waiter of the key
+                self.responder.answer(request.key, request.type, 2, None, info)
+            except QlibServerError:  # Redis itself is away: answer this client directly
+                self.pending.done(sid, request.key)
+                self.emit(f"{request.type}_response", response(None, 2, info), sid)
+
+    def _enqueue(self, request: Request, sid: str) -> None:
+        if self.registry.add(request.key, sid):
+            self.broker.publish(self.task_queue, request.task())
+            self.metrics.tasks_published.labels(request.type).inc()
+            log.debug("published %s task %s", request.type, request.key)
+        else:
+            self.metrics.dedup_hits.labels(request.type).inc()
+            log.debug("%s joined %s task %s in flight", sid, request.type, request.key)

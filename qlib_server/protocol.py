@@ -1,0 +1,282 @@
+"""The wire protocol: decoding a client's request, checking it, and its canonical key.
+
+A request event carries ``{"head": {"version": ...}, "body": ...}``; the body is a pickle (released
+pyqlib 0.9.x), a JSON string (Qlib's main branch) or an already decoded mapping (plain Socket.IO
+clients). Whatever the encoding, :func:`parse_request` returns a :class:`Request` whose ``args`` are
+plain JSON values normalised so that equivalent requests have equal ``args`` and the same ``key``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import pickle
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pandas as pd
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from .errors import RequestError
+
+REQUEST_TYPES = ("calendar", "instrument", "feature")
+_NAME = re.compile(r"^[A-Za-z0-9_\-.]{1,64}$")  # market names, instrument codes
+_FREQ = re.compile(r"^[0-9]{0,4}(day|d|min|minute|week|w|month|mon)$", re.IGNORECASE)
+_FILTERS = {"NameDFilter": ("name_rule_re",), "ExpressionDFilter": ("rule_expression", "keep")}
+_EARLIEST, _LATEST = pd.Timestamp("1900-01-01"), pd.Timestamp("2200-12-31")
+
+# Everything a pickled request body may refer to: containers, scalars, dates and times.
+_PICKLE_ALLOWED = {
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "list"),
+    ("builtins", "dict"),
+    ("builtins", "tuple"),
+    ("datetime", "datetime"),
+    ("datetime", "date"),
+    ("datetime", "time"),
+    ("datetime", "timedelta"),
+    ("pandas._libs.tslibs.timestamps", "_unpickle_timestamp"),
+}
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PICKLE_ALLOWED:
+            return super().find_class(module, name)
+        raise RequestError(f"pickled body refers to {module}.{name}, which a request may not contain")
+
+
+def safe_unpickle(data: bytes, max_bytes: int) -> Any:
+    """Unpickle ``data`` allowing only the types a request can hold; refuse anything else."""
+    if len(data) > max_bytes:
+        raise RequestError(f"request body is {len(data)} bytes, over the limit of {max_bytes}")
+    try:
+        return _AllowListUnpickler(io.BytesIO(data)).load()
+    except RequestError:
+        raise
+    except Exception as exc:  # pickle raises many types on junk input
+        raise RequestError(f"request body is not a valid pickle: {type(exc).__name__}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds a request must stay within."""
+
+    max_body_bytes: int = 1 << 20
+    max_fields: int = 256
+    max_instruments: int = 20000
+    max_expression_length: int = 2000
+    max_expression_depth: int = 32
+
+
+@dataclass(frozen=True)
+class Request:
+    """A decoded, checked request: its type, normalised arguments and canonical key."""
+
+    type: str
+    args: dict
+    key: str
+    version: str
+
+    def task(self) -> dict:
+        """The message published to the task queue for this request."""
+        return {"key": self.key, "type": self.type, "args": self.args}
+
+
+def check_version(version: Any, spec: str) -> str:
+    """Return the client version when it satisfies ``spec``; raise :class:`RequestError` otherwise."""
+    if not isinstance(version, str) or len(version) > 64:
+        raise RequestError("request head must carry the client's qlib version as a string")
+    text = version[:-4] if version.lower().endswith(".dev") else version
+    try:
+        parsed = Version(text)
+    except InvalidVersion:
+        raise RequestError(f"client version {version!r} is not a valid version") from None
+    if not SpecifierSet(spec).contains(parsed, prereleases=True):
+        raise RequestError(f"client version {version} is not supported (server accepts qlib {spec}); please upgrade")
+    return version
+
+
+def _time(value: Any, what: str) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip() in ("", "None", "NaT")):
+        return None
+    if not isinstance(value, (str, dt.date, dt.datetime, pd.Timestamp)) or (isinstance(value, str) and len(value) > 40):
+        raise RequestError(f"{what} must be a date or a date string, not {type(value).__name__}")
+    try:
+        stamp = pd.Timestamp(value)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise RequestError(f"{what} {str(value)[:40]!r} is not a date: {exc}") from None
+    if stamp is pd.NaT or stamp.tzinfo is not None:
+        raise RequestError(f"{what} must be a naive date, got {str(value)[:40]!r}")
+    if not _EARLIEST <= stamp <= _LATEST:
+        raise RequestError(f"{what} {stamp} is outside {_EARLIEST.year}..{_LATEST.year}")
+    return str(stamp)
+
+
+def _freq(value: Any) -> str:
+    if not isinstance(value, str) or not _FREQ.match(value):
+        raise RequestError(f"freq must be a frequency such as 'day' or '1min', got {str(value)[:40]!r}")
+    return value.lower()
+
+
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value) or value.strip(".") != value:
+        raise RequestError(f"{what} {str(value)[:70]!r} is not a valid name (letters, digits, _ - . only)")
+    return value
+
+
+def _flag(value: Any, what: str) -> bool:
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise RequestError(f"{what} must be true or false, got {str(value)[:40]!r}")
+
+
+class RequestParser:
+    """Turns raw request events into :class:`Request` objects, enforcing version and limits."""
+
+    def __init__(self, client_version: str, limits: Limits, check_expression: Callable[[str], str]):
+        self.client_version = client_version
+        self.limits = limits
+        self.check_expression = check_expression
+
+    def parse(self, request_type: str, payload: Any) -> Request:
+        """Decode, check and normalise one request event; raise :class:`RequestError` when it is bad."""
+        if request_type not in REQUEST_TYPES:
+            raise RequestError(f"unknown request type {str(request_type)[:40]!r}")
+        if not isinstance(payload, dict) or not isinstance(payload.get("head"), dict) or "body" not in payload:
+            raise RequestError('a request is {"head": {"version": ...}, "body": ...}')
+        version = check_version(payload["head"].get("version"), self.client_version)
+        body = self._decode(payload["body"])
+        if not isinstance(body, dict):
+            raise RequestError(f"request body must be a mapping, not {type(body).__name__}")
+        args = getattr(self, f"_{request_type}")(body)
+        return Request(request_type, args, request_key(request_type, args), version)
+
+    def _decode(self, body: Any) -> Any:
+        limit = self.limits.max_body_bytes
+        if isinstance(body, (bytes, bytearray)):
+            return safe_unpickle(bytes(body), limit)
+        if isinstance(body, str):
+            if len(body) > limit:
+                raise RequestError(f"request body is {len(body)} characters, over the limit of {limit}")
+            try:
+                return json.loads(body)
+            except ValueError as exc:
+                raise RequestError(f"request body is not valid JSON: {exc}") from None
+        if isinstance(body, dict):
+            return body
+        raise RequestError(f"request body must be JSON text, a pickle or a mapping, not {type(body).__name__}")
+
+    def _calendar(self, body: dict) -> dict:
+        return {
+            "start_time": _time(body.get("start_time"), "start_time"),
+            "end_time": _time(body.get("end_time"), "end_time"),
+            "freq": _freq(body.get("freq", "day")),
+            "future": _flag(body.get("future", False), "future"),
+        }
+
+    def _market(self, conf: Any) -> dict:
+        if not isinstance(conf, dict) or "market" not in conf:
+            raise RequestError('instruments must be a market config {"market": ..., "filter_pipe": [...]}')
+        unknown = set(conf) - {"market", "filter_pipe"}
+        if unknown:
+            raise RequestError(f"unknown keys in instruments config: {sorted(map(str, unknown))[:5]}")
+        pipe = conf.get("filter_pipe") or []
+        if not isinstance(pipe, (list, tuple)) or len(pipe) > 16:
+            raise RequestError("filter_pipe must be a list of at most 16 filters")
+        return {"market": _name(conf["market"], "market").lower(), "filter_pipe": [self._filter(f) for f in pipe]}
+
+    def _filter(self, item: Any) -> dict:
+        if not isinstance(item, dict) or item.get("filter_type") not in _FILTERS:
+            raise RequestError(f"a filter must be a dict with filter_type in {sorted(_FILTERS)}")
+        kind = item["filter_type"]
+        allowed = {"filter_type", "filter_start_time", "filter_end_time", *_FILTERS[kind]}
+        if set(item) - allowed:
+            raise RequestError(f"unknown keys in {kind}: {sorted(map(str, set(item) - allowed))[:5]}")
+        out = {
+            "filter_type": kind,
+            "filter_start_time": _time(item.get("filter_start_time"), "filter_start_time"),
+            "filter_end_time": _time(item.get("filter_end_time"), "filter_end_time"),
+        }
+        if kind == "NameDFilter":
+            rule = item.get("name_rule_re")
+            if not isinstance(rule, str) or len(rule) > 200:
+                raise RequestError("name_rule_re must be a regular expression of at most 200 characters")
+            try:
+                re.compile(rule)
+            except re.error as exc:
+                raise RequestError(f"name_rule_re {rule!r} is not a regular expression: {exc}") from None
+            out["name_rule_re"] = rule
+        else:
+            rule = item.get("rule_expression")
+            if not isinstance(rule, str):
+                raise RequestError("rule_expression must be a string")
+            out["rule_expression"] = self.check_expression(rule)
+            out["keep"] = _flag(item.get("keep", False), "keep")
+        return out
+
+    def _instrument(self, body: dict) -> dict:
+        return {
+            "instruments": self._market(body.get("instruments")),
+            "start_time": _time(body.get("start_time"), "start_time"),
+            "end_time": _time(body.get("end_time"), "end_time"),
+            "freq": _freq(body.get("freq", "day")),
+            "as_list": _flag(body.get("as_list", False), "as_list"),
+        }
+
+    def _feature(self, body: dict) -> dict:
+        instruments = body.get("instruments")
+        if isinstance(instruments, dict) and "market" in instruments:
+            instruments = self._market(instruments)
+        elif isinstance(instruments, (list, tuple, set, frozenset, str)):
+            codes = [instruments] if isinstance(instruments, str) else list(instruments)
+            if not codes or len(codes) > self.limits.max_instruments:
+                raise RequestError(f"instruments must list 1 to {self.limits.max_instruments} codes")
+            instruments = sorted({_name(c, "instrument") for c in codes})
+        else:
+            raise RequestError("instruments must be a market config or a list of instrument codes")
+        fields = body.get("fields")
+        if isinstance(fields, str):
+            fields = [fields]
+        if not isinstance(fields, (list, tuple)) or not fields or len(fields) > self.limits.max_fields:
+            raise RequestError(f"fields must be a list of 1 to {self.limits.max_fields} expressions")
+        for field in fields:
+            if not isinstance(field, str):
+                raise RequestError(f"a field must be an expression string, not {type(field).__name__}")
+            self.check_expression(field)
+        disk_cache = body.get("disk_cache", 1)
+        if disk_cache not in (0, 1) or isinstance(disk_cache, float):
+            raise RequestError(f"disk_cache must be 0 or 1, got {str(disk_cache)[:20]!r}")
+        start, end = _time(body.get("start_time"), "start_time"), _time(body.get("end_time"), "end_time")
+        if start and end and start > end:
+            raise RequestError(f"start_time {start} is after end_time {end}")
+        return {
+            "instruments": instruments,
+            "fields": list(fields),
+            "start_time": start,
+            "end_time": end,
+            "freq": _freq(body.get("freq", "day")),
+            "disk_cache": int(disk_cache),
+        }
+
+
+def request_key(request_type: str, args: dict) -> str:
+    """Canonical key: equal for requests with the same answer, different otherwise.
+
+    A feature request's answer (the dataset cache URI, or the prepared expression cache) covers the
+    whole history and sorts its fields, so its key ignores the dates and the order of the fields.
+    """
+    if request_type == "feature":
+        args = {**args, "start_time": None, "end_time": None, "fields": sorted(set(f.replace(" ", "") for f in args["fields"]))}
+    text = json.dumps([request_type, args], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def response(result: Any = None, status: int = 0, detailed_info: str | None = None) -> dict:
+    """The envelope every ``<type>_response`` event carries."""
+    return {"result": result, "status": status, "detailed_info": detailed_info}

@@ -1,0 +1,92 @@
+"""Who is waiting for what: the session ids waiting for each request key, kept in Redis.
+
+Every add and take runs under a python-redis-lock lock of that key, so a listener adding a waiter and
+a responder answering the key never interleave. The first waiter of a key is told so, and only it
+publishes a task; the waiters are removed only after they have been answered.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import redis
+import redis_lock
+
+from . import keys
+from .errors import ConnectionLost
+
+
+class SessionRegistry:
+    """Waiting session ids per request key, in Redis, each operation under the key's lock."""
+
+    def __init__(self, client: redis.Redis, ttl: float):
+        self.redis = client
+        self.ttl = int(ttl) + keys.WAITERS_GRACE
+
+    @classmethod
+    def from_config(cls, cfg) -> "SessionRegistry":
+        pool = redis.ConnectionPool(
+            host=cfg.redis_host, port=cfg.redis_port, db=cfg.redis_task_db, password=cfg.redis_password,
+            socket_timeout=10, socket_connect_timeout=5, health_check_interval=30, retry_on_timeout=True,
+        )
+        return cls(redis.Redis(connection_pool=pool), cfg.request_timeout)
+
+    @contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        lock = redis_lock.Lock(self.redis, keys.waiters_lock(key), expire=keys.LOCK_EXPIRE)
+        try:
+            lock.acquire()
+        except redis.RedisError as exc:
+            raise ConnectionLost(f"redis: {exc}") from exc
+        try:
+            yield
+        finally:
+            try:
+                lock.release()
+            except redis_lock.NotAcquired:
+                pass  # it expired while we held it: the work is done, nothing else to undo
+            except redis.RedisError:
+                pass  # the lock expires by itself
+
+    def add(self, key: str, sid: str) -> bool:
+        """Record that ``sid`` waits for ``key``; return True when it is the first waiter."""
+        try:
+            with self._locked(key):
+                pipe = self.redis.pipeline()
+                pipe.rpush(keys.waiters(key), sid)
+                pipe.expire(keys.waiters(key), self.ttl)
+                length, _ = pipe.execute()
+        except redis.RedisError as exc:
+            raise ConnectionLost(f"redis: {exc}") from exc
+        return length == 1
+
+    @contextmanager
+    def answering(self, key: str) -> Iterator[list[str]]:
+        """Yield the waiters of ``key``; remove them only when the block finishes without error."""
+        try:
+            with self._locked(key):
+                sids = [s.decode() for s in self.redis.lrange(keys.waiters(key), 0, -1)]
+                yield sids
+                if sids:
+                    self.redis.ltrim(keys.waiters(key), len(sids), -1)
+        except redis.RedisError as exc:
+            raise ConnectionLost(f"redis: {exc}") from exc
+
+    def discard(self, key: str, sid: str) -> bool:
+        """Remove one waiter (timed out or gone); return False when it was no longer waiting."""
+        try:
+            with self._locked(key):
+                return bool(self.redis.lrem(keys.waiters(key), 1, sid))
+        except redis.RedisError as exc:
+            raise ConnectionLost(f"redis: {exc}") from exc
+
+    def waiting(self, key: str) -> list[str]:
+        """The waiters of ``key``, for tests and diagnostics."""
+        return [s.decode() for s in self.redis.lrange(keys.waiters(key), 0, -1)]
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except redis.RedisError:
+            return False
