@@ -3,7 +3,7 @@
 Qlib rewrites a field string with regular expressions (`qlib.utils.parse_field`) and passes the result to `eval`,
 so anything outside its expression language is code execution. `check_expression` accepts only that language:
 `$name` / `$$name` features, numbers, calls of registered operators, the infix operators Qlib's `Expression`
-overloads (+ - * / < <= > >= == != & |), parentheses and spaces. Everything else is refused with a RequestError.
+overloads (+ - * / < <= > >= == != & |), parentheses, spaces and tabs. Everything else is refused with a RequestError.
 """
 
 from __future__ import annotations
@@ -170,6 +170,8 @@ class _Parser:
 
 def check_expression(text: str, *, operators: frozenset[str], max_length: int = 2000, max_depth: int = 32) -> str:
     """Return `text` unchanged when it is a Qlib expression; raise qlib_server.errors.RequestError otherwise."""
+    if not 1 <= max_depth <= 100:
+        raise ValueError("max_depth must be between 1 and 100 (Python refuses deeper nesting anyway)")
     if not isinstance(text, str):
         raise _refuse(f"expected a string, got {type(text).__name__}")
     if len(text) > max_length:

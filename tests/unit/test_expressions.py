@@ -221,6 +221,13 @@ def test_depth_limit_is_enforced_quickly():
         check("Abs(Abs(Abs(Abs($close))))", max_depth=3)
 
 
+def test_depth_limit_setting_is_bounded():
+    assert check("Abs(" * 100 + "$close" + ")" * 100, max_depth=100).startswith("Abs(")
+    for bad in (0, 101):
+        with pytest.raises(ValueError, match="max_depth"):
+            check("$close", max_depth=bad)
+
+
 def test_long_flat_expression_is_checked_in_linear_time():
     text = "-".join(["1"] * 50_000)
     start = time.perf_counter()
@@ -231,7 +238,7 @@ def test_long_flat_expression_is_checked_in_linear_time():
 LANGUAGE_ALPHABET = "$()+-*/<>=!&|~,.'\" \t\n_[]{}:;@%eEx0159MeanRfAbsIfCorclos"
 
 
-@settings(max_examples=300, deadline=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.one_of(
         st.text(max_size=300),
@@ -246,11 +253,11 @@ def test_random_text_only_ever_raises_request_error(text):
     try:
         result = check(text)
     except RequestError:
-        pass
-    else:
+        result = None
+    assert time.perf_counter() - start < 0.25
+    if result is not None:
         assert result == text
         assert_safe_python(text)
-    assert time.perf_counter() - start < 0.1
 
 
 FEATURES = st.sampled_from(["$close", "$open", "$high", "$low", "$volume", "$vwap", "$factor", "$$roewa_q"])

@@ -1,0 +1,48 @@
+"""Sessions: ``unit``, ``integration`` (the README's test command runs both), ``fuzz``, ``load``, ``bench``."""
+
+import os
+
+import nox
+
+nox.options.sessions = ["unit", "integration"]
+nox.options.reuse_existing_virtualenvs = True
+PYTHON = os.environ.get("NOX_PYTHON", "3.11")
+
+
+def install(session, *extras):
+    session.install("-e", f".[{','.join(('test',) + extras)}]")
+
+
+@nox.session(python=PYTHON)
+def unit(session):
+    """Unit tests: no services needed."""
+    install(session)
+    session.run("pytest", "tests/unit", "-q", "-p", "no:cacheprovider", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def integration(session):
+    """Integration tests against RabbitMQ and Redis (testcontainers, or QLIB_TEST_*_URL)."""
+    install(session)
+    session.run("pytest", "tests/integration", "-q", "-p", "no:cacheprovider", "-x", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def fuzz(session):
+    """A long hypothesis run over the request path (not part of the default run)."""
+    install(session)
+    session.run("pytest", "tests/unit", "-q", "-k", "fuzz or hypothesis", "--hypothesis-profile=long", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def load(session):
+    """Start a server and run a short headless Locust run against it."""
+    install(session, "load", "sim")
+    session.run("python", "-m", "loadtests.run", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session):
+    """Benchmarks: print a table and write bench-results/bench.json."""
+    install(session, "load", "sim")
+    session.run("python", "-m", "sim.bench", *session.posargs)
