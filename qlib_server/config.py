@@ -54,6 +54,7 @@ class ServerConfig(BaseModel):
     task_timeout: float = Field(600.0, gt=0, description="seconds one task may run before its worker is killed")
     max_deliveries: int = Field(3, ge=1, le=100, description="deliveries of a task before it is dead-lettered")
     request_timeout: float = Field(3600.0, gt=0, description="seconds a client waits before an error answer")
+    result_cache_ttl: float = Field(600.0, ge=0, description="seconds an answer is reused for identical requests")
     socketio_message_queue: Optional[str] = Field(None, description="redis:// URL shared by several handlers")
     allowed_networks: list[str] = Field(default_factory=list)
     auth_token: Optional[str] = None

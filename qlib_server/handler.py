@@ -17,6 +17,7 @@ from flask import Flask, Response, request
 from flask_socketio import SocketIO
 
 from .broker import Broker
+from .cache import ResultCache
 from .config import ServerConfig
 from .expressions import check_expression, qlib_operators
 from .listener import RequestListener
@@ -58,10 +59,12 @@ class RequestHandler:
         self.networks = [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks]
         self.publisher = broker_factory()
         self.publisher.declare(cfg.task_queue, cfg.message_queue, cfg.max_deliveries)
-        self.responder = RequestResponder(registry, self.metrics, self._emit, self.pending, cfg.request_timeout)
+        self.cache = ResultCache(registry.redis, cfg.result_cache_ttl)
+        self.responder = RequestResponder(registry, self.metrics, self._emit, self.pending, cfg.request_timeout,
+                                          self.cache)
         self.listener = RequestListener(
             make_parser(cfg), registry, self.publisher, cfg.task_queue, self.responder, self.pending,
-            self.metrics, self._emit, cfg.max_inflight_per_client,
+            self.metrics, self._emit, self.cache, cfg.max_inflight_per_client,
         )
         self._consumer_alive = False
         self._bind()

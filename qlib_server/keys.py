@@ -23,3 +23,13 @@ def waiters(key: str) -> str:
 
 def waiters_lock(key: str) -> str:
     return WAITERS_LOCK + key
+
+
+#: JSON of a computed answer, per data generation and request key (see ``cache.ResultCache``)
+RESULT = f"{PREFIX}:result:"
+#: integer bumped whenever the data directory changes; part of every result key
+GENERATION = f"{PREFIX}:data-generation"
+
+
+def result(generation: int, key: str) -> str:
+    return f"{RESULT}{generation}:{key}"

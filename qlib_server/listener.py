@@ -11,6 +11,7 @@ import time
 from typing import Any, Callable
 
 from .broker import Broker
+from .cache import MISS, ResultCache
 from .errors import QlibServerError, RequestError
 from .metrics import Metrics
 from .protocol import Request, RequestParser, response
@@ -26,7 +27,7 @@ class RequestListener:
 
     def __init__(self, parser: RequestParser, registry: SessionRegistry, broker: Broker, task_queue: str,
                  responder: RequestResponder, pending: Pending, metrics: Metrics, emit: Emit,
-                 max_inflight: int = 8):
+                 cache: ResultCache, max_inflight: int = 8):
         self.parser = parser
         self.registry = registry
         self.broker = broker
@@ -35,6 +36,7 @@ class RequestListener:
         self.pending = pending
         self.metrics = metrics
         self.emit = emit
+        self.cache = cache
         self.max_inflight = max_inflight
 
     def on_request(self, request_type: str, sid: str, payload: Any) -> None:
@@ -50,6 +52,13 @@ class RequestListener:
             self.metrics.responses.labels(request_type, str(exc.status)).inc()
             self.emit(f"{request_type}_response", response(None, exc.status, str(exc)), sid)
             return
+        cached = self.cache.get(request.key)
+        if cached is not MISS:
+            self.metrics.cache_hits.labels(request.type).inc()
+            self.metrics.responses.labels(request.type, "0").inc()
+            self.emit(f"{request.type}_response", response(cached, 0, None), sid)
+            self.metrics.latency.labels(request.type).observe(time.monotonic() - started)
+            return
         self.pending.add(sid, request.key, request.type, started)
         try:
             self._enqueue(request, sid)
@@ -64,7 +73,7 @@ class RequestListener:
 
     def _enqueue(self, request: Request, sid: str) -> None:
         if self.registry.add(request.key, sid):
-            self.broker.publish(self.task_queue, request.task())
+            self.broker.publish(self.task_queue, request.task(self.cache.generation()))
             self.metrics.tasks_published.labels(request.type).inc()
             log.debug("published %s task %s", request.type, request.key)
         else:

@@ -16,6 +16,7 @@ class Metrics:
         self.tasks_processed = Counter("qlib_server_tasks_processed", "Task results received", ["type", "status"], registry=r)
         self.tasks_redelivered = Counter("qlib_server_tasks_redelivered", "Results of tasks delivered more than once", ["type"], registry=r)
         self.tasks_dead_lettered = Counter("qlib_server_tasks_dead_lettered", "Tasks given up after max_deliveries", ["type"], registry=r)
+        self.cache_hits = Counter("qlib_server_cache_hits", "Requests answered from the result cache", ["type"], registry=r)
         self.dedup_hits = Counter("qlib_server_dedup_hits", "Requests joined to a task in flight", ["type"], registry=r)
         self.request_timeouts = Counter("qlib_server_request_timeouts", "Requests answered by timeout", ["type"], registry=r)
         self.refused_connections = Counter("qlib_server_refused_connections", "Connections refused", registry=r)

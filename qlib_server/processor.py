@@ -59,7 +59,8 @@ def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None) -
         if busy_since is not None:
             busy_since.value = 0.0
     broker.publish(cfg.message_queue, result_message(
-        task, status, result, info, deliveries=delivery.delivery_count + 1, seconds=round(time.time() - started, 6)))
+        task, status, result, info, generation=task.get("generation"), deliveries=delivery.delivery_count + 1,
+        seconds=round(time.time() - started, 6)))
     delivery.ack()
 
 

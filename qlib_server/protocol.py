@@ -83,9 +83,9 @@ class Request:
     key: str
     version: str
 
-    def task(self) -> dict:
+    def task(self, generation: int = 0) -> dict:
         """The message published to the task queue for this request."""
-        return {"key": self.key, "type": self.type, "args": self.args}
+        return {"key": self.key, "type": self.type, "args": self.args, "generation": generation}
 
 
 def check_version(version: Any, spec: str) -> str:

@@ -13,6 +13,7 @@ import time
 from typing import Callable, Optional
 
 from .broker import Broker
+from .cache import ResultCache
 from .errors import QlibServerError
 from .metrics import Metrics
 from .protocol import REQUEST_TYPES, response
@@ -60,12 +61,13 @@ class RequestResponder:
     """Answers every waiter of a finished task, and times out requests left unanswered."""
 
     def __init__(self, registry: SessionRegistry, metrics: Metrics, emit: Callable[[str, dict, str], None],
-                 pending: Pending, request_timeout: float):
+                 pending: Pending, request_timeout: float, cache: ResultCache):
         self.registry = registry
         self.metrics = metrics
         self.emit = emit
         self.pending = pending
         self.request_timeout = request_timeout
+        self.cache = cache
         self.running = True
 
     def answer(self, key: str, request_type: str, status: int, result, detailed_info: Optional[str]) -> int:
@@ -93,6 +95,8 @@ class RequestResponder:
             self.metrics.tasks_redelivered.labels(request_type).inc()
         if message.get("dead_lettered"):
             self.metrics.tasks_dead_lettered.labels(request_type).inc()
+        if status == 0:
+            self.cache.put(key, message.get("result"), message.get("generation"))
         answered = self.answer(key, request_type, status, message.get("result"), message.get("detailed_info"))
         log.info("%s task %s status=%s answered %d client(s) in %.3fs", request_type, key, status, answered,
                  float(message.get("seconds") or 0))

@@ -1,0 +1,76 @@
+"""Answers already computed, shared by every handler through Redis.
+
+A hot request (the same calendar, instrument list or cached feature set asked again) is answered
+from here without a task. Entries live ``result_cache_ttl`` seconds and belong to a data generation:
+a data update bumps the generation, and older answers are never served again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Optional
+
+import redis
+
+from . import keys
+from .errors import ConnectionLost
+
+_MISS = object()
+
+
+class ResultCache:
+    """Redis-backed cache of successful answers, keyed by data generation and request key."""
+
+    def __init__(self, client: redis.Redis, ttl: float, generation_check: float = 1.0):
+        self.redis = client
+        self.ttl = int(ttl)
+        self.generation_check = generation_check
+        self._generation = (0, -1e9)  # value, when read
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl > 0
+
+    def generation(self) -> int:
+        """The current data generation (re-read from Redis at most once a ``generation_check``)."""
+        value, read_at = self._generation
+        now = time.monotonic()
+        if now - read_at > self.generation_check:
+            try:
+                value = int(self.redis.get(keys.GENERATION) or 0)
+            except redis.RedisError:
+                return value  # keep the last one seen; the registry reports the outage
+            self._generation = (value, now)
+        return value
+
+    def get(self, key: str) -> Any:
+        """The cached answer of ``key``, or :data:`MISS`."""
+        if not self.enabled:
+            return _MISS
+        try:
+            raw = self.redis.get(keys.result(self.generation(), key))
+        except redis.RedisError:
+            return _MISS  # a cache that cannot be read is a miss, never an error
+        return _MISS if raw is None else json.loads(raw)
+
+    def put(self, key: str, result: Any, generation: Optional[int] = None) -> None:
+        if not self.enabled:
+            return
+        try:
+            gen = self.generation() if generation is None else generation
+            self.redis.set(keys.result(gen, key), json.dumps(result, separators=(",", ":")), ex=self.ttl)
+        except redis.RedisError:
+            pass
+
+    def bump_generation(self) -> int:
+        """Invalidate every cached answer (called when the data changes)."""
+        try:
+            value = int(self.redis.incr(keys.GENERATION))
+        except redis.RedisError as exc:
+            raise ConnectionLost(f"redis: {exc}") from exc
+        self._generation = (value, time.monotonic())
+        return value
+
+
+MISS = _MISS
