@@ -21,6 +21,21 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"qlib-server: {exc}", file=sys.stderr)
         return 2
 
+    if args.embedded:
+        import signal
+
+        from .embedded import EmbeddedServer
+        from .log import setup_logging
+
+        setup_logging(cfg)
+        server = EmbeddedServer(cfg)
+        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        try:
+            server.serve()
+        except KeyboardInterrupt:
+            server.stop()
+        return 0
+
     processor = None
     if "data_processor" in args.module:
         import multiprocessing as mp
@@ -80,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("-c", "--config", default="config.yaml", help="config file (YAML)")
     serve.add_argument("-m", "--module", nargs="+", choices=MODULES, default=list(MODULES), help="modules to run")
     serve.add_argument("--port", type=int, help="override flask_port")
+    serve.add_argument("--embedded", action="store_true",
+                       help="one process with in-memory broker and registry: no RabbitMQ, no Redis")
     serve.set_defaults(func=_serve)
 
     gen = sub.add_parser("gen-data", help="write a synthetic Qlib dataset")

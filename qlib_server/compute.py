@@ -17,9 +17,15 @@ from .errors import ComputeError
 log = logging.getLogger(__name__)
 
 
-def init_qlib(cfg: ServerConfig) -> None:
-    """Initialise Qlib in server mode for this process."""
+def init_qlib(cfg: ServerConfig, redis_factory=None) -> None:
+    """Initialise Qlib in server mode for this process (``redis_factory``: Qlib's cache locks' Redis)."""
     import qlib
+
+    if redis_factory is not None:
+        import qlib.data.cache
+        import qlib.utils
+
+        qlib.utils.get_redis_connection = qlib.data.cache.get_redis_connection = redis_factory
 
     qlib.init(
         default_conf="server",
@@ -36,6 +42,13 @@ def init_qlib(cfg: ServerConfig) -> None:
         kernels=cfg.kernels,
         logging_level=cfg.logging_level,
     )
+
+
+def forget_data() -> None:
+    """Drop Qlib's in-memory calendars, instrument lists and URIs (after the data changed)."""
+    from qlib.data.cache import H
+
+    H.clear()
 
 
 def calendar(args: dict) -> list:

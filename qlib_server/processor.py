@@ -64,24 +64,27 @@ def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None) -
     delivery.ack()
 
 
-def worker_main(cfg_values: dict, busy_since, stop) -> None:
-    """Entry point of one worker process."""
-    cfg = ServerConfig(**cfg_values)
-    setup_logging(cfg)
-    stopping = threading.Event()  # SIGTERM: finish the task in hand, then leave
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    compute.init_qlib(cfg)
-    # No heartbeat: a long computation blocks this thread; the supervisor enforces the time limit.
-    broker = rabbitmq_factory(cfg, heartbeat=0)
+def work(cfg: ServerConfig, broker: Broker, busy_since, stopping) -> None:
+    """Consume and process tasks until ``stopping`` is set; the task in hand is always finished."""
     try:
         for delivery in broker.consume(cfg.task_queue, prefetch=cfg.max_concurrency, idle=0.5):
             if delivery is not None:
                 process_task(delivery, broker, cfg, busy_since)
-            if stopping.is_set() or stop.is_set():
+            if stopping.is_set():
                 break
     finally:
         broker.close()
+
+
+def worker_main(cfg_values: dict, busy_since, stop) -> None:
+    """Entry point of one worker process."""
+    cfg = ServerConfig(**cfg_values)
+    setup_logging(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the task in hand, then leave
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    compute.init_qlib(cfg)
+    # No heartbeat: a long computation blocks this thread; the supervisor enforces the time limit.
+    work(cfg, rabbitmq_factory(cfg, heartbeat=0), busy_since, stop)
 
 
 class DataProcessor:
@@ -91,28 +94,42 @@ class DataProcessor:
         self.cfg = cfg
         self.broker_factory = broker_factory
         self.ctx = mp.get_context("spawn")
-        self.stop_event = self.ctx.Event()
+        self.stop_event = threading.Event()
         self.workers: list = [None] * cfg.max_process
+        self.stops: list = [None] * cfg.max_process
         self.busy = [self.ctx.Value("d", 0.0, lock=False) for _ in range(cfg.max_process)]
         self.restarts = 0
 
+    # -- one worker slot: how it starts, whether it lives, how it is killed (processes here) --
     def _start_worker(self, i: int) -> None:
         self.busy[i].value = 0.0
+        self.stops[i] = self.ctx.Event()
         proc = self.ctx.Process(target=worker_main, name=f"qlib-server-worker-{i}",
-                                args=(self.cfg.model_dump(), self.busy[i], self.stop_event), daemon=True)
+                                args=(self.cfg.model_dump(), self.busy[i], self.stops[i]), daemon=True)
         proc.start()
         self.workers[i] = proc
 
+    def _alive(self, i: int) -> bool:
+        return self.workers[i].is_alive()
+
+    def _kill(self, i: int) -> None:
+        """Stop worker ``i`` at once; its unacknowledged task returns to the queue."""
+        os.kill(self.workers[i].pid, signal.SIGKILL)
+        self.workers[i].join(5)
+
+    def _join(self, i: int, timeout: float) -> None:
+        self.workers[i].join(timeout)
+
+    # -- supervision ---------------------------------------------------------------------------
     def _supervise_once(self) -> None:
         now = time.time()
-        for i, proc in enumerate(self.workers):
+        for i in range(len(self.workers)):
             started = self.busy[i].value
-            if proc.is_alive() and started and now - started > self.cfg.task_timeout:
-                log.error("worker %s exceeded the %.0fs task limit; killing it", proc.pid, self.cfg.task_timeout)
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.join(5)
-            if not proc.is_alive() and not self.stop_event.is_set():
-                log.warning("worker %s exited with %s; starting another", proc.pid, proc.exitcode)
+            if self._alive(i) and started and now - started > self.cfg.task_timeout:
+                log.error("worker %d exceeded the %gs task limit; stopping it", i, self.cfg.task_timeout)
+                self._kill(i)
+            if not self._alive(i) and not self.stop_event.is_set():
+                log.warning("worker %d is gone; starting another", i)
                 self.restarts += 1
                 self._start_worker(i)
 
@@ -129,7 +146,8 @@ class DataProcessor:
                 if isinstance(task.get("key"), str):
                     info = (f"the {task.get('type')} task failed {self.cfg.max_deliveries} times (its worker crashed "
                             f"or exceeded the {self.cfg.task_timeout:g}s limit) and was dead-lettered")
-                    broker.publish(self.cfg.message_queue, result_message(task, 2, None, info, dead_lettered=True))
+                    broker.publish(self.cfg.message_queue, result_message(
+                        task, 2, None, info, generation=task.get("generation"), dead_lettered=True))
                 delivery.ack()
         except BrokerError as exc:
             log.error("dead-letter consumer stopped: %s", exc)
@@ -143,11 +161,10 @@ class DataProcessor:
         broker.close()
         for i in range(self.cfg.max_process):
             self._start_worker(i)
-        dead_letters = threading.Thread(target=self._answer_dead_letters, name="dead-letters", daemon=True)
-        dead_letters.start()
+        dead_letters = None
         log.info("data processor started %d workers on %r", self.cfg.max_process, self.cfg.task_queue)
         while not self.stop_event.wait(0.2):
-            if not dead_letters.is_alive():
+            if dead_letters is None or not dead_letters.is_alive():
                 dead_letters = threading.Thread(target=self._answer_dead_letters, name="dead-letters", daemon=True)
                 dead_letters.start()
             self._supervise_once()
@@ -157,17 +174,59 @@ class DataProcessor:
         self.stop_event.set()
 
     def _shutdown(self, grace: float = 30.0) -> None:
-        """Let each worker finish the task in hand (or hand it back), then exit."""
-        for proc in self.workers:
-            if proc is not None and proc.is_alive():
-                proc.terminate()  # SIGTERM: the worker stops after its current task
+        """Let each worker finish the task in hand, then exit; a worker still busy after ``grace`` is
+        killed and its task returns to the queue."""
+        for event in self.stops:
+            event.set()
         deadline = time.time() + grace
-        for proc in self.workers:
-            if proc is not None:
-                proc.join(max(0.1, deadline - time.time()))
-                if proc.is_alive():
-                    proc.kill()  # its unacknowledged task returns to the queue
+        for i in range(len(self.workers)):
+            self._join(i, max(0.1, deadline - time.time()))
+            if self._alive(i):
+                self._kill(i)
         log.info("data processor stopped")
+
+
+class ThreadedDataProcessor(DataProcessor):
+    """The same supervisor with worker threads, for the embedded single-process mode.
+
+    A thread cannot be killed: one that outlives ``task_timeout`` loses its connection (its task
+    returns to the queue, counted as a delivery) and is left to finish while a new worker replaces it.
+    """
+
+    def __init__(self, cfg: ServerConfig, broker_factory: BrokerFactory):
+        super().__init__(cfg, broker_factory)
+        self.busy = [_Busy() for _ in range(cfg.max_process)]
+        self.brokers: list = [None] * cfg.max_process
+
+    def _start_worker(self, i: int) -> None:
+        self.busy[i] = _Busy()
+        self.stops[i] = threading.Event()
+        self.brokers[i] = self.broker_factory(self.cfg)
+        thread = threading.Thread(target=work, args=(self.cfg, self.brokers[i], self.busy[i], self.stops[i]),
+                                  name=f"qlib-server-worker-{i}", daemon=True)
+        thread.start()
+        self.workers[i] = thread
+
+    def _kill(self, i: int) -> None:
+        self.stops[i].set()
+        self.brokers[i].close()
+        self.workers[i] = _ABANDONED
+
+    def _alive(self, i: int) -> bool:
+        return self.workers[i] is not _ABANDONED and self.workers[i].is_alive()
+
+    def _join(self, i: int, timeout: float) -> None:
+        if self.workers[i] is not _ABANDONED:
+            self.workers[i].join(timeout)
+
+
+class _Busy:
+    """When the worker's current task started (0: idle), like a shared ``multiprocessing.Value``."""
+
+    value = 0.0
+
+
+_ABANDONED = threading.Thread()
 
 
 def run_processor(cfg_values: dict) -> None:
