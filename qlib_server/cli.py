@@ -29,11 +29,13 @@ def _serve(args: argparse.Namespace) -> int:
 
         setup_logging(cfg)
         server = EmbeddedServer(cfg)
-        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        server.handler.shutdown_on(signal.SIGTERM)
         try:
             server.serve()
         except KeyboardInterrupt:
-            server.stop()
+            pass
+        finally:
+            server.processor.stop()
         return 0
 
     processor = None
@@ -64,10 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(cfg)
     handler = RequestHandler(cfg, SessionRegistry.from_config(cfg), lambda: rabbitmq_factory(cfg))
 
-    def stop(*_):
-        handler.stop()
-
-    signal.signal(signal.SIGTERM, stop)
+    handler.shutdown_on(signal.SIGTERM)
     try:
         handler.serve()
     except KeyboardInterrupt:

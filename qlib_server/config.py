@@ -33,7 +33,8 @@ class ServerConfig(BaseModel):
     task_queue: str = "qlib_server_tasks"
     message_queue: str = "qlib_server_results"
     max_concurrency: int = Field(1, ge=1, le=1000, description="prefetch of each data-processor worker")
-    max_process: int = Field(2, ge=1, le=256, description="data-processor worker processes")
+    max_process: int = Field(2, ge=1, le=256, description="data-processor worker processes (features)")
+    light_workers: int = Field(1, ge=1, le=64, description="worker processes for calendars and instrument lists")
     redis_host: str = "127.0.0.1"
     redis_port: int = Field(6379, ge=1, le=65535)
     redis_task_db: int = Field(1, ge=0, le=15)

@@ -41,7 +41,3 @@ class EmbeddedServer:
         threading.Thread(target=self.processor.run, name="processor", daemon=True).start()
         log.info("embedded mode: in-memory broker and registry, %d worker threads", self.cfg.max_process)
         self.handler.serve()
-
-    def stop(self) -> None:
-        self.processor.stop()
-        self.handler.stop()

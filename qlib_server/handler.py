@@ -11,6 +11,9 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import os
+import signal
+import time
 from typing import Callable, Optional
 
 from flask import Flask, Response, request
@@ -157,6 +160,22 @@ class RequestHandler:
         self.socketio.run(self.app, host=self.cfg.flask_server, port=self.cfg.flask_port,
                           allow_unsafe_werkzeug=True, log_output=False)
 
-    def stop(self) -> None:
+    def drain(self, grace: float = 10.0) -> None:
+        """Stop taking requests, let those in flight be answered for ``grace`` seconds, then answer
+        the rest with an error so that no client waits on a server that is going away."""
+        self.listener.accepting = False
+        deadline = time.monotonic() + grace
+        while len(self.pending) and time.monotonic() < deadline:
+            self.socketio.sleep(0.05)
+        for sid, key, request_type in self.pending.expired(-1.0):
+            self.pending.done(sid, key)
+            self._emit(f"{request_type}_response", response(None, 2, "the server is shutting down; retry"), sid)
         self.responder.running = False
-        self.socketio.stop()
+
+    def shutdown_on(self, signum: int) -> None:
+        """On ``signum``: drain in the background, then interrupt the main thread to leave :meth:`serve`."""
+        def graceful():
+            self.drain()
+            os.kill(os.getpid(), signal.SIGINT)
+
+        signal.signal(signum, lambda *_: self.socketio.start_background_task(graceful))

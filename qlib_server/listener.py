@@ -11,6 +11,7 @@ import time
 from typing import Any, Callable
 
 from .broker import Broker
+from .broker.base import light_queue
 from .cache import MISS, ResultCache
 from .errors import QlibServerError, RequestError
 from .metrics import Metrics
@@ -38,12 +39,15 @@ class RequestListener:
         self.emit = emit
         self.cache = cache
         self.max_inflight = max_inflight
+        self.accepting = True
 
     def on_request(self, request_type: str, sid: str, payload: Any) -> None:
         """Handle one request event from session ``sid``; every path ends in a queued task or a response."""
         started = time.monotonic()
         self.metrics.requests.labels(request_type).inc()
         try:
+            if not self.accepting:
+                raise RequestError("the server is shutting down; retry on another server or in a moment")
             request = self.parser.parse(request_type, payload)
             if self.pending.count(sid) >= self.max_inflight:
                 raise RequestError(f"too many requests in flight on this connection (limit {self.max_inflight})")
@@ -73,7 +77,8 @@ class RequestListener:
 
     def _enqueue(self, request: Request, sid: str) -> None:
         if self.registry.add(request.key, sid):
-            self.broker.publish(self.task_queue, request.task(self.cache.generation()))
+            lane = light_queue(self.task_queue) if request.light else self.task_queue
+            self.broker.publish(lane, request.task(self.cache.generation()))
             self.metrics.tasks_published.labels(request.type).inc()
             log.debug("published %s task %s", request.type, request.key)
         else:

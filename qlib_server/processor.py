@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from . import compute
 from .broker import Broker
-from .broker.base import dead_letter_queue
+from .broker.base import dead_letter_queue, light_queue
 from .config import ServerConfig
 from .errors import BrokerError, QlibServerError
 from .log import setup_logging
@@ -64,10 +64,10 @@ def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None) -
     delivery.ack()
 
 
-def work(cfg: ServerConfig, broker: Broker, busy_since, stopping) -> None:
-    """Consume and process tasks until ``stopping`` is set; the task in hand is always finished."""
+def work(cfg: ServerConfig, broker: Broker, busy_since, stopping, queue: str) -> None:
+    """Consume and process tasks of ``queue`` until ``stopping`` is set; the task in hand is always finished."""
     try:
-        for delivery in broker.consume(cfg.task_queue, prefetch=cfg.max_concurrency, idle=0.5):
+        for delivery in broker.consume(queue, prefetch=cfg.max_concurrency, idle=0.5):
             if delivery is not None:
                 process_task(delivery, broker, cfg, busy_since)
             if stopping.is_set():
@@ -76,7 +76,7 @@ def work(cfg: ServerConfig, broker: Broker, busy_since, stopping) -> None:
         broker.close()
 
 
-def worker_main(cfg_values: dict, busy_since, stop) -> None:
+def worker_main(cfg_values: dict, busy_since, stop, queue: str) -> None:
     """Entry point of one worker process."""
     cfg = ServerConfig(**cfg_values)
     setup_logging(cfg)
@@ -84,20 +84,22 @@ def worker_main(cfg_values: dict, busy_since, stop) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     compute.init_qlib(cfg)
     # No heartbeat: a long computation blocks this thread; the supervisor enforces the time limit.
-    work(cfg, rabbitmq_factory(cfg, heartbeat=0), busy_since, stop)
+    work(cfg, rabbitmq_factory(cfg, heartbeat=0), busy_since, stop, queue)
 
 
 class DataProcessor:
-    """Supervisor of ``max_process`` worker processes and of the dead-letter queue."""
+    """Supervisor of the worker processes (``max_process`` on features, ``light_workers`` on
+    calendars and instrument lists) and of the dead-letter queue."""
 
     def __init__(self, cfg: ServerConfig, broker_factory: BrokerFactory = rabbitmq_factory):
         self.cfg = cfg
         self.broker_factory = broker_factory
         self.ctx = mp.get_context("spawn")
         self.stop_event = threading.Event()
-        self.workers: list = [None] * cfg.max_process
-        self.stops: list = [None] * cfg.max_process
-        self.busy = [self.ctx.Value("d", 0.0, lock=False) for _ in range(cfg.max_process)]
+        self.queues = [cfg.task_queue] * cfg.max_process + [light_queue(cfg.task_queue)] * cfg.light_workers
+        self.workers: list = [None] * len(self.queues)
+        self.stops: list = [None] * len(self.queues)
+        self.busy = [self.ctx.Value("d", 0.0, lock=False) for _ in self.queues]
         self.restarts = 0
 
     # -- one worker slot: how it starts, whether it lives, how it is killed (processes here) --
@@ -105,7 +107,8 @@ class DataProcessor:
         self.busy[i].value = 0.0
         self.stops[i] = self.ctx.Event()
         proc = self.ctx.Process(target=worker_main, name=f"qlib-server-worker-{i}",
-                                args=(self.cfg.model_dump(), self.busy[i], self.stops[i]), daemon=True)
+                                args=(self.cfg.model_dump(), self.busy[i], self.stops[i], self.queues[i]),
+                                daemon=True)
         proc.start()
         self.workers[i] = proc
 
@@ -159,10 +162,11 @@ class DataProcessor:
         broker = self.broker_factory(self.cfg)
         broker.declare(self.cfg.task_queue, self.cfg.message_queue, self.cfg.max_deliveries)
         broker.close()
-        for i in range(self.cfg.max_process):
+        for i in range(len(self.queues)):
             self._start_worker(i)
         dead_letters = None
-        log.info("data processor started %d workers on %r", self.cfg.max_process, self.cfg.task_queue)
+        log.info("data processor started %d+%d workers on %r", self.cfg.max_process, self.cfg.light_workers,
+                 self.cfg.task_queue)
         while not self.stop_event.wait(0.2):
             if dead_letters is None or not dead_letters.is_alive():
                 dead_letters = threading.Thread(target=self._answer_dead_letters, name="dead-letters", daemon=True)
@@ -195,14 +199,15 @@ class ThreadedDataProcessor(DataProcessor):
 
     def __init__(self, cfg: ServerConfig, broker_factory: BrokerFactory):
         super().__init__(cfg, broker_factory)
-        self.busy = [_Busy() for _ in range(cfg.max_process)]
-        self.brokers: list = [None] * cfg.max_process
+        self.busy = [_Busy() for _ in self.queues]
+        self.brokers: list = [None] * len(self.queues)
 
     def _start_worker(self, i: int) -> None:
         self.busy[i] = _Busy()
         self.stops[i] = threading.Event()
         self.brokers[i] = self.broker_factory(self.cfg)
-        thread = threading.Thread(target=work, args=(self.cfg, self.brokers[i], self.busy[i], self.stops[i]),
+        thread = threading.Thread(target=work, args=(self.cfg, self.brokers[i], self.busy[i], self.stops[i],
+                                                     self.queues[i]),
                                   name=f"qlib-server-worker-{i}", daemon=True)
         thread.start()
         self.workers[i] = thread

@@ -83,6 +83,14 @@ class Request:
     key: str
     version: str
 
+    @property
+    def light(self) -> bool:
+        """Whether this is a millisecond task: a calendar, or an instrument list without expressions."""
+        if self.type == "calendar":
+            return True
+        return self.type == "instrument" and not any(
+            f["filter_type"] == "ExpressionDFilter" for f in self.args["instruments"]["filter_pipe"])
+
     def task(self, generation: int = 0) -> dict:
         """The message published to the task queue for this request."""
         return {"key": self.key, "type": self.type, "args": self.args, "generation": generation}

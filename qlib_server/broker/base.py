@@ -54,7 +54,8 @@ class Broker(ABC):
 
     @abstractmethod
     def declare(self, task_queue: str, message_queue: str, max_deliveries: int) -> None:
-        """Create the queues (idempotent): tasks with a delivery limit and a dead-letter queue."""
+        """Create the queues (idempotent): both task lanes with a delivery limit, their dead-letter
+        queue, and the message queue."""
 
     @abstractmethod
     def publish(self, queue: str, message: dict) -> None:
@@ -74,4 +75,11 @@ class Broker(ABC):
 
 
 def dead_letter_queue(task_queue: str) -> str:
+    """Where tasks of both lanes go after ``max_deliveries`` deliveries."""
     return f"{task_queue}.dead"
+
+
+def light_queue(task_queue: str) -> str:
+    """The lane of millisecond tasks (calendars, plain instrument lists), so they never wait behind
+    a long feature computation."""
+    return f"{task_queue}.light"

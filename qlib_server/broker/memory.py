@@ -15,7 +15,7 @@ from itertools import count
 from typing import Iterator, Optional
 
 from ..errors import BrokerError
-from .base import Broker, Delivery, dead_letter_queue, decode, encode
+from .base import Broker, Delivery, dead_letter_queue, decode, encode, light_queue
 
 
 class _Hub:
@@ -62,6 +62,7 @@ class MemoryBroker(Broker):
         dead = dead_letter_queue(task_queue)
         self.hub.declare(dead)
         self.hub.declare(task_queue, max_deliveries, dead)
+        self.hub.declare(light_queue(task_queue), max_deliveries, dead)
         self.hub.declare(message_queue)
 
     def publish(self, queue: str, message: dict) -> None:

@@ -16,7 +16,7 @@ import pika
 import pika.exceptions as pe
 
 from ..errors import BrokerError, ConnectionLost
-from .base import Broker, Delivery, dead_letter_queue, decode, encode
+from .base import Broker, Delivery, dead_letter_queue, decode, encode, light_queue
 
 log = logging.getLogger(__name__)
 _TRANSPORT_ERRORS = (pe.AMQPConnectionError, pe.AMQPChannelError, pe.StreamLostError, OSError, AssertionError)
@@ -93,12 +93,13 @@ class RabbitMQBroker(Broker):
         channel = self._channel
         dead = dead_letter_queue(task_queue)
         channel.queue_declare(dead, durable=True)
-        channel.queue_declare(task_queue, durable=True, arguments={
-            "x-queue-type": "quorum",
-            "x-delivery-limit": max_deliveries - 1,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": dead,
-        })
+        for lane in (task_queue, light_queue(task_queue)):
+            channel.queue_declare(lane, durable=True, arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": max_deliveries - 1,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": dead,
+            })
         channel.queue_declare(message_queue, durable=True)
 
     def declare(self, task_queue: str, message_queue: str, max_deliveries: int) -> None:
