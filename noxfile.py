@@ -46,3 +46,10 @@ def bench(session):
     """Benchmarks: print a table and write bench-results/bench.json."""
     install(session, "load", "sim")
     session.run("python", "-m", "sim.bench", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def demo(session):
+    """The demo: generated data, an embedded server, real pyqlib clients and the simulator."""
+    install(session, "sim")
+    session.run("python", "-m", "sim.demo", *session.posargs)
