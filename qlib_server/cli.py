@@ -78,6 +78,20 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refresh(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .errors import ConfigError
+    from .updater import refresh_main
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"qlib-server: {exc}", file=sys.stderr)
+        return 2
+    refresh_main(cfg.model_dump())
+    return 0
+
+
 def _gen_data(args: argparse.Namespace) -> int:
     from .datagen import generate_dataset
 
@@ -97,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--embedded", action="store_true",
                        help="one process with in-memory broker and registry: no RabbitMQ, no Redis")
     serve.set_defaults(func=_serve)
+
+    refresh = sub.add_parser("refresh", help="update caches to the data on disk and invalidate cached answers")
+    refresh.add_argument("-c", "--config", default="config.yaml", help="config file (YAML)")
+    refresh.set_defaults(func=_refresh)
 
     gen = sub.add_parser("gen-data", help="write a synthetic Qlib dataset")
     gen.add_argument("dir")

@@ -51,6 +51,31 @@ def forget_data() -> None:
     H.clear()
 
 
+def refresh_caches(cfg: ServerConfig) -> dict:
+    """Bring Qlib's disk caches up to the data: append new days to each dataset cache (or drop one
+    that cannot be updated, it is rebuilt on demand) and drop the expression cache."""
+    import shutil
+
+    from qlib.data.data import DatasetD
+    from qlib.data.cache import DiskDatasetCache
+
+    forget_data()
+    counts = {"updated": 0, "removed": 0}
+    directory = cfg.dataset_cache_dir
+    for meta in sorted(directory.glob("*.meta")) if directory.is_dir() else []:
+        try:
+            code = DatasetD.update(meta.stem, freq="day")
+            counts["updated" if code != 2 else "removed"] += 1
+        except Exception as exc:  # an unreadable cache is rebuilt on the next request
+            log.warning("dropping dataset cache %s: %s", meta.stem, exc)
+            DiskDatasetCache.clear_cache(directory / meta.stem)
+            counts["removed"] += 1
+    features = Path(cfg.provider_uri).expanduser() / cfg.features_cache_dir_name
+    if features.is_dir():
+        shutil.rmtree(features, ignore_errors=True)
+    return counts
+
+
 def calendar(args: dict) -> list:
     from qlib.data import D
 

@@ -47,6 +47,7 @@ class ServerConfig(BaseModel):
     logging_config: Optional[dict[str, Any]] = None
     auto_update: bool = False
     update_time: str = Field("23:45", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    data_check_interval: float = Field(10.0, gt=0, description="seconds between looks at the data files")
 
     # --- ours ---
     async_mode: Literal["gevent", "threading"] = "gevent"

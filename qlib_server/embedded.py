@@ -18,6 +18,7 @@ from .config import ServerConfig
 from .handler import RequestHandler
 from .processor import ThreadedDataProcessor
 from .registry import SessionRegistry
+from .updater import refresh
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class EmbeddedServer:
         self.broker = MemoryBroker()
         compute.init_qlib(self.cfg, redis_factory=self.redis)
         self.processor = ThreadedDataProcessor(self.cfg, lambda _cfg: self.broker.connect())
+        self.processor.refresh = lambda: refresh(self.cfg, self.redis())
         self.handler = RequestHandler(self.cfg, SessionRegistry(self.redis(), self.cfg.request_timeout),
                                       self.broker.connect)
 

@@ -23,6 +23,7 @@ from .broker.base import dead_letter_queue, light_queue
 from .config import ServerConfig
 from .errors import BrokerError, QlibServerError
 from .log import setup_logging
+from .updater import DataWatcher, refresh_main
 
 log = logging.getLogger(__name__)
 BrokerFactory = Callable[[ServerConfig], Broker]
@@ -40,6 +41,9 @@ def result_message(task: dict, status: int, result=None, detailed_info=None, **e
             "detailed_info": detailed_info, **extra}
 
 
+_seen_generation: list = [None]
+
+
 def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None) -> None:
     """Compute one delivered task, publish its result, then acknowledge it."""
     task = delivery.message
@@ -48,6 +52,11 @@ def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None) -
         log.error("dropping malformed task %.200r", task)
         delivery.nack(requeue=False)  # to the dead-letter queue, for inspection
         return
+    generation = task.get("generation")
+    if generation != _seen_generation[0]:
+        if _seen_generation[0] is not None:
+            compute.forget_data()  # the data changed since the last task: no stale calendars
+        _seen_generation[0] = generation
     started = time.time()
     if busy_since is not None:
         busy_since.value = started
@@ -101,6 +110,12 @@ class DataProcessor:
         self.stops: list = [None] * len(self.queues)
         self.busy = [self.ctx.Value("d", 0.0, lock=False) for _ in self.queues]
         self.restarts = 0
+
+    def refresh(self) -> None:
+        """Refresh the caches after a data change, in a process of its own (Qlib runs there)."""
+        proc = self.ctx.Process(target=refresh_main, args=(self.cfg.model_dump(),), name="qlib-server-refresh")
+        proc.start()
+        proc.join()
 
     # -- one worker slot: how it starts, whether it lives, how it is killed (processes here) --
     def _start_worker(self, i: int) -> None:
@@ -165,6 +180,7 @@ class DataProcessor:
         for i in range(len(self.queues)):
             self._start_worker(i)
         dead_letters = None
+        DataWatcher(self.cfg, self.refresh, self.stop_event).start()
         log.info("data processor started %d+%d workers on %r", self.cfg.max_process, self.cfg.light_workers,
                  self.cfg.task_queue)
         while not self.stop_event.wait(0.2):
