@@ -24,7 +24,7 @@ def unit(session):
 def integration(session):
     """Integration tests against RabbitMQ and Redis (testcontainers, or QLIB_TEST_*_URL)."""
     install(session)
-    session.run("pytest", "tests/integration", "-q", "-p", "no:cacheprovider", "-x", *session.posargs)
+    session.run("pytest", "tests/integration", "-q", "-p", "no:cacheprovider", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -77,8 +77,11 @@ class RequestHandler:
 
     # -- Socket.IO and HTTP routes ---------------------------------------------------------------
     def _admit(self, auth: Optional[dict]) -> bool:
-        address = request.remote_addr or ""
-        by_network = bool(self.networks) and any(ipaddress.ip_address(address) in n for n in self.networks)
+        try:
+            address = ipaddress.ip_address(request.remote_addr or "")
+        except ValueError:
+            address = None
+        by_network = address is not None and any(address in n for n in self.networks)
         token = auth.get("token") if isinstance(auth, dict) else None
         by_token = bool(self.cfg.auth_token) and isinstance(token, str) and hmac.compare_digest(
             token.encode(), self.cfg.auth_token.encode())
