@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import redis
@@ -22,9 +23,12 @@ _MISS = object()
 class ResultCache:
     """Redis-backed cache of successful answers, keyed by data generation and request key."""
 
-    def __init__(self, client: redis.Redis, ttl: float, generation_check: float = 1.0):
+    def __init__(self, client: redis.Redis, ttl: float, generation_check: float = 1.0,
+                 dataset_cache_dir: Optional[Path] = None):
         self.redis = client
         self.ttl = int(ttl)
+        seen = dataset_cache_dir is not None and dataset_cache_dir.parent.is_dir()  # this host has the data
+        self.dataset_cache_dir = dataset_cache_dir if seen else None
         self.generation_check = generation_check
         self._generation = (0, -1e9)  # value, when read
 
@@ -44,15 +48,25 @@ class ResultCache:
             self._generation = (value, now)
         return value
 
-    def get(self, key: str) -> Any:
-        """The cached answer of ``key``, or :data:`MISS`."""
+    def get(self, key: str, request_type: str = "") -> Any:
+        """The cached answer of ``key``, or :data:`MISS`.
+
+        A dataset cache file name is only served while the file exists (when this handler sees the
+        data directory): an operator who deletes caches by hand never makes clients read nothing.
+        """
         if not self.enabled:
             return _MISS
         try:
             raw = self.redis.get(keys.result(self.generation(), key))
         except redis.RedisError:
             return _MISS  # a cache that cannot be read is a miss, never an error
-        return _MISS if raw is None else json.loads(raw)
+        if raw is None:
+            return _MISS
+        result = json.loads(raw)
+        if request_type == "feature" and result and self.dataset_cache_dir is not None \
+                and not (self.dataset_cache_dir / result).exists():
+            return _MISS
+        return result
 
     def put(self, key: str, result: Any, generation: Optional[int] = None) -> None:
         if not self.enabled:

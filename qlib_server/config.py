@@ -39,6 +39,7 @@ class ServerConfig(BaseModel):
     redis_port: int = Field(6379, ge=1, le=65535)
     redis_task_db: int = Field(1, ge=0, le=15)
     redis_password: Optional[str] = None
+    redis_max_connections: int = Field(256, ge=4, le=10000, description="Redis connections of one handler")
     client_version: str = ">=0.4.0"
     server_version: str = ">=0.4.0"
     dataset_cache_dir_name: str = "dataset_cache"

@@ -62,7 +62,7 @@ class RequestHandler:
         self.networks = [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks]
         self.publisher = broker_factory()
         self.publisher.declare(cfg.task_queue, cfg.message_queue, cfg.max_deliveries)
-        self.cache = ResultCache(registry.redis, cfg.result_cache_ttl)
+        self.cache = ResultCache(registry.redis, cfg.result_cache_ttl, dataset_cache_dir=cfg.dataset_cache_dir)
         self.responder = RequestResponder(registry, self.metrics, self._emit, self.pending, cfg.request_timeout,
                                           self.cache)
         self.listener = RequestListener(
@@ -179,6 +179,9 @@ class RequestHandler:
         """On ``signum``: drain in the background, then interrupt the main thread to leave :meth:`serve`."""
         def graceful():
             self.drain()
-            os.kill(os.getpid(), signal.SIGINT)
+            if self.cfg.async_mode == "gevent":
+                self.socketio.stop()  # closes the connections and the WSGI server: serve() returns
+            else:
+                os.kill(os.getpid(), signal.SIGINT)  # the Werkzeug loop leaves on KeyboardInterrupt
 
         signal.signal(signum, lambda *_: self.socketio.start_background_task(graceful))

@@ -56,7 +56,7 @@ class RequestListener:
             self.metrics.responses.labels(request_type, str(exc.status)).inc()
             self.emit(f"{request_type}_response", response(None, exc.status, str(exc)), sid)
             return
-        cached = self.cache.get(request.key)
+        cached = self.cache.get(request.key, request.type)
         if cached is not MISS:
             self.metrics.cache_hits.labels(request.type).inc()
             self.metrics.responses.labels(request.type, "0").inc()

@@ -26,9 +26,11 @@ class SessionRegistry:
 
     @classmethod
     def from_config(cls, cfg) -> "SessionRegistry":
-        pool = redis.ConnectionPool(
+        # A burst of requests waits for a free connection instead of failing ("Too many connections").
+        pool = redis.BlockingConnectionPool(
             host=cfg.redis_host, port=cfg.redis_port, db=cfg.redis_task_db, password=cfg.redis_password,
-            socket_timeout=10, socket_connect_timeout=5, health_check_interval=30, retry_on_timeout=True,
+            max_connections=cfg.redis_max_connections, timeout=20,
+            socket_timeout=15, socket_connect_timeout=5, health_check_interval=30, retry_on_timeout=True,
         )
         return cls(redis.Redis(connection_pool=pool), cfg.request_timeout)
 

@@ -97,9 +97,9 @@ def start_echo(port: int) -> subprocess.Popen:
     return proc
 
 
-def start_server(work: Path, data: Path, port: int, processors: int, args) -> subprocess.Popen:
+def start_server(work: Path, data: Path, port: int, processors: int, args, **extra) -> subprocess.Popen:
     tag = f"{port}-{processors}"
-    config = {"provider_uri": str(data), "flask_port": port, "max_process": processors, "kernels": 1,
+    config = {**extra, "provider_uri": str(data), "flask_port": port, "max_process": processors, "kernels": 1,
               "task_queue": f"bench_tasks_{tag}", "message_queue": f"bench_results_{tag}", "redis_task_db": 9,
               "queue_host": args.amqp_host, "redis_host": args.redis_host, "logging_level": "WARNING",
               "max_inflight_per_client": 64}
@@ -313,6 +313,22 @@ def main(argv=None) -> int:
             stop(server)
     results["processors"] = by_processors
 
+    ablations = []
+    for name, extra in (("no result cache", {"result_cache_ttl": 0}),
+                        ("no result cache, threading mode", {"result_cache_ttl": 0, "async_mode": "threading"})):
+        print(f"ablation: {name} ...", flush=True)
+        port = _free_port()
+        server = start_server(work, data, port, 1, args, **extra)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            row = {"variant": name, **{f"{k}_p50_ms": asyncio.run(single_latency(url, k, latency_n))["p50_ms"]
+                                       for k in HOT}}
+            row["throughput_50_rps"] = throughput(url, 50, seconds)["rps"]
+            ablations.append(row)
+        finally:
+            stop(server)
+    results["ablations"] = ablations
+
     report(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -337,6 +353,13 @@ def report(r: dict) -> None:
     print(f"{'connected':>10}{'hot p50 ms':>12}{'cold s':>10}{'KB/client':>12}")
     for c in r["connected_clients"]:
         print(f"{c['connected']:>10}{c['hot_calendar_p50_ms']:>12.2f}{c['cold_feature_s']:>10.3f}{c['rss_per_client_kb']:>12.1f}")
+    print("\n== what each change buys (hot p50 ms per type, throughput @50) ==")
+    print(f"{'variant':34}{'calendar':>10}{'instrument':>12}{'feature':>10}{'req/s':>10}")
+    print(f"{'qlib-server (default)':34}{s['calendar']['p50_ms']:>10.2f}{s['instrument']['p50_ms']:>12.2f}"
+          f"{s['feature']['p50_ms']:>10.2f}{st:>10.1f}")
+    for a in r.get("ablations", []):
+        print(f"{a['variant']:34}{a['calendar_p50_ms']:>10.2f}{a['instrument_p50_ms']:>12.2f}{a['feature_p50_ms']:>10.2f}"
+              f"{a['throughput_50_rps']:>10.1f}")
     print("\n== cold throughput by processors ==")
     for p in r["processors"]:
         print(f"{p['processors']:>3} processor(s): {p['cold_requests']} cold requests in {p['seconds']} s "
