@@ -38,7 +38,7 @@ def fuzz(session):
 def load(session):
     """Start a server and run a short headless Locust run against it."""
     install(session, "load", "sim")
-    session.run("python", "-m", "loadtests.run", *session.posargs)
+    session.run("python", "-m", "loadtests", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from .config import ServerConfig
-from .errors import ComputeError
+from .errors import ComputeError, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,20 @@ def calendar(args: dict) -> list:
     return [str(t) for t in D.calendar(args["start_time"], args["end_time"], args["freq"], args["future"])]
 
 
+def _check_market(instruments, freq: str) -> None:
+    """Refuse a market that has no instrument file, naming the market and nothing of the disk."""
+    from qlib.config import C
+
+    if isinstance(instruments, dict):
+        market = instruments["market"]
+        if not (Path(C.dpm.get_data_uri(freq)) / "instruments" / f"{market}.txt").is_file():
+            raise RequestError(f"unknown market {market!r}")
+
+
 def instrument(args: dict):
     from qlib.data import D
 
+    _check_market(args["instruments"], args["freq"])
     result = D.list_instruments(args["instruments"], args["start_time"], args["end_time"], args["freq"], args["as_list"])
     if isinstance(result, dict):
         return {code: [[str(s), str(e)] for s, e in spans] for code, spans in result.items()}
@@ -94,10 +105,9 @@ def instrument(args: dict):
 def feature(args: dict, expression_cache: bool) -> str:
     from qlib.data import D
 
+    _check_market(args["instruments"], args["freq"])
     if args["disk_cache"] == 0 and not expression_cache:
-        # Nothing to prepare: the client computes from its own mount. Check the request resolves.
-        instrument({**args, "as_list": True}) if isinstance(args["instruments"], dict) else None
-        return ""
+        return ""  # nothing to prepare: the client computes from its own mount
     return D.features_uri(
         args["instruments"], args["fields"], args["start_time"], args["end_time"], args["freq"], args["disk_cache"]
     )
@@ -112,9 +122,14 @@ def run(task_type: str, args: dict, expression_cache: bool = False):
             return instrument(args)
         if task_type == "feature":
             return feature(args, expression_cache)
+    except RequestError:
+        raise
     except FileNotFoundError as exc:
         raise ComputeError(f"no such data: {Path(str(exc.filename or exc)).name}") from None
     except Exception as exc:
-        log.exception("%s task failed", task_type)
-        raise ComputeError(f"{type(exc).__name__}: {exc}"[:500]) from None
+        from qlib.config import C
+
+        log.warning("%s task failed: %r", task_type, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        message = f"{type(exc).__name__}: {exc}".replace(str(C.dpm.get_data_uri(args.get("freq", "day"))), "<data>")
+        raise ComputeError(message[:500]) from None
     raise ComputeError(f"unknown task type {task_type!r}")

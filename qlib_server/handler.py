@@ -20,6 +20,7 @@ from flask import Flask, Response, request
 from flask_socketio import SocketIO
 
 from .broker import Broker
+from .broker.base import light_queue
 from .cache import ResultCache
 from .config import ServerConfig
 from .expressions import check_expression, qlib_operators
@@ -123,8 +124,10 @@ class RequestHandler:
 
         @app.get("/readyz")
         def readyz():
-            checks = {"redis": self.registry.ping(), "rabbitmq": self.publisher.ping(),
-                      "consuming": self._consumer_alive}
+            checks = {"redis": self.registry.ping(), "broker": self.publisher.ping(),
+                      "consuming": self._consumer_alive,
+                      "processors": all(self.publisher.consumers(q) > 0
+                                        for q in (self.cfg.task_queue, light_queue(self.cfg.task_queue)))}
             return {"ready": all(checks.values()), **checks}, 200 if all(checks.values()) else 503
 
         @app.get("/metrics")
@@ -147,9 +150,13 @@ class RequestHandler:
             self._consumer_alive = False
 
     def _sweep(self) -> None:
+        ticks = 0
         while self.responder.running:
             self.socketio.sleep(1.0)
             self.responder.sweep()
+            ticks += 1
+            if ticks % 5 == 0:
+                self.publisher.ping()  # services the publishing connection's heartbeats while idle
 
     def start_background(self) -> None:
         self.socketio.start_background_task(self._consume)

@@ -29,5 +29,5 @@ def setup_logging(cfg) -> None:
             format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
         )
     logging.getLogger("qlib_server").setLevel(cfg.logging_level)
-    for noisy in ("pika", "engineio", "socketio", "werkzeug", "geventwebsocket"):
+    for noisy in ("pika", "engineio", "socketio", "werkzeug", "geventwebsocket", "redis_lock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -89,11 +89,27 @@ def worker_main(cfg_values: dict, busy_since, stop, queue: str) -> None:
     """Entry point of one worker process."""
     cfg = ServerConfig(**cfg_values)
     setup_logging(cfg)
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the task in hand, then leave
+    stopping = _Stopping(stop)
+    signal.signal(signal.SIGTERM, stopping.request)  # finish the task in hand, then leave
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     compute.init_qlib(cfg)
     # No heartbeat: a long computation blocks this thread; the supervisor enforces the time limit.
-    work(cfg, rabbitmq_factory(cfg, heartbeat=0), busy_since, stop, queue)
+    work(cfg, rabbitmq_factory(cfg, heartbeat=0), busy_since, stopping, queue)
+
+
+class _Stopping:
+    """A stop request from a signal handler (a plain flag: taking a lock there can deadlock) or from
+    the supervisor's event."""
+
+    def __init__(self, event=None):
+        self.requested = False
+        self.event = event
+
+    def request(self, *_) -> None:
+        self.requested = True
+
+    def is_set(self) -> bool:
+        return self.requested or (self.event is not None and self.event.is_set())
 
 
 class DataProcessor:
@@ -104,7 +120,8 @@ class DataProcessor:
         self.cfg = cfg
         self.broker_factory = broker_factory
         self.ctx = mp.get_context("spawn")
-        self.stop_event = threading.Event()
+        self.stop_event = threading.Event()  # for the supervisor's threads; set by the main loop only
+        self.stopping = _Stopping()
         self.queues = [cfg.task_queue] * cfg.max_process + [light_queue(cfg.task_queue)] * cfg.light_workers
         self.workers: list = [None] * len(self.queues)
         self.stops: list = [None] * len(self.queues)
@@ -146,7 +163,7 @@ class DataProcessor:
             if self._alive(i) and started and now - started > self.cfg.task_timeout:
                 log.error("worker %d exceeded the %gs task limit; stopping it", i, self.cfg.task_timeout)
                 self._kill(i)
-            if not self._alive(i) and not self.stop_event.is_set():
+            if not self._alive(i) and not self.stopping.is_set():
                 log.warning("worker %d is gone; starting another", i)
                 self.restarts += 1
                 self._start_worker(i)
@@ -183,15 +200,18 @@ class DataProcessor:
         DataWatcher(self.cfg, self.refresh, self.stop_event).start()
         log.info("data processor started %d+%d workers on %r", self.cfg.max_process, self.cfg.light_workers,
                  self.cfg.task_queue)
-        while not self.stop_event.wait(0.2):
+        while not self.stopping.is_set():
+            time.sleep(0.2)
             if dead_letters is None or not dead_letters.is_alive():
                 dead_letters = threading.Thread(target=self._answer_dead_letters, name="dead-letters", daemon=True)
                 dead_letters.start()
             self._supervise_once()
+        self.stop_event.set()
         self._shutdown()
 
-    def stop(self) -> None:
-        self.stop_event.set()
+    def stop(self, *_) -> None:
+        """Ask the supervisor to shut down (safe in a signal handler)."""
+        self.stopping.request()
 
     def _shutdown(self, grace: float = 30.0) -> None:
         """Let each worker finish the task in hand, then exit; a worker still busy after ``grace`` is
@@ -255,6 +275,6 @@ def run_processor(cfg_values: dict) -> None:
     cfg = ServerConfig(**cfg_values)
     setup_logging(cfg)
     processor = DataProcessor(cfg)
-    signal.signal(signal.SIGTERM, lambda *_: processor.stop())
-    signal.signal(signal.SIGINT, lambda *_: processor.stop())
+    signal.signal(signal.SIGTERM, processor.stop)
+    signal.signal(signal.SIGINT, processor.stop)
     processor.run()

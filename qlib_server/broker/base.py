@@ -70,8 +70,12 @@ class Broker(ABC):
         """Release the connection; unacknowledged deliveries return to their queue."""
 
     def ping(self) -> bool:
-        """Whether the broker answers."""
+        """Whether the broker answers (and keep an idle connection alive)."""
         return True
+
+    def consumers(self, queue: str) -> int:
+        """How many consumers ``queue`` has now (0 when it cannot be told)."""
+        return 0
 
 
 def dead_letter_queue(task_queue: str) -> str:

@@ -23,6 +23,7 @@ class _Hub:
 
     def __init__(self) -> None:
         self.queues: dict[str, deque] = {}
+        self.consumers: dict[str, int] = {}
         self.limits: dict[str, tuple[int, str]] = {}  # queue -> (max deliveries, dead-letter queue)
         self.ready = threading.Condition()
 
@@ -71,6 +72,9 @@ class MemoryBroker(Broker):
     def depth(self, queue: str) -> int:
         return self.hub.depth(queue)
 
+    def consumers(self, queue: str) -> int:
+        return self.hub.consumers.get(queue, 0)
+
     def _settle(self, tag: int, requeue: Optional[bool]) -> None:
         with self.hub.ready:
             entry = self._unacked.pop(tag, None)
@@ -88,6 +92,15 @@ class MemoryBroker(Broker):
     def consume(self, queue: str, prefetch: int, idle: float = 1.0) -> Iterator[Optional[Delivery]]:
         if queue not in self.hub.queues:
             raise BrokerError(f"queue {queue!r} does not exist")
+        with self.hub.ready:
+            self.hub.consumers[queue] = self.hub.consumers.get(queue, 0) + 1
+        try:
+            yield from self._deliveries(queue, prefetch, idle)
+        finally:
+            with self.hub.ready:
+                self.hub.consumers[queue] -= 1
+
+    def _deliveries(self, queue: str, prefetch: int, idle: float) -> Iterator[Optional[Delivery]]:
         while not self._closed:
             with self.hub.ready:
                 deadline = time.monotonic() + idle

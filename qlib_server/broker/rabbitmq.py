@@ -88,6 +88,17 @@ class RabbitMQBroker(Broker):
                 self._drop()
                 return False
 
+    def consumers(self, queue: str) -> int:
+        with self._lock:
+            try:
+                return self._open().queue_declare(queue, passive=True).method.consumer_count
+            except pe.ChannelClosedByBroker:
+                self._drop()
+                return 0
+            except (BrokerError, *_TRANSPORT_ERRORS):
+                self._drop()
+                return 0
+
     # -- broker interface -------------------------------------------------------------------
     def _declare(self, task_queue: str, message_queue: str, max_deliveries: int) -> None:
         channel = self._channel

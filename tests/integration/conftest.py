@@ -162,11 +162,16 @@ class ServerProcess:
         key = f"{name}{{{wanted}}}" if labels else name
         return self.metrics().get(key, 0.0)
 
-    def ready(self) -> bool:
+    def ready(self, processors: bool = True) -> bool:
+        """``/readyz`` says ready; with ``processors=False`` only the handler's own checks count."""
         try:
-            return requests.get(f"{self.url}/readyz", timeout=2).status_code == 200
+            reply = requests.get(f"{self.url}/readyz", timeout=2)
         except requests.RequestException:
             return False
+        if processors:
+            return reply.status_code == 200
+        checks = reply.json()
+        return bool(checks.get("redis") and checks.get("broker") and checks.get("consuming"))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -208,8 +213,9 @@ def start_server(services, dataset, tmp_path):
         server = ServerProcess(config, config_path, log_path, proc)
         started.append(server)
         if wait and "request_handler" in modules:
+            both = "data_processor" in modules
             try:
-                wait_until(lambda: server.ready() or proc.poll() is not None, 60, what="server ready")
+                wait_until(lambda: server.ready(both) or proc.poll() is not None, 90, what="server ready")
             except AssertionError:
                 raise AssertionError(f"server did not become ready:\n{server.log()[-3000:]}") from None
             assert proc.poll() is None, f"server exited:\n{server.log()[-3000:]}"
