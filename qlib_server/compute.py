@@ -108,9 +108,15 @@ def feature(args: dict, expression_cache: bool) -> str:
     _check_market(args["instruments"], args["freq"])
     if args["disk_cache"] == 0 and not expression_cache:
         return ""  # nothing to prepare: the client computes from its own mount
-    return D.features_uri(
+    from qlib.config import C
+
+    uri = D.features_uri(
         args["instruments"], args["fields"], args["start_time"], args["end_time"], args["freq"], args["disk_cache"]
     )
+    if args["disk_cache"] == 1 and not (Path(C.dpm.get_data_uri(args["freq"])) / C.dataset_cache_dir_name / uri).exists():
+        # Qlib writes no cache file for an empty result; a client would fail to open the URI.
+        raise RequestError("no data for these instruments and fields")
+    return uri
 
 
 def run(task_type: str, args: dict, expression_cache: bool = False):
