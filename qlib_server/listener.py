@@ -49,21 +49,28 @@ class RequestListener:
             if not self.accepting:
                 raise RequestError("the server is shutting down; retry on another server or in a moment")
             request = self.parser.parse(request_type, payload)
-            if self.pending.count(sid) >= self.max_inflight:
+            fresh = self.pending.reserve(sid, request.key, request.type, started, self.max_inflight)
+            if fresh is None:
                 raise RequestError(f"too many requests in flight on this connection (limit {self.max_inflight})")
         except RequestError as exc:
             log.info("refused %s request from %s: %s", request_type, sid, exc)
             self.metrics.responses.labels(request_type, str(exc.status)).inc()
             self.emit(f"{request_type}_response", response(None, exc.status, str(exc)), sid)
             return
+        except Exception:  # a bug in checking must not leave the client waiting
+            log.exception("could not check a %s request from %s", request_type, sid)
+            self.metrics.responses.labels(request_type, "2").inc()
+            self.emit(f"{request_type}_response", response(None, 2, "the server could not check this request"), sid)
+            return
         cached = self.cache.get(request.key, request.type)
         if cached is not MISS:
+            if fresh:
+                self.pending.done(sid, request.key)
             self.metrics.cache_hits.labels(request.type).inc()
             self.metrics.responses.labels(request.type, "0").inc()
             self.emit(f"{request.type}_response", response(cached, 0, None), sid)
             self.metrics.latency.labels(request.type).observe(time.monotonic() - started)
             return
-        self.pending.add(sid, request.key, request.type, started)
         try:
             self._enqueue(request, sid)
         except QlibServerError as exc:

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import pickle
+import pickletools
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,8 +25,8 @@ from packaging.version import InvalidVersion, Version
 from .errors import RequestError
 
 REQUEST_TYPES = ("calendar", "instrument", "feature")
-_NAME = re.compile(r"^[A-Za-z0-9_\-.]{1,64}$")  # market names, instrument codes
-_FREQ = re.compile(r"^[0-9]{0,4}(day|d|min|minute|week|w|month|mon)$", re.IGNORECASE)
+_NAME = re.compile(r"[A-Za-z0-9_\-.]{1,64}")  # market names, instrument codes
+_FREQ = re.compile(r"[0-9]{0,4}(day|d|min|minute|week|w|month|mon)", re.IGNORECASE)
 _FILTERS = {"NameDFilter": ("name_rule_re",), "ExpressionDFilter": ("rule_expression", "keep")}
 _EARLIEST, _LATEST = pd.Timestamp("1900-01-01"), pd.Timestamp("2200-12-31")
 
@@ -48,19 +49,46 @@ class _AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _PICKLE_ALLOWED:
             return super().find_class(module, name)
-        raise RequestError(f"pickled body refers to {module}.{name}, which a request may not contain")
+        raise RequestError(f"pickled body refers to {str(module)[:60]}.{str(name)[:60]}, which a request may not contain")
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """Client input for an error message: a short prefix of a string, never str() of anything big."""
+    if isinstance(value, str):
+        return repr(value[:limit])
+    if value is None or isinstance(value, (bool, float)) or (isinstance(value, int) and abs(value) < 10**18):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+def _key(key: Any) -> str:
+    """A mapping key for an error message: a short prefix of a string key, the type of any other."""
+    return key[:40] if isinstance(key, str) else f"<{type(key).__name__}>"
+
+
+def _check_opcodes(data: bytes) -> None:
+    """Walk the opcodes without running them: refuse memo slots beyond what the pickle could fill."""
+    try:
+        for count, (opcode, arg, _) in enumerate(pickletools.genops(data), 1):
+            if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (isinstance(arg, int) and 0 <= arg <= count):
+                raise RequestError(f"request body is not a valid pickle: memo slot {_show(arg)} out of range")
+    except RequestError:
+        raise
+    except Exception as exc:
+        raise RequestError(f"request body is not a valid pickle: {type(exc).__name__}: {str(exc)[:80]}") from None
 
 
 def safe_unpickle(data: bytes, max_bytes: int) -> Any:
     """Unpickle ``data`` allowing only the types a request can hold; refuse anything else."""
     if len(data) > max_bytes:
         raise RequestError(f"request body is {len(data)} bytes, over the limit of {max_bytes}")
+    _check_opcodes(data)
     try:
         return _AllowListUnpickler(io.BytesIO(data)).load()
     except RequestError:
         raise
     except Exception as exc:  # pickle raises many types on junk input
-        raise RequestError(f"request body is not a valid pickle: {type(exc).__name__}: {exc}") from None
+        raise RequestError(f"request body is not a valid pickle: {type(exc).__name__}: {str(exc)[:80]}") from None
 
 
 @dataclass(frozen=True)
@@ -127,21 +155,21 @@ def _time(value: Any, what: str) -> str | None:
 
 
 def _freq(value: Any) -> str:
-    if not isinstance(value, str) or not _FREQ.match(value):
-        raise RequestError(f"freq must be a frequency such as 'day' or '1min', got {str(value)[:40]!r}")
+    if not isinstance(value, str) or not _FREQ.fullmatch(value):
+        raise RequestError(f"freq must be a frequency such as 'day' or '1min', got {_show(value)}")
     return value.lower()
 
 
 def _name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _NAME.match(value) or value.strip(".") != value:
-        raise RequestError(f"{what} {str(value)[:70]!r} is not a valid name (letters, digits, _ - . only)")
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or value.strip(".") != value:
+        raise RequestError(f"{what} {_show(value, 70)} is not a valid name (letters, digits, _ - . only)")
     return value
 
 
 def _flag(value: Any, what: str) -> bool:
     if isinstance(value, bool) or value in (0, 1):
         return bool(value)
-    raise RequestError(f"{what} must be true or false, got {str(value)[:40]!r}")
+    raise RequestError(f"{what} must be true or false, got {_show(value)}")
 
 
 class RequestParser:
@@ -174,8 +202,8 @@ class RequestParser:
                 raise RequestError(f"request body is {len(body)} characters, over the limit of {limit}")
             try:
                 return json.loads(body)
-            except ValueError as exc:
-                raise RequestError(f"request body is not valid JSON: {exc}") from None
+            except (ValueError, RecursionError) as exc:
+                raise RequestError(f"request body is not valid JSON: {str(exc)[:80]}") from None
         if isinstance(body, dict):
             return body
         raise RequestError(f"request body must be JSON text, a pickle or a mapping, not {type(body).__name__}")
@@ -193,19 +221,19 @@ class RequestParser:
             raise RequestError('instruments must be a market config {"market": ..., "filter_pipe": [...]}')
         unknown = set(conf) - {"market", "filter_pipe"}
         if unknown:
-            raise RequestError(f"unknown keys in instruments config: {sorted(map(str, unknown))[:5]}")
+            raise RequestError(f"unknown keys in instruments config: {sorted(_key(k) for k in unknown)[:5]}")
         pipe = conf.get("filter_pipe") or []
         if not isinstance(pipe, (list, tuple)) or len(pipe) > 16:
             raise RequestError("filter_pipe must be a list of at most 16 filters")
         return {"market": _name(conf["market"], "market").lower(), "filter_pipe": [self._filter(f) for f in pipe]}
 
     def _filter(self, item: Any) -> dict:
-        if not isinstance(item, dict) or item.get("filter_type") not in _FILTERS:
+        if not isinstance(item, dict) or not isinstance(item.get("filter_type"), str) or item["filter_type"] not in _FILTERS:
             raise RequestError(f"a filter must be a dict with filter_type in {sorted(_FILTERS)}")
         kind = item["filter_type"]
         allowed = {"filter_type", "filter_start_time", "filter_end_time", *_FILTERS[kind]}
         if set(item) - allowed:
-            raise RequestError(f"unknown keys in {kind}: {sorted(map(str, set(item) - allowed))[:5]}")
+            raise RequestError(f"unknown keys in {kind}: {sorted(_key(k) for k in set(item) - allowed)[:5]}")
         out = {
             "filter_type": kind,
             "filter_start_time": _time(item.get("filter_start_time"), "filter_start_time"),
@@ -259,7 +287,7 @@ class RequestParser:
             self.check_expression(field)
         disk_cache = body.get("disk_cache", 1)
         if disk_cache not in (0, 1) or isinstance(disk_cache, float):
-            raise RequestError(f"disk_cache must be 0 or 1, got {str(disk_cache)[:20]!r}")
+            raise RequestError(f"disk_cache must be 0 or 1, got {_show(disk_cache)}")
         start, end = _time(body.get("start_time"), "start_time"), _time(body.get("end_time"), "end_time")
         if start and end and start > end:
             raise RequestError(f"start_time {start} is after end_time {end}")

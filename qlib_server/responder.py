@@ -29,9 +29,18 @@ class Pending:
         self._by_sid: dict[str, dict[str, tuple[str, float]]] = {}
         self._lock = threading.Lock()
 
-    def add(self, sid: str, key: str, request_type: str, started: float) -> None:
+    def reserve(self, sid: str, key: str, request_type: str, started: float, limit: int) -> Optional[bool]:
+        """Add the request unless ``sid`` already has ``limit`` keys pending, checked and added under one
+        lock. None when refused, else whether the key is new for ``sid``."""
         with self._lock:
-            self._by_sid.setdefault(sid, {})[key] = (request_type, started)
+            waiting = self._by_sid.setdefault(sid, {})
+            if len(waiting) >= limit:
+                if not waiting:
+                    del self._by_sid[sid]
+                return None
+            fresh = key not in waiting
+            waiting[key] = (request_type, started)
+            return fresh
 
     def done(self, sid: str, key: str) -> Optional[tuple[str, float]]:
         with self._lock:
@@ -40,9 +49,6 @@ class Pending:
             if waiting is not None and not waiting:
                 del self._by_sid[sid]
             return entry
-
-    def count(self, sid: str) -> int:
-        return len(self._by_sid.get(sid, ()))
 
     def drop(self, sid: str) -> list[str]:
         with self._lock:
