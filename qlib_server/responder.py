@@ -50,6 +50,10 @@ class Pending:
                 del self._by_sid[sid]
             return entry
 
+    def count(self, sid: str) -> int:
+        """How many keys ``sid`` waits for."""
+        return len(self._by_sid.get(sid, ()))
+
     def drop(self, sid: str) -> list[str]:
         with self._lock:
             return list(self._by_sid.pop(sid, {}))
