@@ -191,4 +191,5 @@ class RequestHandler:
             else:
                 os.kill(os.getpid(), signal.SIGINT)  # the Werkzeug loop leaves on KeyboardInterrupt
 
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
         signal.signal(signum, lambda *_: self.socketio.start_background_task(graceful))

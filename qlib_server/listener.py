@@ -69,7 +69,10 @@ class RequestListener:
             self.metrics.cache_hits.labels(request.type).inc()
             self.metrics.responses.labels(request.type, "0").inc()
             self.emit(f"{request.type}_response", response(cached, 0, None), sid)
-            self.metrics.latency.labels(request.type).observe(time.monotonic() - started)
+            latency = time.monotonic() - started
+            self.metrics.latency.labels(request.type).observe(latency)
+            log.info("%s request of %s key=%s status=0 answered from cache in %.1f ms", request.type, sid,
+                     request.key, latency * 1000)
             return
         try:
             self._enqueue(request, sid)
@@ -84,6 +87,10 @@ class RequestListener:
 
     def _enqueue(self, request: Request, sid: str) -> None:
         if self.registry.add(request.key, sid):
+            cached = self.cache.get(request.key, request.type)
+            if cached is not MISS:  # answered and cleared between our cache look-up and our add
+                self.responder.answer(request.key, request.type, 0, cached, None)
+                return
             lane = light_queue(self.task_queue) if request.light else self.task_queue
             self.broker.publish(lane, request.task(self.cache.generation()))
             self.metrics.tasks_published.labels(request.type).inc()

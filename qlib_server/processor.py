@@ -44,7 +44,7 @@ def result_message(task: dict, status: int, result=None, detailed_info=None, **e
 _seen_generation: list = [None]
 
 
-def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None) -> None:
+def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None, stopping=None) -> None:
     """Compute one delivered task, publish its result, then acknowledge it."""
     task = delivery.message
     if not isinstance(task.get("key"), str) or task.get("type") not in ("calendar", "instrument", "feature") \
@@ -70,6 +70,8 @@ def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None) -
     broker.publish(cfg.message_queue, result_message(
         task, status, result, info, generation=task.get("generation"), deliveries=delivery.delivery_count + 1,
         seconds=round(time.time() - started, 6)))
+    if stopping is not None and stopping.is_set():
+        broker.cancel()  # before the ack, so the broker sends this worker no task it will not run
     delivery.ack()
 
 
@@ -78,7 +80,7 @@ def work(cfg: ServerConfig, broker: Broker, busy_since, stopping, queue: str) ->
     try:
         for delivery in broker.consume(queue, prefetch=cfg.max_concurrency, idle=0.5):
             if delivery is not None:
-                process_task(delivery, broker, cfg, busy_since)
+                process_task(delivery, broker, cfg, busy_since, stopping)
             if stopping.is_set():
                 break
     finally:

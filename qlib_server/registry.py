@@ -8,7 +8,7 @@ publishes a task; the waiters are removed only after they have been answered.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import redis
 import redis_lock
@@ -20,9 +20,10 @@ from .errors import ConnectionLost
 class SessionRegistry:
     """Waiting session ids per request key, in Redis, each operation under the key's lock."""
 
-    def __init__(self, client: redis.Redis, ttl: float):
+    def __init__(self, client: redis.Redis, ttl: float, probe: Optional[redis.Redis] = None):
         self.redis = client
         self.ttl = int(ttl) + keys.WAITERS_GRACE
+        self.probe = probe if probe is not None else client  # answers ping quickly, never retries
 
     @classmethod
     def from_config(cls, cfg) -> "SessionRegistry":
@@ -32,7 +33,9 @@ class SessionRegistry:
             max_connections=cfg.redis_max_connections, timeout=20,
             socket_timeout=15, socket_connect_timeout=5, health_check_interval=30, retry_on_timeout=True,
         )
-        return cls(redis.Redis(connection_pool=pool), cfg.request_timeout)
+        probe = redis.Redis(host=cfg.redis_host, port=cfg.redis_port, db=cfg.redis_task_db,
+                            password=cfg.redis_password, socket_timeout=1, socket_connect_timeout=1)
+        return cls(redis.Redis(connection_pool=pool), cfg.request_timeout, probe)
 
     @contextmanager
     def _locked(self, key: str) -> Iterator[None]:
@@ -83,12 +86,22 @@ class SessionRegistry:
         except redis.RedisError as exc:
             raise ConnectionLost(f"redis: {exc}") from exc
 
+    def still_waiting(self, pairs: list[tuple[str, str]]) -> list[bool]:
+        """For each (key, sid): whether ``sid`` is still in the waiting list of ``key`` (one round trip)."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for key, sid in pairs:
+                pipe.lpos(keys.waiters(key), sid)
+            return [position is not None for position in pipe.execute()]
+        except redis.RedisError as exc:
+            raise ConnectionLost(f"redis: {exc}") from exc
+
     def waiting(self, key: str) -> list[str]:
         """The waiters of ``key``, for tests and diagnostics."""
         return [s.decode() for s in self.redis.lrange(keys.waiters(key), 0, -1)]
 
     def ping(self) -> bool:
         try:
-            return bool(self.redis.ping())
+            return bool(self.probe.ping())
         except redis.RedisError:
             return False

@@ -88,8 +88,11 @@ class RequestResponder:
             for sid in sids:
                 self.emit(event, envelope, sid)
                 entry = self.pending.done(sid, key)
-                if entry:
-                    self.metrics.latency.labels(request_type).observe(time.monotonic() - entry[1])
+                latency = time.monotonic() - entry[1] if entry else None
+                if latency is not None:
+                    self.metrics.latency.labels(request_type).observe(latency)
+                log.info("%s request of %s key=%s status=%s %s", request_type, sid, key, status,
+                         f"answered in {latency * 1000:.1f} ms" if latency is not None else "answered (another handler's)")
             self.metrics.responses.labels(request_type, str(status)).inc(len(sids))
         return len(sids)
 
@@ -133,8 +136,24 @@ class RequestResponder:
                 log.error("result consumer: %s; retrying", exc)
                 time.sleep(1.0)
 
+    def forget_answered(self, older_than: float = 2.0) -> int:
+        """Drop the requests of this handler that another handler has answered (they are no longer
+        in the registry), so they count neither against the in-flight limit nor in a drain."""
+        entries = self.pending.expired(older_than)
+        if not entries:
+            return 0
+        try:
+            waiting = self.registry.still_waiting([(key, sid) for sid, key, _ in entries])
+        except QlibServerError:
+            return 0
+        gone = [(sid, key) for (sid, key, _), w in zip(entries, waiting) if not w]
+        for sid, key in gone:
+            self.pending.done(sid, key)
+        return len(gone)
+
     def sweep(self) -> int:
         """Answer with an error each request of this handler older than ``request_timeout``."""
+        self.forget_answered()
         count = 0
         for sid, key, request_type in self.pending.expired(self.request_timeout):
             self.pending.done(sid, key)

@@ -55,6 +55,7 @@ class MemoryBroker(Broker):
         self._tags = count(1)
         self._unacked: dict[int, tuple[str, bytes, int]] = {}
         self._closed = False
+        self._cancelled = False
 
     def connect(self) -> "MemoryBroker":
         return MemoryBroker(self.hub)
@@ -100,16 +101,22 @@ class MemoryBroker(Broker):
             with self.hub.ready:
                 self.hub.consumers[queue] -= 1
 
+    def cancel(self) -> None:
+        with self.hub.ready:
+            self._cancelled = True
+            self.hub.ready.notify_all()
+
     def _deliveries(self, queue: str, prefetch: int, idle: float) -> Iterator[Optional[Delivery]]:
         while not self._closed:
             with self.hub.ready:
                 deadline = time.monotonic() + idle
-                while not self._closed and (not self.hub.queues[queue] or len(self._unacked) >= prefetch):
+                while not self._closed and (self._cancelled or not self.hub.queues[queue]
+                                            or len(self._unacked) >= prefetch):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     self.hub.ready.wait(remaining)
-                if self._closed or not self.hub.queues[queue] or len(self._unacked) >= prefetch:
+                if self._closed or self._cancelled or not self.hub.queues[queue] or len(self._unacked) >= prefetch:
                     item = None
                 else:
                     body, deliveries = self.hub.queues[queue].popleft()

@@ -159,6 +159,14 @@ class RabbitMQBroker(Broker):
                 self._drop()
                 yield None
 
+    def cancel(self) -> None:
+        with self._lock:
+            if self._channel is not None and self._channel.is_open:
+                try:
+                    self._channel.cancel()  # the consume() generator's consumer
+                except _TRANSPORT_ERRORS:
+                    self._drop()
+
     def _delivery(self, channel, method, props, body) -> Delivery:
         tag = method.delivery_tag
         headers = props.headers or {}

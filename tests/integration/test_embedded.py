@@ -1,0 +1,184 @@
+"""Embedded mode: ``qlib-server serve --embedded`` alone (no RabbitMQ, no Redis) serves real pyqlib
+clients exactly like local Qlib, shares one task between identical requests, and stops cleanly.
+
+Needs no services; it lives with the integration tests because it starts servers and Qlib clients.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import pandas.testing as pdt
+import pytest
+import yaml
+
+from clients import WireClient, local_qlib, run_pyqlib
+from conftest import ServerProcess, free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+START, END = "2019-01-02", "2019-06-28"
+FIELDS = ["$close", "Mean($close, 5)", "$volume / Ref($volume, 1)"]
+CODES = ["SH600000", "SZ000001", "SH600002"]
+
+CLIENT_SCRIPT = """
+from qlib.data.client import Client
+from qlib.data.data import ClientCalendarProvider
+START, END, FIELDS, CODES = {START!r}, {END!r}, {FIELDS!r}, {CODES!r}
+calendar = ClientCalendarProvider()
+calendar.set_conn(Client("127.0.0.1", {port}))
+spans = D.list_instruments(D.instruments("csi300"), START, END)
+result = {{
+    "calendar": [str(t) for t in calendar.calendar(START, END, "day")],
+    "calendar_full": [str(t) for t in calendar.calendar(None, None, "day")],
+    "list": D.list_instruments(D.instruments("csi300"), START, END, as_list=True),
+    "spans": {{code: [[str(s), str(e)] for s, e in items] for code, items in spans.items()}},
+    "features_cached": D.features(D.instruments("csi300"), FIELDS, START, END, disk_cache=1),
+    "features_uncached": D.features(CODES, FIELDS, START, END, disk_cache=0),
+}}
+"""
+
+LOCAL_SCRIPT = f"""
+START, END, FIELDS, CODES = {START!r}, {END!r}, {FIELDS!r}, {CODES!r}
+spans = D.list_instruments(D.instruments("csi300"), START, END)
+result = {{
+    "calendar": [str(t) for t in D.calendar(START, END, "day")],
+    "calendar_full": [str(t) for t in D.calendar(None, None, "day")],
+    "list": D.list_instruments(D.instruments("csi300"), START, END, as_list=True),
+    "spans": {{code: [[str(s), str(e)] for s, e in items] for code, items in spans.items()}},
+    "features_cached": D.features(D.instruments("csi300"), FIELDS, START, END),
+    "features_uncached": D.features(CODES, FIELDS, START, END),
+}}
+"""
+
+
+@contextmanager
+def embedded_server(directory: Path, provider_uri: Path, preexec_fn=None, **overrides) -> Iterator[ServerProcess]:
+    """``python -m qlib_server serve -c cfg --embedded`` in a subprocess, ready; stopped on exit."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"provider_uri": str(provider_uri), "region": "cn", "flask_server": "127.0.0.1",
+              "flask_port": free_port(), "max_process": 2, "logging_level": "INFO", **overrides}
+    config_path, log_path = directory / "embedded.yaml", directory / "embedded.log"
+    config_path.write_text(yaml.safe_dump(config))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "qlib_server", "serve", "-c", str(config_path), "--embedded"],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=directory, preexec_fn=preexec_fn)
+    server = ServerProcess(config, config_path, log_path, proc)
+    try:
+        wait_until(lambda: server.ready() or proc.poll() is not None, 120, what="embedded server ready")
+        assert proc.poll() is None, f"embedded server exited:\n{server.log()[-3000:]}"
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory, dataset) -> Iterator[ServerProcess]:
+    with embedded_server(tmp_path_factory.mktemp("embedded"), dataset) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def local(dataset) -> dict:
+    return local_qlib(LOCAL_SCRIPT, dataset)
+
+
+def assert_same_frame(served: pd.DataFrame, local: pd.DataFrame) -> None:
+    assert not local.empty
+    assert sorted(served.columns) == sorted(local.columns) == sorted(FIELDS)
+    pdt.assert_frame_equal(served[FIELDS].sort_index(), local[FIELDS].sort_index(), check_freq=False)
+
+
+def test_real_pyqlib_clients_get_what_local_qlib_computes(embedded, local, dataset):
+    script = CLIENT_SCRIPT.format(START=START, END=END, FIELDS=FIELDS, CODES=CODES, port=embedded.port)
+    served = run_pyqlib(script, embedded.port, dataset)
+    assert served["calendar"] == local["calendar"] and served["calendar"][0].startswith(START)
+    assert served["calendar_full"] == local["calendar_full"] and len(served["calendar_full"]) == 750
+    assert served["list"] == local["list"] and served["list"]
+    assert served["spans"] == local["spans"]
+    assert_same_frame(served["features_cached"], local["features_cached"])
+    assert_same_frame(served["features_uncached"], local["features_uncached"])
+    assert embedded.metric("qlib_server_tasks_processed_total", type="feature", status="0") >= 2
+    assert "embedded mode" in embedded.log()
+
+
+# enough work that every request of the crowd is registered long before the task is done
+HEAVY_FIELDS = ["Mean($close, 5)", "Std($volume, 20)", "Corr($close, $volume, 10)", "Rsquare($close, 20)",
+                "Slope($volume, 30)", "Resi($close, 15)", "Corr($high, $low, 30)"]
+
+
+def close_all(clients: list[WireClient]) -> None:
+    """Disconnect every client at once (a graceful Socket.IO disconnect from this server takes seconds)."""
+    with ThreadPoolExecutor(len(clients) or 1) as pool:
+        list(pool.map(WireClient.close, clients))
+
+
+def test_identical_concurrent_requests_make_one_task(embedded):
+    crowd = 40
+    salt = uuid.uuid4().int % 10_000  # a feature set no earlier request put in the dataset cache
+    body = {"instruments": {"market": "all", "filter_pipe": []}, "freq": "day", "disk_cache": 1,
+            "fields": [f"{op} + {salt}" for op in HEAVY_FIELDS]}
+    before = {name: embedded.metric(f"qlib_server_{name}_total", type="feature")
+              for name in ("tasks_published", "dedup_hits", "cache_hits")}
+    clients = [WireClient(embedded.url) for _ in range(crowd)]
+    try:
+        for client in clients:
+            client.send("feature", body)
+        answers = [client.receive("feature", 120) for client in clients]
+    finally:
+        close_all(clients)
+    assert [a["status"] for a in answers] == [0] * crowd, {a["detailed_info"] for a in answers}
+    assert len({a["result"] for a in answers}) == 1
+    added = {name: embedded.metric(f"qlib_server_{name}_total", type="feature") - value
+             for name, value in before.items()}
+    print(f"\n{crowd} identical concurrent requests: {added['tasks_published']:g} task(s), "
+          f"{added['dedup_hits']:g} joined a task in flight, {added['cache_hits']:g} answered from the result cache")
+    assert added["dedup_hits"] + added["cache_hits"] == crowd - added["tasks_published"]
+    assert added["tasks_published"] == 1, "identical requests must share one task"
+
+
+def test_sigterm_stops_the_embedded_server_cleanly(tmp_path, dataset):
+    with embedded_server(tmp_path / "sigterm", dataset) as server:
+        with WireClient(server.url) as client:
+            answer = client.request("calendar", {"start_time": START, "end_time": END, "freq": "day"})
+            assert answer["status"] == 0 and len(answer["result"]) > 100
+            salt = uuid.uuid4().int % 10_000
+            client.send("feature", {"instruments": {"market": "all", "filter_pipe": []}, "disk_cache": 1,
+                                    "fields": [f"Mean($close, 10) * {salt}", f"Std($close, 10) * {salt}"]})
+            wait_until(lambda: server.metric("qlib_server_requests_total", type="feature") == 1, 10,
+                       what="the feature request received")
+            server.proc.send_signal(signal.SIGTERM)
+            in_flight = client.receive("feature", 30)
+        assert in_flight["status"] == 0 or (in_flight["status"] == 2 and "shutting down" in in_flight["detailed_info"]), \
+            in_flight
+        try:
+            code = server.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running 30 s after SIGTERM:\n{server.log()[-3000:]}") from None
+        assert code == 0, server.log()[-3000:]
+        assert "Traceback" not in server.log(), server.log()[-3000:]
+
+
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_sigterm_stops_a_server_started_with_sigint_ignored(tmp_path, dataset):
+    """``qlib-server serve ... &`` in a shell script starts with SIGINT ignored; SIGTERM must still stop it."""
+    with embedded_server(tmp_path / "nointr", dataset, preexec_fn=ignore_sigint) as server:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            code = server.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(10)
+            raise AssertionError("still running 20 s after SIGTERM") from None
+        assert code == 0, server.log()[-3000:]
