@@ -131,9 +131,9 @@ class RequestResponder:
                         time.sleep(1.0)
                         continue
                     delivery.ack()
-            except QlibServerError as exc:
+            except Exception as exc:  # the consumer must outlive any outage: without it nobody is answered
                 self.metrics.reconnects.labels("rabbitmq").inc()
-                log.error("result consumer: %s; retrying", exc)
+                log.error("result consumer: %r; retrying", exc)
                 time.sleep(1.0)
 
     def forget_answered(self, older_than: float = 2.0) -> int:

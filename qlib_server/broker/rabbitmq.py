@@ -19,7 +19,9 @@ from ..errors import BrokerError, ConnectionLost
 from .base import Broker, Delivery, dead_letter_queue, decode, encode, light_queue
 
 log = logging.getLogger(__name__)
-_TRANSPORT_ERRORS = (pe.AMQPConnectionError, pe.AMQPChannelError, pe.StreamLostError, OSError, AssertionError)
+# pika raises ValueError ("getpeername() failed") for a connection reset while it opens
+_TRANSPORT_ERRORS = (pe.AMQPConnectionError, pe.AMQPChannelError, pe.StreamLostError, OSError, AssertionError,
+                     ValueError)
 _PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type="application/json")
 
 
