@@ -21,25 +21,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"qlib-server: {exc}", file=sys.stderr)
         return 2
 
-    if args.embedded:
-        import signal
-
-        from .embedded import EmbeddedServer
-        from .log import setup_logging
-
-        setup_logging(cfg)
-        server = EmbeddedServer(cfg)
-        server.handler.shutdown_on(signal.SIGTERM)
-        try:
-            server.serve()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.processor.stop()
-        return 0
-
     processor = None
-    if "data_processor" in args.module:
+    if "data_processor" in args.module and not args.embedded:
         import multiprocessing as mp
 
         from .processor import run_processor
@@ -58,17 +41,23 @@ def _serve(args: argparse.Namespace) -> int:
         monkey.patch_all()
     import signal
 
-    from .handler import RequestHandler
     from .log import setup_logging
-    from .processor import rabbitmq_factory
-    from .registry import SessionRegistry
 
     setup_logging(cfg)
-    handler = RequestHandler(cfg, SessionRegistry.from_config(cfg), lambda: rabbitmq_factory(cfg))
+    if args.embedded:
+        from .embedded import EmbeddedServer
 
+        server = EmbeddedServer(cfg)
+        handler = server.handler
+    else:
+        from .handler import RequestHandler
+        from .processor import rabbitmq_factory
+        from .registry import SessionRegistry
+
+        server = handler = RequestHandler(cfg, SessionRegistry.from_config(cfg), lambda: rabbitmq_factory(cfg))
     handler.shutdown_on(signal.SIGTERM)
     try:
-        handler.serve()
+        server.serve()
     except KeyboardInterrupt:
         pass
     finally:

@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -58,10 +58,11 @@ class ServerConfig(BaseModel):
     max_deliveries: int = Field(3, ge=1, le=100, description="deliveries of a task before it is dead-lettered")
     request_timeout: float = Field(3600.0, gt=0, description="seconds a client waits before an error answer")
     result_cache_ttl: float = Field(600.0, ge=0, description="seconds an answer is reused for identical requests")
-    socketio_message_queue: Optional[str] = Field(None, description="redis:// URL shared by several handlers")
+    socketio_message_queue: Optional[str] = Field(None, description="ignored: handlers forward answers themselves")
     allowed_networks: list[str] = Field(default_factory=list)
     auth_token: Optional[str] = None
-    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="a larger request body is answered with status 1")
+    max_message_bytes: int = Field(16 << 20, ge=1 << 16, description="transport limit: a larger message closes the connection")
     max_fields: int = Field(256, ge=1)
     max_instruments: int = Field(20000, ge=1)
     max_expression_length: int = Field(2000, ge=16)
@@ -84,6 +85,12 @@ class ServerConfig(BaseModel):
         for net in value:
             ipaddress.ip_network(net, strict=False)
         return value
+
+    @model_validator(mode="after")
+    def _transport_holds_a_body(self) -> "ServerConfig":
+        if self.max_message_bytes < self.max_body_bytes + 4096:
+            raise ValueError("max_message_bytes must exceed max_body_bytes (a refused body still needs to arrive)")
+        return self
 
     @property
     def amqp_url(self) -> str:

@@ -1,45 +1,154 @@
-"""Embedded mode: the whole server in one process, with in-memory backends instead of services.
+"""Embedded mode: the whole server on one machine with no services to install.
 
-The broker is :class:`~qlib_server.broker.memory.MemoryBroker`; Redis is fakeredis (the same
-registry code, python-redis-lock included, and Qlib's cache locks); workers are threads. No
-RabbitMQ, no Redis, no Docker: for trying Qlib-Server out and for demos.
+The same handler as the distributed mode, on the same async server (gevent by default), with
+in-memory stand-ins for the services: the broker is :class:`~qlib_server.broker.memory.MemoryBroker`
+and Redis is fakeredis, served on a loopback port so that the compute processes take Qlib's cache
+locks through real Redis connections. Each worker of the data processor is a green thread that takes
+tasks from the in-memory broker and hands each to a compute process of its own: the computation
+never holds up the server, a task outliving ``task_timeout`` gets its process killed and returns to
+the queue, exactly as in the distributed mode.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
+import os
+import select
+import signal
 import threading
 
-import fakeredis
+import redis
+from fakeredis import FakeConnection, TcpFakeServer
 
-from . import compute
 from .broker.memory import MemoryBroker
 from .config import ServerConfig
+from .errors import QlibServerError
 from .handler import RequestHandler
-from .processor import ThreadedDataProcessor
+from .log import setup_logging
+from .processor import DataProcessor, compute_task, die_with_parent, work
 from .registry import SessionRegistry
-from .updater import refresh
 
 log = logging.getLogger(__name__)
 
 
+class WorkerLost(QlibServerError):
+    """A compute process died (killed, or crashed) before it answered."""
+
+
+def compute_main(cfg_values: dict, tasks, results) -> None:
+    """Entry point of one compute process: answer each task read from ``tasks`` on ``results``."""
+    from . import compute
+
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cfg = ServerConfig(**cfg_values)
+    setup_logging(cfg)
+    compute.init_qlib(cfg)
+    while True:
+        try:
+            task, expression_cache = tasks.recv()
+        except EOFError:  # the server closed the pipe: nothing more to do
+            return
+        results.send(compute_task(task, expression_cache))
+
+
+class ComputeProcess:
+    """A spawned process computing the tasks of one worker, fed through a pair of pipes."""
+
+    def __init__(self, cfg: ServerConfig, ctx, name: str):
+        task_reader, self.tasks = ctx.Pipe(duplex=False)
+        self.results, result_writer = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=compute_main, args=(cfg.model_dump(), task_reader, result_writer),
+                                name=name, daemon=True)
+        self.proc.start()
+        task_reader.close()
+        result_writer.close()
+
+    def run(self, task: dict, expression_cache: bool) -> tuple:
+        """Compute ``task`` in the process; the calling (green) thread waits, the server goes on."""
+        try:
+            self.tasks.send((task, expression_cache))
+            select.select([self.results], [], [])  # cooperative under gevent
+            return self.results.recv()
+        except (EOFError, OSError) as exc:
+            raise WorkerLost(f"compute process {self.proc.pid} is gone ({exc!r})") from None
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        self.tasks.close()  # the process leaves at EOF
+        self.results.close()
+        if not select.select([self.proc.sentinel], [], [], 5)[0]:
+            self.kill()
+        self.proc.join()
+
+
+class EmbeddedProcessor(DataProcessor):
+    """The data processor with green-thread workers, each feeding one :class:`ComputeProcess`."""
+
+    def __init__(self, cfg: ServerConfig, broker: MemoryBroker):
+        super().__init__(cfg, lambda _cfg: broker.connect())
+        self.busy = [_Busy() for _ in self.queues]
+        self.computers: list = [None] * len(self.queues)
+
+    def _work(self, i: int) -> None:
+        computer = self.computers[i] = ComputeProcess(self.cfg, self.ctx, f"qlib-server-compute-{i}")
+        try:
+            work(self.cfg, self.broker_factory(self.cfg), self.busy[i], self.stops[i], self.queues[i], computer.run)
+        except WorkerLost as exc:  # its task is back in the queue; the supervisor starts another worker
+            log.warning("worker %d: %s", i, exc)
+        finally:
+            computer.close()
+
+    def _start_worker(self, i: int) -> None:
+        self.busy[i] = _Busy()
+        self.stops[i] = threading.Event()
+        self.workers[i] = threading.Thread(target=self._work, args=(i,), name=f"qlib-server-worker-{i}", daemon=True)
+        self.workers[i].start()
+
+    def _alive(self, i: int) -> bool:
+        return self.workers[i].is_alive()
+
+    def _kill(self, i: int) -> None:
+        self.computers[i].kill()
+        self.workers[i].join(5)
+
+    def _join(self, i: int, timeout: float) -> None:
+        self.workers[i].join(timeout)
+
+
+class _Busy:
+    """When the worker's current task started (0: idle), like a shared ``multiprocessing.Value``."""
+
+    value = 0.0
+
+
 class EmbeddedServer:
-    """Handler, processor and in-memory backends wired together in this process."""
+    """Handler, processor and in-memory services wired together on this machine."""
 
     def __init__(self, cfg: ServerConfig):
-        self.cfg = cfg.model_copy(update={"async_mode": "threading", "socketio_message_queue": None})
-        self.redis_server = fakeredis.FakeServer()
+        self.redis_server = TcpFakeServer(("127.0.0.1", 0))
+        host, port = self.redis_server.server_address[:2]
+        self.cfg = cfg.model_copy(update={"redis_host": host, "redis_port": port, "redis_password": None,
+                                          "socketio_message_queue": None})
         self.broker = MemoryBroker()
-        compute.init_qlib(self.cfg, redis_factory=self.redis)
-        self.processor = ThreadedDataProcessor(self.cfg, lambda _cfg: self.broker.connect())
-        self.processor.refresh = lambda: refresh(self.cfg, self.redis())
-        self.handler = RequestHandler(self.cfg, SessionRegistry(self.redis(), self.cfg.request_timeout),
-                                      self.broker.connect)
-
-    def redis(self) -> fakeredis.FakeRedis:
-        return fakeredis.FakeRedis(server=self.redis_server)
+        self.processor = EmbeddedProcessor(self.cfg, self.broker)
+        pool = redis.BlockingConnectionPool(connection_class=FakeConnection, server=self.redis_server.fake_server,
+                                            db=self.cfg.redis_task_db, max_connections=self.cfg.redis_max_connections,
+                                            timeout=20)
+        self.handler = RequestHandler(self.cfg, SessionRegistry(redis.Redis(connection_pool=pool),
+                                                                self.cfg.request_timeout), self.broker.connect)
 
     def serve(self) -> None:
+        threading.Thread(target=self.redis_server.serve_forever, name="fake-redis", daemon=True).start()
         threading.Thread(target=self.processor.run, name="processor", daemon=True).start()
-        log.info("embedded mode: in-memory broker and registry, %d worker threads", self.cfg.max_process)
-        self.handler.serve()
+        log.info("embedded mode: in-memory broker and Redis, %d+%d compute processes", self.cfg.max_process,
+                 self.cfg.light_workers)
+        try:
+            self.handler.serve()
+        finally:
+            self.processor.stop()
+            self.redis_server.shutdown()

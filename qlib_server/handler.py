@@ -2,8 +2,9 @@
 
 Socket.IO events go to the :class:`~qlib_server.listener.RequestListener`; results come back through
 the :class:`~qlib_server.responder.RequestResponder`. HTTP on the same port serves ``/healthz``,
-``/readyz`` and ``/metrics``. With ``socketio_message_queue`` set, several handlers share their
-clients through Flask-SocketIO's Redis message queue: any handler can answer any client.
+``/readyz`` and ``/metrics``. Several handlers may share one RabbitMQ and Redis: each is a node with
+an inbox queue, and an answer taken by one node for another node's client is forwarded there, so a
+client is always answered by the handler holding its connection (no Socket.IO message queue).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import logging
 import os
 import signal
 import time
+import uuid
 from typing import Callable, Optional
 
 from flask import Flask, Response, request
 from flask_socketio import SocketIO
 
+from . import keys
 from .broker import Broker
 from .broker.base import light_queue
 from .cache import ResultCache
@@ -28,7 +31,7 @@ from .listener import RequestListener
 from .metrics import Metrics
 from .protocol import REQUEST_TYPES, Limits, RequestParser, response
 from .registry import SessionRegistry
-from .responder import Pending, RequestResponder
+from .responder import Pending, RequestResponder, waiter
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +57,22 @@ class RequestHandler:
         self.broker_factory = broker_factory
         self.metrics = Metrics()
         self.pending = Pending()
+        self.node = uuid.uuid4().hex[:16]
         self.app = Flask("qlib_server")
+        if cfg.socketio_message_queue:
+            log.warning("socketio_message_queue is no longer needed and is ignored: answers reach the handler "
+                        "holding each client through its inbox queue")
         self.socketio = SocketIO(
-            self.app, async_mode=cfg.async_mode, message_queue=cfg.socketio_message_queue,
-            max_http_buffer_size=cfg.max_body_bytes + 4096, cors_allowed_origins=[], logger=False,
-            engineio_logger=False,
+            self.app, async_mode=cfg.async_mode, max_http_buffer_size=cfg.max_message_bytes,
+            cors_allowed_origins=[], logger=False, engineio_logger=False,
         )
         self.networks = [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks]
         self.publisher = broker_factory()
         self.publisher.declare(cfg.task_queue, cfg.message_queue, cfg.max_deliveries)
+        self.publisher.declare_inbox(keys.inbox(self.node), keys.INBOX_EXPIRE)
         self.cache = ResultCache(registry.redis, cfg.result_cache_ttl, dataset_cache_dir=cfg.dataset_cache_dir)
-        self.responder = RequestResponder(registry, self.metrics, self._emit, self.pending, cfg.request_timeout,
-                                          self.cache)
+        self.responder = RequestResponder(self.node, registry, self.metrics, self._emit, self.publisher.publish,
+                                          self.pending, cfg.request_timeout, self.cache)
         self.listener = RequestListener(
             make_parser(cfg), registry, self.publisher, cfg.task_queue, self.responder, self.pending,
             self.metrics, self._emit, self.cache, cfg.max_inflight_per_client,
@@ -104,7 +111,7 @@ class RequestHandler:
             self.metrics.connected.dec()
             for key in self.pending.drop(request.sid):
                 try:
-                    self.registry.discard(key, request.sid)
+                    self.registry.discard(key, waiter(self.node, request.sid))
                 except Exception:  # the waiting list expires by itself
                     pass
 
@@ -149,6 +156,11 @@ class RequestHandler:
         finally:
             self._consumer_alive = False
 
+    def _consume_inbox(self) -> None:
+        broker = self.broker_factory()
+        broker.declare_inbox(keys.inbox(self.node), keys.INBOX_EXPIRE)
+        self.responder.consume(broker, keys.inbox(self.node))
+
     def _sweep(self) -> None:
         ticks = 0
         while self.responder.running:
@@ -160,6 +172,7 @@ class RequestHandler:
 
     def start_background(self) -> None:
         self.socketio.start_background_task(self._consume)
+        self.socketio.start_background_task(self._consume_inbox)
         self.socketio.start_background_task(self._sweep)
 
     def serve(self) -> None:
@@ -177,9 +190,11 @@ class RequestHandler:
         deadline = time.monotonic() + grace
         while len(self.pending) and time.monotonic() < deadline:
             self.socketio.sleep(0.05)
-        for sid, key, request_type in self.pending.expired(-1.0):
-            self.pending.done(sid, key)
-            self._emit(f"{request_type}_response", response(None, 2, "the server is shutting down; retry"), sid)
+        for sid, key, entry in self.pending.older_than(-1.0):
+            if self.pending.done(sid, key, every=True) is not None:
+                for _ in range(entry.count):
+                    self._emit(f"{entry.request.type}_response", response(None, 2, "the server is shutting down; retry"),
+                               sid)
         self.responder.running = False
 
     def shutdown_on(self, signum: int) -> None:

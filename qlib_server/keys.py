@@ -17,6 +17,10 @@ LOCK_EXPIRE = 10
 WAITERS_GRACE = 60
 
 
+#: seconds a request's waiter entry must stay missing (seen twice) before its handler serves it again
+LOST_AFTER = 1.0
+
+
 def waiters(key: str) -> str:
     return WAITERS + key
 
@@ -29,7 +33,24 @@ def waiters_lock(key: str) -> str:
 RESULT = f"{PREFIX}:result:"
 #: integer bumped whenever the data directory changes; part of every result key
 GENERATION = f"{PREFIX}:data-generation"
+#: digest of the data directory when the data processors last checked the caches against it
+DATA_DIGEST = f"{PREFIX}:data-digest"
+
+#: python-redis-lock name of the lock on one of Qlib's caches: this prefix, then Qlib's name for it
+QLIB_CACHE_LOCK = f"{PREFIX}:qlib-cache-lock:"
+#: seconds a Qlib cache lock outlives its holder's last renewal (a live holder renews it every 2/3 of that)
+QLIB_CACHE_LOCK_EXPIRE = 10
 
 
 def result(generation: int, key: str) -> str:
     return f"{RESULT}{generation}:{key}"
+
+
+#: RabbitMQ queue (not a Redis key) where other handlers forward the answers of one handler's clients
+INBOX = f"{PREFIX}.inbox."
+#: seconds an inbox outlives its handler (RabbitMQ deletes a queue unused that long)
+INBOX_EXPIRE = 300
+
+
+def inbox(node: str) -> str:
+    return INBOX + node

@@ -1,7 +1,8 @@
 """RequestListener: a client's request event → checked request → waiting list → task queue.
 
-Only the first waiter of a request key publishes a task; every other identical request just joins
-the waiting list. A request that cannot be queued is answered at once with an error.
+Only the first waiter of a request key publishes a task; every other identical request, from this
+handler or another, just joins the waiting list. A request that cannot be queued is answered at once
+with an error.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .errors import QlibServerError, RequestError
 from .metrics import Metrics
 from .protocol import Request, RequestParser, response
 from .registry import SessionRegistry
-from .responder import Pending, RequestResponder
+from .responder import Pending, RequestResponder, waiter
 
 log = logging.getLogger(__name__)
 Emit = Callable[[str, dict, str], None]
@@ -40,17 +41,16 @@ class RequestListener:
         self.cache = cache
         self.max_inflight = max_inflight
         self.accepting = True
+        responder.resubmit = self.serve
 
     def on_request(self, request_type: str, sid: str, payload: Any) -> None:
         """Handle one request event from session ``sid``; every path ends in a queued task or a response."""
-        started = time.monotonic()
         self.metrics.requests.labels(request_type).inc()
         try:
             if not self.accepting:
                 raise RequestError("the server is shutting down; retry on another server or in a moment")
             request = self.parser.parse(request_type, payload)
-            fresh = self.pending.reserve(sid, request.key, request.type, started, self.max_inflight)
-            if fresh is None:
+            if self.pending.reserve(sid, request, time.monotonic(), self.max_inflight) is None:
                 raise RequestError(f"too many requests in flight on this connection (limit {self.max_inflight})")
         except RequestError as exc:
             log.info("refused %s request from %s: %s", request_type, sid, exc)
@@ -62,17 +62,15 @@ class RequestListener:
             self.metrics.responses.labels(request_type, "2").inc()
             self.emit(f"{request_type}_response", response(None, 2, "the server could not check this request"), sid)
             return
+        self.serve(sid, request)
+
+    def serve(self, sid: str, request: Request) -> None:
+        """Answer a pending request from the result cache, or join it to its task (publishing the task
+        when it is the first waiter)."""
         cached = self.cache.get(request.key, request.type)
         if cached is not MISS:
-            if fresh:
-                self.pending.done(sid, request.key)
             self.metrics.cache_hits.labels(request.type).inc()
-            self.metrics.responses.labels(request.type, "0").inc()
-            self.emit(f"{request.type}_response", response(cached, 0, None), sid)
-            latency = time.monotonic() - started
-            self.metrics.latency.labels(request.type).observe(latency)
-            log.info("%s request of %s key=%s status=0 answered from cache in %.1f ms", request.type, sid,
-                     request.key, latency * 1000)
+            self.responder.deliver(request.type, request.key, response(cached, 0, None), sid)
             return
         try:
             self._enqueue(request, sid)
@@ -82,11 +80,10 @@ class RequestListener:
             try:  # the task will not run: answer every waiter of the key
                 self.responder.answer(request.key, request.type, 2, None, info)
             except QlibServerError:  # Redis itself is away: answer this client directly
-                self.pending.done(sid, request.key)
-                self.emit(f"{request.type}_response", response(None, 2, info), sid)
+                self.responder.deliver(request.type, request.key, response(None, 2, info), sid)
 
     def _enqueue(self, request: Request, sid: str) -> None:
-        if self.registry.add(request.key, sid):
+        if self.registry.add(request.key, waiter(self.responder.node, sid)):
             cached = self.cache.get(request.key, request.type)
             if cached is not MISS:  # answered and cleared between our cache look-up and our add
                 self.responder.answer(request.key, request.type, 0, cached, None)

@@ -19,6 +19,8 @@ class Metrics:
         self.cache_hits = Counter("qlib_server_cache_hits", "Requests answered from the result cache", ["type"], registry=r)
         self.dedup_hits = Counter("qlib_server_dedup_hits", "Requests joined to a task in flight", ["type"], registry=r)
         self.request_timeouts = Counter("qlib_server_request_timeouts", "Requests answered by timeout", ["type"], registry=r)
+        self.answers_forwarded = Counter("qlib_server_answers_forwarded", "Answers sent to the handler holding the client", registry=r)
+        self.requests_recovered = Counter("qlib_server_requests_recovered", "Requests served again after their waiter entry vanished", ["type"], registry=r)
         self.refused_connections = Counter("qlib_server_refused_connections", "Connections refused", registry=r)
         self.reconnects = Counter("qlib_server_reconnects", "Reconnections to a service", ["service"], registry=r)
         self.connected = Gauge("qlib_server_connected_clients", "Connected Socket.IO clients", registry=r)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import select
 import signal
+import sys
 import threading
 import time
 from typing import Callable, Optional
@@ -44,26 +46,33 @@ def result_message(task: dict, status: int, result=None, detailed_info=None, **e
 _seen_generation: list = [None]
 
 
-def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None, stopping=None) -> None:
-    """Compute one delivered task, publish its result, then acknowledge it."""
+def compute_task(task: dict, expression_cache: bool) -> tuple:
+    """Compute one task in this process: ``(result, status, detailed_info)``."""
+    generation = task.get("generation")
+    if generation != _seen_generation[0]:
+        if _seen_generation[0] is not None:
+            compute.forget_data()  # the data changed since the last task: no stale calendars
+        _seen_generation[0] = generation
+    try:
+        return compute.run(task["type"], task["args"], expression_cache), 0, None
+    except QlibServerError as exc:
+        return None, exc.status, str(exc)
+
+
+def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None, stopping=None,
+                 run: Callable[[dict, bool], tuple] = compute_task) -> None:
+    """Compute one delivered task (with ``run``), publish its result, then acknowledge it."""
     task = delivery.message
     if not isinstance(task.get("key"), str) or task.get("type") not in ("calendar", "instrument", "feature") \
             or not isinstance(task.get("args"), dict):
         log.error("dropping malformed task %.200r", task)
         delivery.nack(requeue=False)  # to the dead-letter queue, for inspection
         return
-    generation = task.get("generation")
-    if generation != _seen_generation[0]:
-        if _seen_generation[0] is not None:
-            compute.forget_data()  # the data changed since the last task: no stale calendars
-        _seen_generation[0] = generation
     started = time.time()
     if busy_since is not None:
         busy_since.value = started
     try:
-        result, status, info = compute.run(task["type"], task["args"], bool(cfg.expression_cache)), 0, None
-    except QlibServerError as exc:
-        result, status, info = None, exc.status, str(exc)
+        result, status, info = run(task, bool(cfg.expression_cache))
     finally:
         if busy_since is not None:
             busy_since.value = 0.0
@@ -75,20 +84,37 @@ def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None, s
     delivery.ack()
 
 
-def work(cfg: ServerConfig, broker: Broker, busy_since, stopping, queue: str) -> None:
+def work(cfg: ServerConfig, broker: Broker, busy_since, stopping, queue: str, run=compute_task) -> None:
     """Consume and process tasks of ``queue`` until ``stopping`` is set; the task in hand is always finished."""
     try:
         for delivery in broker.consume(queue, prefetch=cfg.max_concurrency, idle=0.5):
             if delivery is not None:
-                process_task(delivery, broker, cfg, busy_since, stopping)
+                process_task(delivery, broker, cfg, busy_since, stopping, run)
             if stopping.is_set():
                 break
     finally:
         broker.close()
 
 
+def join_process(proc) -> None:
+    """Wait for ``proc`` to exit, letting green threads run meanwhile (under gevent, a plain join blocks
+    the whole process; in embedded mode that would stall the Redis the child itself talks to)."""
+    select.select([proc.sentinel], [], [])
+    proc.join()
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux), so that a killed supervisor
+    takes its workers, their unacknowledged tasks and their locks with it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def worker_main(cfg_values: dict, busy_since, stop, queue: str) -> None:
     """Entry point of one worker process."""
+    die_with_parent()
     cfg = ServerConfig(**cfg_values)
     setup_logging(cfg)
     stopping = _Stopping(stop)
@@ -134,7 +160,7 @@ class DataProcessor:
         """Refresh the caches after a data change, in a process of its own (Qlib runs there)."""
         proc = self.ctx.Process(target=refresh_main, args=(self.cfg.model_dump(),), name="qlib-server-refresh")
         proc.start()
-        proc.join()
+        join_process(proc)
 
     # -- one worker slot: how it starts, whether it lives, how it is killed (processes here) --
     def _start_worker(self, i: int) -> None:
@@ -196,10 +222,14 @@ class DataProcessor:
         broker = self.broker_factory(self.cfg)
         broker.declare(self.cfg.task_queue, self.cfg.message_queue, self.cfg.max_deliveries)
         broker.close()
+        watcher = DataWatcher(self.cfg, self.refresh, self.stop_event)  # stamps the data before the check
+        check = self.ctx.Process(target=refresh_main, args=(self.cfg.model_dump(), False), name="qlib-server-refresh")
+        check.start()
+        join_process(check)  # caches computed from other data are gone, and answers of older data invalidated
         for i in range(len(self.queues)):
             self._start_worker(i)
         dead_letters = None
-        DataWatcher(self.cfg, self.refresh, self.stop_event).start()
+        watcher.start()
         log.info("data processor started %d+%d workers on %r", self.cfg.max_process, self.cfg.light_workers,
                  self.cfg.task_queue)
         while not self.stopping.is_set():
@@ -226,50 +256,6 @@ class DataProcessor:
             if self._alive(i):
                 self._kill(i)
         log.info("data processor stopped")
-
-
-class ThreadedDataProcessor(DataProcessor):
-    """The same supervisor with worker threads, for the embedded single-process mode.
-
-    A thread cannot be killed: one that outlives ``task_timeout`` loses its connection (its task
-    returns to the queue, counted as a delivery) and is left to finish while a new worker replaces it.
-    """
-
-    def __init__(self, cfg: ServerConfig, broker_factory: BrokerFactory):
-        super().__init__(cfg, broker_factory)
-        self.busy = [_Busy() for _ in self.queues]
-        self.brokers: list = [None] * len(self.queues)
-
-    def _start_worker(self, i: int) -> None:
-        self.busy[i] = _Busy()
-        self.stops[i] = threading.Event()
-        self.brokers[i] = self.broker_factory(self.cfg)
-        thread = threading.Thread(target=work, args=(self.cfg, self.brokers[i], self.busy[i], self.stops[i],
-                                                     self.queues[i]),
-                                  name=f"qlib-server-worker-{i}", daemon=True)
-        thread.start()
-        self.workers[i] = thread
-
-    def _kill(self, i: int) -> None:
-        self.stops[i].set()
-        self.brokers[i].close()
-        self.workers[i] = _ABANDONED
-
-    def _alive(self, i: int) -> bool:
-        return self.workers[i] is not _ABANDONED and self.workers[i].is_alive()
-
-    def _join(self, i: int, timeout: float) -> None:
-        if self.workers[i] is not _ABANDONED:
-            self.workers[i].join(timeout)
-
-
-class _Busy:
-    """When the worker's current task started (0: idle), like a shared ``multiprocessing.Value``."""
-
-    value = 0.0
-
-
-_ABANDONED = threading.Thread()
 
 
 def run_processor(cfg_values: dict) -> None:

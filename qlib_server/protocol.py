@@ -81,7 +81,7 @@ def _check_opcodes(data: bytes) -> None:
 def safe_unpickle(data: bytes, max_bytes: int) -> Any:
     """Unpickle ``data`` allowing only the types a request can hold; refuse anything else."""
     if len(data) > max_bytes:
-        raise RequestError(f"request body is {len(data)} bytes, over the limit of {max_bytes}")
+        raise RequestError(f"request body is {len(data)} bytes, over the limit of {max_bytes} (max_body_bytes)")
     _check_opcodes(data)
     try:
         return _AllowListUnpickler(io.BytesIO(data)).load()
@@ -199,7 +199,7 @@ class RequestParser:
             return safe_unpickle(bytes(body), limit)
         if isinstance(body, str):
             if len(body) > limit:
-                raise RequestError(f"request body is {len(body)} characters, over the limit of {limit}")
+                raise RequestError(f"request body is {len(body)} characters, over the limit of {limit} (max_body_bytes)")
             try:
                 return json.loads(body)
             except (ValueError, RecursionError) as exc:

@@ -78,11 +78,12 @@ class SessionRegistry:
         except redis.RedisError as exc:
             raise ConnectionLost(f"redis: {exc}") from exc
 
-    def discard(self, key: str, sid: str) -> bool:
-        """Remove one waiter (timed out or gone); return False when it was no longer waiting."""
+    def discard(self, key: str, sid: str, count: int = 1) -> bool:
+        """Remove ``count`` entries of one waiter (timed out or gone); return False when it was no
+        longer waiting."""
         try:
             with self._locked(key):
-                return bool(self.redis.lrem(keys.waiters(key), 1, sid))
+                return bool(self.redis.lrem(keys.waiters(key), count, sid))
         except redis.RedisError as exc:
             raise ConnectionLost(f"redis: {exc}") from exc
 

@@ -58,6 +58,11 @@ class Broker(ABC):
         queue, and the message queue."""
 
     @abstractmethod
+    def declare_inbox(self, queue: str, expires: float) -> None:
+        """Create (idempotent, and again after a reconnection) a transient queue of one consumer that
+        the broker deletes once it has been unused for ``expires`` seconds."""
+
+    @abstractmethod
     def publish(self, queue: str, message: dict) -> None:
         """Publish one persistent message; raise :class:`~qlib_server.errors.BrokerError` on failure."""
 

@@ -67,6 +67,9 @@ class MemoryBroker(Broker):
         self.hub.declare(light_queue(task_queue), max_deliveries, dead)
         self.hub.declare(message_queue)
 
+    def declare_inbox(self, queue: str, expires: float) -> None:
+        self.hub.declare(queue)
+
     def publish(self, queue: str, message: dict) -> None:
         self.hub.put(queue, encode(message))
 

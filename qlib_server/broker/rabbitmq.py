@@ -41,6 +41,7 @@ class RabbitMQBroker(Broker):
         self._channel = None
         self._lock = threading.RLock()
         self._declared: Optional[tuple] = None
+        self._inboxes: dict[str, float] = {}
 
     # -- connection management -------------------------------------------------------------
     def _open(self):
@@ -57,6 +58,8 @@ class RabbitMQBroker(Broker):
                 self._channel = channel
                 if self._declared:
                     self._declare(*self._declared)
+                for queue, expires in self._inboxes.items():
+                    self._declare_inbox(queue, expires)
                 if attempt and self.on_reconnect:
                     self.on_reconnect()
                 return channel
@@ -124,6 +127,19 @@ class RabbitMQBroker(Broker):
             except pe.ChannelClosedByBroker as exc:
                 self._drop()
                 raise BrokerError(f"cannot declare queues {task_queue!r}/{message_queue!r}: {exc.reply_text}") from None
+
+    def _declare_inbox(self, queue: str, expires: float) -> None:
+        self._channel.queue_declare(queue, durable=False, arguments={"x-expires": int(expires * 1000)})
+
+    def declare_inbox(self, queue: str, expires: float) -> None:
+        with self._lock:
+            self._inboxes[queue] = expires
+            try:
+                self._open()
+                self._declare_inbox(queue, expires)
+            except pe.ChannelClosedByBroker as exc:
+                self._drop()
+                raise BrokerError(f"cannot declare queue {queue!r}: {exc.reply_text}") from None
 
     def publish(self, queue: str, message: dict) -> None:
         body = encode(message)

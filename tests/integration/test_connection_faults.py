@@ -95,7 +95,6 @@ def test_rabbitmq_restart_mid_load_leaves_no_request_unanswered(start_server, se
     print(f"new client served {serves_again(server, days):.1f}s later; reconnects: {reconnects(server)}")
 
 
-@pytest.mark.xfail(strict=False, reason='open bug: when a Redis restart loses the waiting lists, the sweeper does not answer the local requests whose waiter entry vanished')
 def test_redis_paused_then_restarted_mid_load_leaves_no_request_unanswered(start_server, services, dataset):
     server = start_server(request_timeout=8, result_cache_ttl=0)
     days = trading_days(dataset)

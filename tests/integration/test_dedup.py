@@ -81,11 +81,9 @@ def test_identical_requests_in_flight_are_computed_once_and_distinct_ones_never_
 
 
 def test_identical_requests_spread_over_two_handlers_are_computed_once(start_server, services, dataset):
-    """Two request handlers share Redis and RabbitMQ (and a Socket.IO message queue, so either can
-    answer any client): identical requests reaching both still make one task."""
-    shared_sockets = f"redis://{services.redis_host}:{services.redis_port}/0"
-    handlers = [start_server(modules=("request_handler",), socketio_message_queue=shared_sockets, wait=False)
-                for _ in range(2)]
+    """Two request handlers share Redis and RabbitMQ: identical requests reaching both still make one
+    task, and the clients of both are answered."""
+    handlers = [start_server(modules=("request_handler",), wait=False) for _ in range(2)]
     wait_until(lambda: all(h.ready(processors=False) for h in handlers), 90, what="both handlers up")
     same = cold_feature(salt())
     with crowd([h.url for h in handlers], CROWD) as identical:
@@ -103,13 +101,10 @@ def test_identical_requests_spread_over_two_handlers_are_computed_once(start_ser
     assert metric_sum(handlers, PROCESSED, type="feature", status="0") == 1
 
 
-@pytest.mark.xfail(strict=False, reason="open bug: answers delivered by another handler still count against this handler's in-flight limit until the sweeper prunes them")
 def test_a_client_stays_served_when_another_handler_delivers_its_answers(start_server, services, dataset):
-    """Either handler consumes each result and answers through the shared Socket.IO message queue: a
-    client of handler B must stay served however many of its answers handler A delivered."""
-    shared_sockets = f"redis://{services.redis_host}:{services.redis_port}/0"
-    handlers = [start_server(modules=("request_handler",), socketio_message_queue=shared_sockets, wait=False)
-                for _ in range(2)]
+    """Either handler consumes each result and forwards the answers of the other's clients: a client of
+    handler B must stay served however many of its answers handler A took."""
+    handlers = [start_server(modules=("request_handler",), wait=False) for _ in range(2)]
     start_server(modules=("data_processor",), wait=False)
     wait_until(lambda: all(h.ready() for h in handlers), 90, what="both handlers ready")
     days = trading_days(dataset)

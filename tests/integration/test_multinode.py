@@ -1,6 +1,6 @@
 """Scale-out: two request handlers and two data processors, each its own process, sharing RabbitMQ and
-Redis. Handlers share their clients through Flask-SocketIO's Redis message queue, so either one can
-answer any client; processors compete for the tasks.
+Redis, configured with the original keys only. Either handler may take a result; it forwards the
+answers of the other's clients to that handler's inbox. Processors compete for the tasks.
 """
 
 from __future__ import annotations
@@ -67,10 +67,8 @@ def local(dataset) -> dict:
 
 @pytest.fixture
 def handlers(start_server, services):
-    """Two request handlers sharing clients through a Socket.IO Redis message queue."""
-    sockets = f"redis://{services.redis_host}:{services.redis_port}/{services.fresh_db()}"
-    started = [start_server(modules=("request_handler",), socketio_message_queue=sockets, wait=False)
-               for _ in range(2)]
+    """Two request handlers on the same RabbitMQ and Redis."""
+    started = [start_server(modules=("request_handler",), wait=False) for _ in range(2)]
     # ready but for the processors, which each test starts when it wants them
     wait_until(lambda: all(h.ready(processors=False) for h in started)
                or any(h.proc.poll() is not None for h in started), 120, what="both handlers ready")
@@ -149,8 +147,9 @@ def test_distinct_requests_spread_over_both_handlers_are_all_answered_correctly(
         close_all(clients)
     assert not wrong, "\n".join(wrong[:10])
     published = {t: [h.metric(PUBLISHED, type=t) for h in handlers] for t in ("calendar", "instrument", "feature")}
-    print(f"\ntasks published per handler: {published}")
-    assert all(min(counts) > 0 for counts in published.values()), "both handlers took requests of each type"
+    received = {t: [h.metric("qlib_server_requests_total", type=t) for h in handlers] for t in published}
+    print(f"\nrequests per handler: {received}; tasks published per handler: {published}")
+    assert all(min(counts) > 0 for counts in received.values()), "both handlers took requests of each type"
     assert sum(published["calendar"]) == 4 * len(clients)
 
 

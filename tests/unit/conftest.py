@@ -23,7 +23,7 @@ from qlib_server.handler import make_parser
 from qlib_server.listener import RequestListener
 from qlib_server.metrics import Metrics
 from qlib_server.registry import SessionRegistry
-from qlib_server.responder import Pending, RequestResponder
+from qlib_server.responder import Pending, RequestResponder, waiter
 
 _RELAXED = dict(deadline=None, print_blob=True, phases=[p for p in Phase if p is not Phase.explain],
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -48,7 +48,9 @@ class RequestPath:
         self.pending = Pending()
         self.metrics = Metrics()
         self.responses: dict[str, list[tuple[str, dict]]] = defaultdict(list)
-        self.responder = RequestResponder(self.registry, self.metrics, self.emit, self.pending, 60, self.cache)
+        self.node = "node-a"
+        self.responder = RequestResponder(self.node, self.registry, self.metrics, self.emit, self.broker.publish,
+                                          self.pending, 60, self.cache)
         self.parser = make_parser(self.cfg)
         self.listener = RequestListener(self.parser, self.registry, self.broker, self.cfg.task_queue,
                                         self.responder, self.pending, self.metrics, self.emit, self.cache,
@@ -58,6 +60,10 @@ class RequestPath:
 
     def emit(self, event: str, data: dict, sid: str) -> None:
         self.responses[sid].append((event, data))
+
+    def waiter(self, sid: str) -> str:
+        """The registry entry of a client of this path's node."""
+        return waiter(self.node, sid)
 
     def new_sid(self, prefix: str = "sid") -> str:
         return f"{prefix}-{next(self._sids)}"

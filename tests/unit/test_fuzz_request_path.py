@@ -123,7 +123,7 @@ def _outcome(path, request_type, payload, sid: str, answers: list, tasks: list) 
         return "refused"
     assert len(tasks) == 1 and path.pending.count(sid) == 1, (tasks, path.pending.count(sid))
     [task] = tasks
-    assert task["type"] == request_type and path.registry.waiting(task["key"]) == [sid]
+    assert task["type"] == request_type and path.registry.waiting(task["key"]) == [path.waiter(sid)]
     failed = int(task["key"][:2], 16) % 4 == 0  # some tasks fail, the others succeed
     result = None if failed else fake_result(task)
     path.finish(task, 2 if failed else 0, result, "computation failed" if failed else None)
