@@ -143,16 +143,21 @@ def main(argv: list[str] | None = None) -> int:
         print("== 3. real pyqlib clients (ClientProvider, pickled requests as released) vs Qlib reading locally")
         remote = _run_script(CLIENT_SCRIPT.format(data=str(data), port=port))
         local = _run_script(LOCAL_SCRIPT.format(data=str(data)))
+        different = 0
         for (name, seconds, value), expected in zip(remote, local):
             size = getattr(value, "shape", None) or len(value)
-            print(f"   {name:<48} {seconds * 1000:8.1f} ms  size={size}  identical to local: {_same(value, expected)}")
+            same = _same(value, expected)
+            different += not same
+            print(f"   {name:<48} {seconds * 1000:8.1f} ms  size={size}  identical to local: {same}")
         print("   (pyqlib's own Socket.IO client waits ~1 s per request in its wait loop; the server's part is the rest)")
         print(f"== 4. simulator: {args.clients} fake clients for {args.duration:g}s, every answer checked against local Qlib")
         sim = subprocess.run([sys.executable, "-m", "sim", "--server", url, "--data", str(data), "--clients",
                               str(args.clients), "--duration", str(args.duration), "--json", str(work / "sim.json"),
                               "--plot", str(work / "sim.png")])
         print(f"== done: report {work / 'sim.json'}, plot {work / 'sim.png'}")
-        return sim.returncode
+        if different:
+            print(f"== FAILED: {different} pyqlib answer(s) differ from local Qlib")
+        return sim.returncode or int(bool(different))
     finally:
         server.terminate()
         try:

@@ -201,12 +201,29 @@ def test_hostile_requests_are_refused_quickly_and_nothing_runs(start_server, tmp
     assert server.metric("qlib_server_tasks_processed_total", type="feature", status="0") >= 1
 
 
-def test_a_body_beyond_the_transport_limit_closes_only_that_connection(start_server):
-    server = start_server(max_body_bytes=65536)
+def test_an_oversized_request_below_the_transport_limit_is_answered_naming_the_limit(server):
+    """200,000 fields: a 2.4 MB JSON body, the same pickled, and the same as a plain mapping."""
+    fields = [f"$close+{i}" for i in range(200_000)]
+    body = {**FEATURE, "fields": fields}
+    with WireClient(server.url) as client:
+        for encoding in ("json", "pickle", "raw"):
+            sent = time.monotonic()
+            client.send("feature", body, encoding=encoding)
+            answer = client.receive("feature", 30)
+            size = len(json.dumps(fields)) if encoding != "pickle" else len(pickle.dumps(body))
+            print(f"\n{encoding} body of {size / 1e6:.1f} MB: status {answer['status']} in "
+                  f"{time.monotonic() - sent:.2f}s: {answer['detailed_info']}")
+            assert answer["status"] == 1 and answer["result"] is None
+            limit = "max_body_bytes" if encoding != "raw" else "1 to 256 expressions"
+            assert limit in answer["detailed_info"]
+        assert client.request("calendar", CALENDAR, timeout=30)["status"] == 0, "the connection still serves"
+
+
+def test_a_body_beyond_the_transport_limit_closes_only_that_connection(server):
     with WireClient(server.url) as other:
         big = WireClient(server.url)
-        big.send("calendar", "x" * (4 * 65536), encoding="raw")
-        wait_until(lambda: not big.sio.connected, 10, what="the oversized connection to close")
+        big.send("calendar", "x" * (17 << 20), encoding="raw")
+        wait_until(lambda: not big.sio.connected, 30, what="the oversized connection to close")
         answer = other.request("calendar", CALENDAR, timeout=60)
         assert answer["status"] == 0 and answer["result"]
     assert server.proc.poll() is None
