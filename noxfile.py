@@ -23,7 +23,7 @@ def unit(session):
 @nox.session(python=PYTHON)
 def integration(session):
     """Integration tests against RabbitMQ and Redis (testcontainers, or QLIB_TEST_*_URL)."""
-    install(session)
+    install(session, "sim")
     session.run("pytest", "tests/integration", "-q", "-p", "no:cacheprovider", *session.posargs)
 
 

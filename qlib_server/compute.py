@@ -1,8 +1,9 @@
 """What a data-processor worker computes with Qlib for each request type.
 
 Qlib runs in server mode: the dataset cache is written under ``<provider_uri>/<dataset_cache_dir_name>``
-where clients read it through their shared mount. The expression cache is off by default: it makes
-a cold dataset three times slower and pyqlib's default client never reads it; set
+where clients read it through their shared mount; it is served only while it is current, and its
+locks die with their holder (see :mod:`qlib_server.datacache`). The expression cache is off by
+default: it makes a cold dataset three times slower and pyqlib's default client never reads it; set
 ``expression_cache: DiskExpressionCache`` for clients that do (``disk_cache=0`` then prepares it).
 """
 
@@ -17,22 +18,18 @@ from .errors import ComputeError, RequestError
 log = logging.getLogger(__name__)
 
 
-def init_qlib(cfg: ServerConfig, redis_factory=None) -> None:
-    """Initialise Qlib in server mode for this process (``redis_factory``: Qlib's cache locks' Redis)."""
+def init_qlib(cfg: ServerConfig) -> None:
+    """Initialise Qlib in server mode for this process (its cache locks in the Redis of ``cfg``)."""
     import qlib
 
-    if redis_factory is not None:
-        import qlib.data.cache
-        import qlib.utils
+    from . import datacache
 
-        qlib.utils.get_redis_connection = qlib.data.cache.get_redis_connection = redis_factory
-
+    datacache.install_locks()
     qlib.init(
         default_conf="server",
         provider_uri=str(Path(cfg.provider_uri).expanduser()),
-        region=cfg.region,
         expression_cache=cfg.expression_cache,
-        dataset_cache="DiskDatasetCache",
+        dataset_cache={"class": datacache.ServerDatasetCache.__name__, "module_path": datacache.__name__},
         dataset_cache_dir_name=cfg.dataset_cache_dir_name,
         features_cache_dir_name=cfg.features_cache_dir_name,
         redis_host=cfg.redis_host,
@@ -42,6 +39,10 @@ def init_qlib(cfg: ServerConfig, redis_factory=None) -> None:
         kernels=cfg.kernels,
         logging_level=cfg.logging_level,
     )
+    from qlib.config import C
+
+    C["region"] = cfg.region  # passed to init, Qlib's server config would warn "Unrecognized config region"
+    C.set_region(cfg.region)
 
 
 def forget_data() -> None:
@@ -49,31 +50,6 @@ def forget_data() -> None:
     from qlib.data.cache import H
 
     H.clear()
-
-
-def refresh_caches(cfg: ServerConfig) -> dict:
-    """Bring Qlib's disk caches up to the data: append new days to each dataset cache (or drop one
-    that cannot be updated, it is rebuilt on demand) and drop the expression cache."""
-    import shutil
-
-    from qlib.data.data import DatasetD
-    from qlib.data.cache import DiskDatasetCache
-
-    forget_data()
-    counts = {"updated": 0, "removed": 0}
-    directory = cfg.dataset_cache_dir
-    for meta in sorted(directory.glob("*.meta")) if directory.is_dir() else []:
-        try:
-            code = DatasetD.update(meta.stem, freq="day")
-            counts["updated" if code != 2 else "removed"] += 1
-        except Exception as exc:  # an unreadable cache is rebuilt on the next request
-            log.warning("dropping dataset cache %s: %s", meta.stem, exc)
-            DiskDatasetCache.clear_cache(directory / meta.stem)
-            counts["removed"] += 1
-    features = Path(cfg.provider_uri).expanduser() / cfg.features_cache_dir_name
-    if features.is_dir():
-        shutil.rmtree(features, ignore_errors=True)
-    return counts
 
 
 def calendar(args: dict) -> list:
@@ -108,15 +84,10 @@ def feature(args: dict, expression_cache: bool) -> str:
     _check_market(args["instruments"], args["freq"])
     if args["disk_cache"] == 0 and not expression_cache:
         return ""  # nothing to prepare: the client computes from its own mount
-    from qlib.config import C
-
-    uri = D.features_uri(
+    # An empty result is a cache of no rows (see datacache.write_empty): the client reads an empty frame.
+    return D.features_uri(
         args["instruments"], args["fields"], args["start_time"], args["end_time"], args["freq"], args["disk_cache"]
     )
-    if args["disk_cache"] == 1 and not (Path(C.dpm.get_data_uri(args["freq"])) / C.dataset_cache_dir_name / uri).exists():
-        # Qlib writes no cache file for an empty result; a client would fail to open the URI.
-        raise RequestError("no data for these instruments and fields")
-    return uri
 
 
 def run(task_type: str, args: dict, expression_cache: bool = False):

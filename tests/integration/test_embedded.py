@@ -6,6 +6,7 @@ Needs no services; it lives with the integration tests because it starts servers
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 from clients import WireClient, local_qlib, run_pyqlib
-from conftest import ServerProcess, free_port, wait_until
+from conftest import ROOT, ServerProcess, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -143,6 +144,24 @@ def test_identical_concurrent_requests_make_one_task(embedded):
           f"{added['dedup_hits']:g} joined a task in flight, {added['cache_hits']:g} answered from the result cache")
     assert added["dedup_hits"] + added["cache_hits"] == crowd - added["tasks_published"]
     assert added["tasks_published"] == 1, "identical requests must share one task"
+
+
+def test_the_embedded_server_holds_the_demos_300_clients_with_no_error_and_no_warning(tmp_path, dataset):
+    """The demo's load: 300 simulated clients, every answer checked against Qlib reading the data locally."""
+    with embedded_server(tmp_path / "crowd", dataset, logging_level="WARNING") as server:
+        done = subprocess.run([sys.executable, "-m", "sim", "--server", server.url, "--data", str(dataset),
+                               "--clients", "300", "--duration", "8", "--json", str(tmp_path / "sim.json")],
+                              capture_output=True, text=True, timeout=600, cwd=ROOT)
+        log = server.log()
+    report = json.loads((tmp_path / "sim.json").read_text())
+    figures = {k: report[k] for k in ("requests", "errors", "timeouts", "connect_errors", "wrong_answers")}
+    print(f"\n300 simulated clients for 8 s on the embedded server: {figures}; "
+          f"latency ms {report['latency_ms']}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert figures["errors"] == figures["timeouts"] == figures["connect_errors"] == figures["wrong_answers"] == 0
+    assert figures["requests"] >= 300  # every client answered at least once
+    noisy = [line for line in log.splitlines() if any(w in line for w in ("WARNING", "ERROR", "Traceback", "Werkzeug"))]
+    assert not noisy, "\n".join(noisy[:20])
 
 
 def test_sigterm_stops_the_embedded_server_cleanly(tmp_path, dataset):
