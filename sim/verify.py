@@ -39,11 +39,11 @@ def _stamps(values: Iterable) -> list[pd.Timestamp]:
 
 def compare_frames(got: pd.DataFrame, want: pd.DataFrame, rtol: float = 1e-5, atol: float = 1e-6) -> str | None:
     """None when ``got`` holds the same rows, columns and values (NaN equal to NaN) as ``want``; else why not."""
-    if got.empty and want.empty:
-        return None
     missing = [c for c in want.columns if c not in got.columns]
     if missing:
         return f"columns {missing} missing (got {list(got.columns)})"
+    if got.empty and want.empty:
+        return None
     got = got.loc[:, list(want.columns)].sort_index()
     want = want.sort_index()
     if len(got) != len(want):

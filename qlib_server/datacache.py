@@ -1,0 +1,228 @@
+"""Qlib's dataset cache made safe for many workers and for data that changes.
+
+Locks. Qlib guards each cache with python-redis-lock locks that never expire (and its writers share
+one id, so a second writer fails instead of waiting): a worker killed while holding one blocks that
+cache for ever. :func:`install_locks` replaces ``CacheUtils.reader_lock`` and ``writer_lock`` with one
+exclusive lock per cache that a thread of the holder renews, and that expires
+``keys.QLIB_CACHE_LOCK_EXPIRE`` seconds after a dead holder's last renewal. Taking it waits for a
+live holder.
+
+Sources. Qlib keys a dataset cache by the request, not by the data it was computed from. Before a
+worker computes one, it records the stat (size and mtime, or missing) of every file the cache
+depends on; it writes that record last, atomically, as ``<uri>.sources`` beside Qlib's ``<uri>``,
+``<uri>.index`` and ``<uri>.meta``. A cache is served only while its record matches the disk:
+otherwise it is stale (or was never completed), and it is deleted and computed again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import pickle
+import re
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import pandas as pd
+import redis_lock
+from qlib.data.cache import H, CacheUtils, DatasetCache, DiskDatasetCache
+from qlib.utils import code_to_fname, remove_fields_space
+
+from . import keys
+
+log = logging.getLogger(__name__)
+
+SOURCES = ".sources"
+#: seconds of one wait for a held lock (a blocking read on Redis: under any client's socket timeout)
+WAIT_SLICE = 1
+# In an expression: $field or $$pit_field, Feature('field') or PFeature('pit_field'), or another
+# string literal (ChangeInstrument and Mask name an instrument with one).
+_REFERENCE = re.compile(r"""\$(\$?)(\w+)|\b(P?)Feature\(\s*["'](\w+)["']|["']([^"'\n]*)["']""")
+
+
+# -- locks ------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def cache_lock(redis_client, lock_name: str):
+    """Hold the lock of one Qlib cache (``lock_name`` is Qlib's name for it) for the duration of the block."""
+    lock = redis_lock.Lock(redis_client, keys.QLIB_CACHE_LOCK + lock_name, expire=keys.QLIB_CACHE_LOCK_EXPIRE,
+                           auto_renewal=True)
+    while not lock.acquire(timeout=WAIT_SLICE):
+        pass  # held by a live worker (it renews the lock) or a dead one (the lock expires soon)
+    try:
+        yield
+    finally:
+        try:
+            lock.release()
+        except redis_lock.NotAcquired:  # its renewal stalled longer than the expiry: another may have taken it
+            log.warning("the lock on %s expired while held", lock_name)
+
+
+def install_locks() -> None:
+    """Make every lock this process takes on Qlib's caches (dataset and expression) a :func:`cache_lock`."""
+    CacheUtils.reader_lock = CacheUtils.writer_lock = staticmethod(cache_lock)
+
+
+def lock_name(cache_path: Path) -> str:
+    """Qlib's lock name for the dataset cache at ``<data>/<dataset_cache_dir_name>/<uri>``."""
+    return f"{cache_path.parent.parent}:dataset-{cache_path.name}"
+
+
+# -- sources ----------------------------------------------------------------------------------------
+
+def stat_of(path: Path) -> Optional[list]:
+    """``[size, mtime_ns]`` of a file, or None when it is missing."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def references(expressions: Iterable[str]) -> tuple[set, set, set]:
+    """The raw fields, point-in-time fields and string literals (possible instrument codes) named."""
+    fields, pit, literals = set(), set(), set()
+    for expression in expressions:
+        for match in _REFERENCE.finditer(expression):
+            dollars, name, p, quoted, literal = match.groups()
+            if name is not None:
+                (pit if dollars else fields).add(name.lower())
+            elif quoted is not None:
+                (pit if p else fields).add(quoted.lower())
+            else:
+                literals.add(literal)
+    return fields, pit, literals
+
+
+def cache_sources(root: Path, instruments, fields: Iterable[str], freq: str) -> dict:
+    """The stat of every file under the data directory ``root`` a dataset cache of these arguments is
+    computed from, by path relative to ``root``: the calendar, the market's instrument file, and each
+    raw field named (in the fields or the filter rules) of each instrument the market ever lists."""
+    expressions, names = list(fields), [f"calendars/{freq.lower()}.txt"]
+    if isinstance(instruments, dict):
+        names.append(f"instruments/{instruments['market'].lower()}.txt")
+        try:
+            codes = {line.split()[0] for line in (root / names[-1]).read_text().splitlines() if line.strip()}
+        except FileNotFoundError:
+            codes = set()
+        expressions += [f.get("rule_expression", "") for f in instruments.get("filter_pipe") or []]
+    else:
+        codes = {instruments} if isinstance(instruments, str) else set(instruments)
+    raw, pit, literals = references(expressions)
+    for code in sorted(codes | literals):
+        directory = code_to_fname(code).lower()
+        names += [f"features/{directory}/{field}.{freq.lower()}.bin" for field in sorted(raw)]
+        names += [f"financial/{directory}/{field}.{ext}" for field in sorted(pit) for ext in ("data", "index")]
+    return {name: stat_of(root / name) for name in names}
+
+
+def sources_path(cache_path: Path) -> Path:
+    return cache_path.with_suffix(SOURCES)
+
+
+def write_sources(cache_path: Path, sources: dict) -> None:
+    """Write the record of a cache's sources atomically (a temporary file renamed into place)."""
+    target = sources_path(cache_path)
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_text(json.dumps({"files": sources}, separators=(",", ":")))
+    os.replace(temporary, target)
+
+
+def is_current(cache_path: Path, stat: Callable[[Path], Optional[list]] = stat_of) -> bool:
+    """Whether the cache is complete (Qlib's three files and the record of its sources) and computed
+    from the data on disk now (every recorded stat still holds)."""
+    try:
+        files = json.loads(sources_path(cache_path).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    root = cache_path.parent.parent
+    return DiskDatasetCache.check_cache_exists(cache_path) and all(stat(root / n) == v for n, v in files.items())
+
+
+def clear(cache_path: Path) -> None:
+    """Delete a cache: the record of its sources first, so that what is left never reads as complete."""
+    target = sources_path(cache_path)
+    for path in (target, cache_path, cache_path.with_suffix(".meta"), cache_path.with_suffix(".index"),
+                 cache_path.with_suffix(".data"), target.with_name(target.name + ".tmp")):
+        path.unlink(missing_ok=True)
+
+
+def write_empty(cache_path: Path, instruments, fields: list, freq: str, last_update: str) -> None:
+    """Write a cache of no rows in Qlib's layout, which ``read_data_from_cache`` reads as the empty frame
+    local Qlib gives (Qlib itself writes no file for an empty result)."""
+    columns = sorted(set(remove_fields_space(fields)))
+    index = pd.MultiIndex.from_arrays([[], []], names=("datetime", "instrument"))
+    meta = {"info": {"instruments": instruments, "fields": columns, "freq": freq, "last_update": last_update,
+                     "inst_processors": []}, "meta": {"last_visit": time.time(), "visits": 1}}
+    cache_path.with_suffix(".meta").write_bytes(pickle.dumps(meta))
+    spans = pd.DataFrame({"start": np.array([], np.int32), "end": np.array([], np.int32)},
+                         index=pd.DatetimeIndex([], name="datetime"))
+    # Fixed format: pandas writes no table for a frame of no rows.
+    with pd.HDFStore(cache_path.with_suffix(".index"), mode="w") as store:
+        store.put(DiskDatasetCache.IndexManager.KEY, spans, format="fixed", track_times=False)
+    with pd.HDFStore(cache_path.with_suffix(".data"), mode="w") as store:
+        store.put(DatasetCache.HDF_KEY, pd.DataFrame(index=index, columns=columns, dtype=np.float32),
+                  format="fixed", track_times=False)
+    cache_path.with_suffix(".data").rename(cache_path)
+
+
+def drop_stale(directory: Path, redis_client) -> dict:
+    """Delete every dataset cache in ``directory`` that is not current, each under its lock (so none is
+    deleted while a worker writes it); return how many were kept and dropped."""
+    counts = {"kept": 0, "dropped": 0}
+    uris = sorted({p.name.split(".")[0] for p in directory.iterdir()}) if directory.is_dir() else []
+    stat = functools.cache(stat_of)  # caches share their sources: stat each file once
+    for uri in uris:
+        path = directory / uri
+        if is_current(path, stat):
+            counts["kept"] += 1
+            continue
+        with cache_lock(redis_client, lock_name(path)):
+            if not is_current(path):  # a worker may have just completed it
+                clear(path)
+                counts["dropped"] += 1
+    return counts
+
+
+class ServerDatasetCache(DiskDatasetCache):
+    """Qlib's disk dataset cache, serving a cache only while it is current (see the module docstring)."""
+
+    @staticmethod
+    def check_cache_exists(cache_path, suffix_list=(".index", ".meta")) -> bool:
+        return is_current(Path(cache_path))
+
+    @staticmethod
+    def clear_cache(cache_path) -> None:
+        clear(Path(cache_path))
+
+    def _dataset_uri(self, instruments, fields, start_time=None, end_time=None, freq="day", disk_cache=0,
+                     inst_processors=[]):
+        if disk_cache == 0 or inst_processors:  # Qlib prepares the expression cache, or refuses
+            return super()._dataset_uri(instruments, fields, start_time, end_time, freq, disk_cache, inst_processors)
+        uri = self._uri(instruments, fields, None, None, freq, disk_cache)
+        path = self.get_cache_dir(freq) / uri
+        if not self.check_cache_exists(path):
+            with CacheUtils.writer_lock(self.r, lock_name(path)):
+                if not self.check_cache_exists(path):  # another worker may have computed it meanwhile
+                    self.gen_dataset_cache(path, instruments, fields, freq)
+        return uri
+
+    def gen_dataset_cache(self, cache_path, instruments, fields, freq, inst_processors=[]):
+        """Qlib's generation, with the sources recorded before computing and written last; an empty
+        result is written as a cache of no rows."""
+        from qlib.data.data import Cal
+
+        cache_path = Path(cache_path)
+        self.clear_cache(cache_path)
+        sources = cache_sources(cache_path.parent.parent, instruments, fields, freq)
+        H.clear()  # compute from the files just recorded, not from calendars and features held in memory
+        features = super().gen_dataset_cache(cache_path, instruments, fields, freq, inst_processors)
+        if features.empty:
+            write_empty(cache_path, instruments, fields, freq, str(Cal.calendar(freq=freq)[-1]))
+        write_sources(cache_path, sources)
+        return features
