@@ -80,8 +80,9 @@ class Pending:
             entry = waiting.get(key) if waiting else None
             if entry is None:
                 return None
-            entry.count -= entry.count if every else 1
-            if entry.count <= 0:
+            if not every and entry.count > 1:
+                entry.count -= 1
+            else:  # the entry keeps its count: how many answers its requests are owed
                 del waiting[key]
                 if not waiting:
                     del self._by_sid[sid]

@@ -1,0 +1,128 @@
+"""The responder's promises on one shared registry and broker: each client is answered once, by the
+handler holding it, whichever handler took the result; a request whose waiter entry vanished is
+served again."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import fakeredis
+import pytest
+
+from qlib_server import keys
+from qlib_server.broker.memory import MemoryBroker
+from qlib_server.cache import ResultCache
+from qlib_server.config import make_config
+from qlib_server.handler import make_parser
+from qlib_server.listener import RequestListener
+from qlib_server.metrics import Metrics
+from qlib_server.registry import SessionRegistry
+from qlib_server.responder import Pending, RequestResponder
+
+CALENDAR = {"head": {"version": "0.9.7"}, "body": {"start_time": "2019-01-01", "end_time": "2019-01-31",
+                                                      "freq": "day", "future": False}}
+
+
+class Node:
+    """One request handler's listener, responder and pending list on shared services."""
+
+    def __init__(self, name: str, redis, broker: MemoryBroker, cache_ttl: int = 60):
+        cfg = make_config(provider_uri="/nonexistent", task_queue="tasks", message_queue="results")
+        self.name, self.broker = name, broker.connect()
+        self.broker.declare("tasks", "results", 3)
+        self.broker.declare_inbox(keys.inbox(name), 60)
+        self.registry = SessionRegistry(redis, ttl=60)
+        self.cache = ResultCache(redis, ttl=cache_ttl)
+        self.pending, self.metrics = Pending(), Metrics()
+        self.sent: dict[str, list[dict]] = defaultdict(list)
+        self.responder = RequestResponder(name, self.registry, self.metrics, self.emit, self.broker.publish,
+                                          self.pending, 60, self.cache)
+        self.listener = RequestListener(make_parser(cfg), self.registry, self.broker, "tasks", self.responder,
+                                        self.pending, self.metrics, self.emit, self.cache)
+
+    def emit(self, event: str, data: dict, sid: str) -> None:
+        self.sent[sid].append(data)
+
+    def drain_inbox(self) -> None:
+        for delivery in self.broker.consume(keys.inbox(self.name), prefetch=100, idle=0):
+            if delivery is None:
+                break
+            self.responder.on_result(delivery.message)
+            delivery.ack()
+
+
+@pytest.fixture
+def shared():
+    redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    return redis, MemoryBroker()
+
+
+def take_tasks(node: Node, queue: str = "tasks.light") -> list[dict]:
+    tasks = []
+    for delivery in node.broker.consume(queue, prefetch=100, idle=0):
+        if delivery is None:
+            break
+        tasks.append(delivery.message)
+        delivery.ack()
+    return tasks
+
+
+def result_of(task: dict, days: list[str]) -> dict:
+    return {"key": task["key"], "type": task["type"], "status": 0, "result": days, "generation": 0}
+
+
+def test_a_result_taken_by_one_handler_reaches_the_clients_of_the_other_once(shared):
+    a, b = Node("a", *shared), Node("b", *shared)
+    a.listener.on_request("calendar", "s1", CALENDAR)
+    b.listener.on_request("calendar", "s2", CALENDAR)
+    [task] = take_tasks(a)
+    a.responder.on_result(result_of(task, ["2019-01-02"]))
+    assert a.sent == {"s1": [{"result": ["2019-01-02"], "status": 0, "detailed_info": None}]}
+    assert b.sent == {} and b.pending.count("s2") == 1
+    b.drain_inbox()
+    assert b.sent == {"s2": [{"result": ["2019-01-02"], "status": 0, "detailed_info": None}]}
+    assert b.pending.count("s2") == 0, "an answer delivered for b no longer counts against b's in-flight limit"
+    b.drain_inbox()
+    a.responder.on_result(result_of(task, ["2019-01-02"]))  # the same result delivered again
+    assert len(a.sent["s1"]) == len(b.sent["s2"]) == 1
+
+
+def test_a_request_whose_waiter_entry_vanished_is_served_again(shared, monkeypatch):
+    redis, broker = shared
+    node = Node("a", redis, broker, cache_ttl=0)
+    node.listener.on_request("calendar", "s1", CALENDAR)
+    [task] = take_tasks(node)
+    redis.flushdb()  # a Redis restart: the waiting list is gone
+    node.responder.on_result(result_of(task, ["2019-01-02"]))
+    assert node.sent == {}, "nobody left in the registry to answer"
+    clock = [time.monotonic() + 10]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    node.responder.sweep()  # first sight of the missing entry
+    assert take_tasks(node) == []
+    clock[0] += keys.LOST_AFTER
+    node.responder.sweep()
+    [again] = take_tasks(node)
+    assert again["key"] == task["key"] and node.metrics.requests_recovered.labels("calendar")._value.get() == 1
+    node.responder.on_result(result_of(again, ["2019-01-02"]))
+    assert node.sent == {"s1": [{"result": ["2019-01-02"], "status": 0, "detailed_info": None}]}
+
+
+def test_a_request_answered_by_timeout_is_not_answered_again_by_its_late_result(shared, monkeypatch):
+    node = Node("a", *shared)
+    node.listener.on_request("calendar", "s1", CALENDAR)
+    [task] = take_tasks(node)
+    clock = [time.monotonic() + 61]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    assert node.responder.sweep() == 1
+    node.responder.on_result(result_of(task, ["2019-01-02"]))
+    assert [a["status"] for a in node.sent["s1"]] == [2]
+
+
+def test_two_identical_requests_on_one_connection_get_two_answers(shared):
+    node = Node("a", *shared)
+    node.listener.on_request("calendar", "s1", CALENDAR)
+    node.listener.on_request("calendar", "s1", CALENDAR)
+    [task] = take_tasks(node)
+    node.responder.on_result(result_of(task, ["2019-01-02"]))
+    assert [a["status"] for a in node.sent["s1"]] == [0, 0] and node.pending.count("s1") == 0
