@@ -51,8 +51,9 @@ class ResultCache:
     def get(self, key: str, request_type: str = "") -> Any:
         """The cached answer of ``key``, or :data:`MISS`.
 
-        A dataset cache file name is only served while the file exists (when this handler sees the
-        data directory): an operator who deletes caches by hand never makes clients read nothing.
+        A dataset cache file name is only served while the file and the record of its sources (written
+        last, see :mod:`qlib_server.datacache`) exist, when this handler sees the data directory: a
+        cache deleted by hand or found stale by a processor is never handed out.
         """
         if not self.enabled:
             return _MISS
@@ -63,9 +64,10 @@ class ResultCache:
         if raw is None:
             return _MISS
         result = json.loads(raw)
-        if request_type == "feature" and result and self.dataset_cache_dir is not None \
-                and not (self.dataset_cache_dir / result).exists():
-            return _MISS
+        if request_type == "feature" and result and self.dataset_cache_dir is not None:
+            path = self.dataset_cache_dir / result
+            if not (path.exists() and path.with_suffix(".sources").exists()):  # deleted, or never completed
+                return _MISS
         return result
 
     def put(self, key: str, result: Any, generation: Optional[int] = None) -> None:

@@ -110,6 +110,9 @@ def die_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        parent = mp.parent_process()
+        if parent is not None and os.getppid() != parent.pid:  # it died before the call
+            os._exit(1)
 
 
 def worker_main(cfg_values: dict, busy_since, stop, queue: str) -> None:
