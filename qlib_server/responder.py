@@ -174,7 +174,7 @@ class RequestResponder:
         if status == 0:
             self.cache.put(key, message.get("result"), message.get("generation"))
         answered = self.answer(key, request_type, status, message.get("result"), message.get("detailed_info"))
-        log.info("%s task %s status=%s answered %d waiter(s) in %.3fs", request_type, key, status, answered,
+        log.info("%s task %s status=%s answered %d client(s) in %.3fs", request_type, key, status, answered,
                  float(message.get("seconds") or 0))
 
     def consume(self, broker: Broker, queue: str) -> None:
