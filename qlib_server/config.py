@@ -69,6 +69,8 @@ class ServerConfig(BaseModel):
     max_expression_depth: int = Field(32, ge=2)
     max_inflight_per_client: int = Field(8, ge=1)
     custom_ops: list[str] = Field(default_factory=list, description="names of custom operators qlib knows")
+    processor_metrics_port: Optional[int] = Field(9711, ge=1, le=65535,
+                                                  description="Prometheus port of a data processor (null: none)")
 
     @field_validator("client_version", "server_version")
     @classmethod

@@ -89,6 +89,8 @@ class ComputeProcess:
 class EmbeddedProcessor(DataProcessor):
     """The data processor with green-thread workers, each feeding one :class:`ComputeProcess`."""
 
+    count_errors = False  # the handler in this same process counts them
+
     def __init__(self, cfg: ServerConfig, broker: MemoryBroker):
         super().__init__(cfg, lambda _cfg: broker.connect())
         self.busy = [_Busy() for _ in self.queues]
@@ -97,7 +99,8 @@ class EmbeddedProcessor(DataProcessor):
     def _work(self, i: int) -> None:
         computer = self.computers[i] = ComputeProcess(self.cfg, self.ctx, f"qlib-server-compute-{i}")
         try:
-            work(self.cfg, self.broker_factory(self.cfg), self.busy[i], self.stops[i], self.queues[i], computer.run)
+            work(self.cfg, self.broker_factory(self.cfg), self.busy[i], self.stops[i], self.queues[i], computer.run,
+                 lambda event: self.status.on_report(i, event))
         except WorkerLost as exc:  # its task is back in the queue; the supervisor starts another worker
             log.warning("worker %d: %s", i, exc)
         finally:
@@ -111,6 +114,9 @@ class EmbeddedProcessor(DataProcessor):
 
     def _alive(self, i: int) -> bool:
         return self.workers[i].is_alive()
+
+    def _worker_states(self) -> list[tuple]:
+        return [(c.proc.pid if c is not None else None, b.value) for c, b in zip(self.computers, self.busy)]
 
     def _kill(self, i: int) -> None:
         self.computers[i].kill()

@@ -2,15 +2,14 @@
 
 Socket.IO events go to the :class:`~qlib_server.listener.RequestListener`; results come back through
 the :class:`~qlib_server.responder.RequestResponder`. HTTP on the same port serves ``/healthz``,
-``/readyz`` and ``/metrics``. Several handlers may share one RabbitMQ and Redis: each is a node with
-an inbox queue, and an answer taken by one node for another node's client is forwarded there, so a
-client is always answered by the handler holding its connection (no Socket.IO message queue).
+``/readyz``, ``/metrics`` and the status page (:mod:`qlib_server.status`). Several handlers may share
+one RabbitMQ and Redis: each is a node with an inbox queue, and an answer taken by one node for another
+node's client is forwarded there, so a client is always answered by the handler holding its connection
+(no Socket.IO message queue).
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ from flask import Flask, Response, request
 from flask_socketio import SocketIO
 
 from . import keys
+from .admission import Admission
 from .broker import Broker
 from .broker.base import light_queue
 from .cache import ResultCache
@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .protocol import REQUEST_TYPES, Limits, RequestParser, response
 from .registry import SessionRegistry
 from .responder import Pending, RequestResponder, waiter
+from .status import StatusPage
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class RequestHandler:
             self.app, async_mode=cfg.async_mode, max_http_buffer_size=cfg.max_message_bytes,
             cors_allowed_origins=[], logger=False, engineio_logger=False,
         )
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks]
+        self.admission = Admission(cfg.allowed_networks, cfg.auth_token)
         self.publisher = broker_factory()
         self.publisher.declare(cfg.task_queue, cfg.message_queue, cfg.max_deliveries)
         self.publisher.declare_inbox(keys.inbox(self.node), keys.INBOX_EXPIRE)
@@ -79,21 +80,14 @@ class RequestHandler:
         )
         self._consumer_alive = False
         self._bind()
+        self.status = StatusPage(self)
 
     def _emit(self, event: str, data: dict, sid: str) -> None:
         self.socketio.emit(event, data, to=sid)
 
     # -- Socket.IO and HTTP routes ---------------------------------------------------------------
     def _admit(self, auth: Optional[dict]) -> bool:
-        try:
-            address = ipaddress.ip_address(request.remote_addr or "")
-        except ValueError:
-            address = None
-        by_network = address is not None and any(address in n for n in self.networks)
-        token = auth.get("token") if isinstance(auth, dict) else None
-        by_token = bool(self.cfg.auth_token) and isinstance(token, str) and hmac.compare_digest(
-            token.encode(), self.cfg.auth_token.encode())
-        return by_network or by_token or (not self.networks and not self.cfg.auth_token)
+        return self.admission.admits(request.remote_addr, auth.get("token") if isinstance(auth, dict) else None)
 
     def _bind(self) -> None:
         sio, app = self.socketio, self.app
@@ -139,7 +133,7 @@ class RequestHandler:
 
         @app.get("/metrics")
         def metrics():
-            return Response(self.metrics.render(), mimetype="text/plain; version=0.0.4")
+            return self.status.refusal() or Response(self.metrics.render(), mimetype="text/plain; version=0.0.4")
 
     def _handler_for(self, request_type: str):
         def handle(payload=None, *_):
@@ -174,6 +168,7 @@ class RequestHandler:
         self.socketio.start_background_task(self._consume)
         self.socketio.start_background_task(self._consume_inbox)
         self.socketio.start_background_task(self._sweep)
+        self.socketio.start_background_task(self.status.run)
 
     def serve(self) -> None:
         """Run the Socket.IO server on ``flask_server:flask_port`` until stopped."""

@@ -54,3 +54,18 @@ INBOX_EXPIRE = 300
 
 def inbox(node: str) -> str:
     return INBOX + node
+
+
+#: JSON snapshot of one live process (a handler or a data processor) for the status page; it expires
+#: unless its process renews it, so a dead process leaves the page by itself
+FLEET = f"{PREFIX}:fleet:"
+#: set of the snapshot keys written (a reader drops the members whose snapshot has expired)
+FLEET_INDEX = f"{PREFIX}:fleet-index"
+#: seconds a snapshot outlives its last renewal (each process renews its own every second)
+FLEET_TTL = 5
+#: seconds the index outlives its last write, once no process is left to renew it
+FLEET_INDEX_TTL = 60
+
+
+def fleet(kind: str, ident: str) -> str:
+    return f"{FLEET}{kind}:{ident}"

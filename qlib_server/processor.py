@@ -24,6 +24,7 @@ from .broker import Broker
 from .broker.base import dead_letter_queue, light_queue
 from .config import ServerConfig
 from .errors import BrokerError, QlibServerError
+from .fleet import ProcessorStatus, describe
 from .log import setup_logging
 from .updater import DataWatcher, refresh_main
 
@@ -60,8 +61,9 @@ def compute_task(task: dict, expression_cache: bool) -> tuple:
 
 
 def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None, stopping=None,
-                 run: Callable[[dict, bool], tuple] = compute_task) -> None:
-    """Compute one delivered task (with ``run``), publish its result, then acknowledge it."""
+                 run: Callable[[dict, bool], tuple] = compute_task, report: Callable[[tuple], None] = None) -> None:
+    """Compute one delivered task (with ``run``), publish its result, then acknowledge it; tell ``report``
+    (see :class:`~qlib_server.fleet.ProcessorStatus`) when it starts and when it is done."""
     task = delivery.message
     if not isinstance(task.get("key"), str) or task.get("type") not in ("calendar", "instrument", "feature") \
             or not isinstance(task.get("args"), dict):
@@ -69,6 +71,8 @@ def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None, s
         delivery.nack(requeue=False)  # to the dead-letter queue, for inspection
         return
     started = time.time()
+    if report is not None:
+        report(("start", task["type"], task["key"], describe(task), started, delivery.delivery_count))
     if busy_since is not None:
         busy_since.value = started
     try:
@@ -76,20 +80,23 @@ def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None, s
     finally:
         if busy_since is not None:
             busy_since.value = 0.0
+    seconds = time.time() - started
     broker.publish(cfg.message_queue, result_message(
         task, status, result, info, generation=task.get("generation"), deliveries=delivery.delivery_count + 1,
-        seconds=round(time.time() - started, 6)))
+        seconds=round(seconds, 6)))
     if stopping is not None and stopping.is_set():
         broker.cancel()  # before the ack, so the broker sends this worker no task it will not run
     delivery.ack()
+    if report is not None:
+        report(("done", task["type"], status, seconds))
 
 
-def work(cfg: ServerConfig, broker: Broker, busy_since, stopping, queue: str, run=compute_task) -> None:
+def work(cfg: ServerConfig, broker: Broker, busy_since, stopping, queue: str, run=compute_task, report=None) -> None:
     """Consume and process tasks of ``queue`` until ``stopping`` is set; the task in hand is always finished."""
     try:
         for delivery in broker.consume(queue, prefetch=cfg.max_concurrency, idle=0.5):
             if delivery is not None:
-                process_task(delivery, broker, cfg, busy_since, stopping, run)
+                process_task(delivery, broker, cfg, busy_since, stopping, run, report)
             if stopping.is_set():
                 break
     finally:
@@ -115,8 +122,8 @@ def die_with_parent() -> None:
             os._exit(1)
 
 
-def worker_main(cfg_values: dict, busy_since, stop, queue: str) -> None:
-    """Entry point of one worker process."""
+def worker_main(cfg_values: dict, busy_since, stop, queue: str, reports) -> None:
+    """Entry point of one worker process; it tells the supervisor about its tasks on the pipe ``reports``."""
     die_with_parent()
     cfg = ServerConfig(**cfg_values)
     setup_logging(cfg)
@@ -125,7 +132,7 @@ def worker_main(cfg_values: dict, busy_since, stop, queue: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     compute.init_qlib(cfg)
     # No heartbeat: a long computation blocks this thread; the supervisor enforces the time limit.
-    work(cfg, rabbitmq_factory(cfg, heartbeat=0), busy_since, stopping, queue)
+    work(cfg, rabbitmq_factory(cfg, heartbeat=0), busy_since, stopping, queue, report=reports.send)
 
 
 class _Stopping:
@@ -147,6 +154,8 @@ class DataProcessor:
     """Supervisor of the worker processes (``max_process`` on features, ``light_workers`` on
     calendars and instrument lists) and of the dead-letter queue."""
 
+    count_errors = True  # whether this processor's status counts the errors logged in its process
+
     def __init__(self, cfg: ServerConfig, broker_factory: BrokerFactory = rabbitmq_factory):
         self.cfg = cfg
         self.broker_factory = broker_factory
@@ -157,7 +166,8 @@ class DataProcessor:
         self.workers: list = [None] * len(self.queues)
         self.stops: list = [None] * len(self.queues)
         self.busy = [self.ctx.Value("d", 0.0, lock=False) for _ in self.queues]
-        self.restarts = 0
+        self.status = ProcessorStatus(cfg, ["main" if q == cfg.task_queue else "light" for q in self.queues],
+                                      self.count_errors)
 
     def refresh(self) -> None:
         """Refresh the caches after a data change, in a process of its own (Qlib runs there)."""
@@ -169,11 +179,18 @@ class DataProcessor:
     def _start_worker(self, i: int) -> None:
         self.busy[i].value = 0.0
         self.stops[i] = self.ctx.Event()
+        reports, report_writer = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=worker_main, name=f"qlib-server-worker-{i}",
-                                args=(self.cfg.model_dump(), self.busy[i], self.stops[i], self.queues[i]),
+                                args=(self.cfg.model_dump(), self.busy[i], self.stops[i], self.queues[i], report_writer),
                                 daemon=True)
         proc.start()
+        report_writer.close()  # the worker holds the only writer: its death ends the pipe
+        self.status.watch(i, reports)
         self.workers[i] = proc
+
+    def _worker_states(self) -> list[tuple]:
+        """(pid, busy since or 0) of each worker slot, for the status page."""
+        return [(w.pid if w is not None else None, b.value) for w, b in zip(self.workers, self.busy)]
 
     def _alive(self, i: int) -> bool:
         return self.workers[i].is_alive()
@@ -194,9 +211,11 @@ class DataProcessor:
             if self._alive(i) and started and now - started > self.cfg.task_timeout:
                 log.error("worker %d exceeded the %gs task limit; stopping it", i, self.cfg.task_timeout)
                 self._kill(i)
+                self.status.lost(i, "timed_out")
             if not self._alive(i) and not self.stopping.is_set():
                 log.warning("worker %d is gone; starting another", i)
-                self.restarts += 1
+                self.status.lost(i, "worker_died")
+                self.status.metrics.worker_restarts.inc()
                 self._start_worker(i)
 
     def _answer_dead_letters(self) -> None:
@@ -209,6 +228,8 @@ class DataProcessor:
                 if delivery is None:
                     continue
                 task = delivery.message
+                self.status.metrics.dead_letters.labels(
+                    task.get("type") if task.get("type") in ("calendar", "instrument", "feature") else "unknown").inc()
                 if isinstance(task.get("key"), str):
                     info = (f"the {task.get('type')} task failed {self.cfg.max_deliveries} times (its worker crashed "
                             f"or exceeded the {self.cfg.task_timeout:g}s limit) and was dead-lettered")
@@ -231,6 +252,9 @@ class DataProcessor:
         join_process(check)  # caches computed from other data are gone, and answers of older data invalidated
         for i in range(len(self.queues)):
             self._start_worker(i)
+        threading.Thread(target=self.status.collect, args=(self.stop_event,), name="worker-reports", daemon=True).start()
+        threading.Thread(target=self.status.run, args=(self.stop_event, self._worker_states), name="status",
+                         daemon=True).start()
         dead_letters = None
         watcher.start()
         log.info("data processor started %d+%d workers on %r", self.cfg.max_process, self.cfg.light_workers,

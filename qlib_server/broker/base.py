@@ -85,6 +85,11 @@ class Broker(ABC):
         """How many consumers ``queue`` has now (0 when it cannot be told)."""
         return 0
 
+    def depth(self, queue: str) -> Optional[int]:
+        """How many messages wait in ``queue`` now, not counting those delivered and unacknowledged
+        (None when it cannot be told)."""
+        return None
+
 
 def dead_letter_queue(task_queue: str) -> str:
     """Where tasks of both lanes go after ``max_deliveries`` deliveries."""

@@ -93,16 +93,22 @@ class RabbitMQBroker(Broker):
                 self._drop()
                 return False
 
-    def consumers(self, queue: str) -> int:
+    def _inspect(self, queue: str):
+        """The queue's declare-ok (message and consumer counts), or None when it cannot be told."""
         with self._lock:
             try:
-                return self._open().queue_declare(queue, passive=True).method.consumer_count
-            except pe.ChannelClosedByBroker:
+                return self._open().queue_declare(queue, passive=True).method
+            except (pe.ChannelClosedByBroker, BrokerError, *_TRANSPORT_ERRORS):
                 self._drop()
-                return 0
-            except (BrokerError, *_TRANSPORT_ERRORS):
-                self._drop()
-                return 0
+                return None
+
+    def consumers(self, queue: str) -> int:
+        method = self._inspect(queue)
+        return method.consumer_count if method is not None else 0
+
+    def depth(self, queue: str) -> Optional[int]:
+        method = self._inspect(queue)
+        return method.message_count if method is not None else None
 
     # -- broker interface -------------------------------------------------------------------
     def _declare(self, task_queue: str, message_queue: str, max_deliveries: int) -> None:
