@@ -60,7 +60,8 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int, admission: Admission) -> Optional[int]:
     """Serve ``registry`` in Prometheus format on ``host:port`` (any path) from a daemon thread, to the
-    clients ``admission`` admits; return the port, or None when it cannot be bound (logged)."""
+    clients ``admission`` admits. When ``port`` is taken (several processors on one host), a free port
+    is used instead; return the port served, or None when none could be bound (logged)."""
     metrics_app = make_wsgi_app(registry)
 
     def app(environ, start_response):
@@ -71,10 +72,16 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int, admission: 
             return [b"forbidden: not in allowed_networks and no valid auth_token\n"]
         return metrics_app(environ, start_response)
 
-    try:
-        server = make_server(host, port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
-    except OSError as exc:
-        log.warning("cannot serve metrics on %s:%s (%s); set processor_metrics_port to a free port", host, port, exc)
+    for candidate in (port, 0):
+        try:
+            server = make_server(host, candidate, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+            break
+        except OSError as exc:
+            error = exc
+    else:
+        log.warning("cannot serve metrics on %s (%s)", host, error)
         return None
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-    return server.server_address[1]
+    bound = server.server_address[1]
+    log.info("processor metrics on http://%s:%d/%s", host, bound, "" if bound == port else f" ({port} was taken)")
+    return bound
