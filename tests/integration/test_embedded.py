@@ -201,3 +201,22 @@ def test_sigterm_stops_a_server_started_with_sigint_ignored(tmp_path, dataset):
             server.proc.wait(10)
             raise AssertionError("still running 20 s after SIGTERM") from None
         assert code == 0, server.log()[-3000:]
+
+
+def test_the_embedded_server_shows_its_handler_processor_and_workers_on_its_status_page(embedded):
+    import requests
+
+    assert requests.get(embedded.url + "/", timeout=10).status_code == 200
+    with WireClient(embedded.url) as client:
+        body = {"start_time": "2019-05-06", "end_time": "2019-05-31", "freq": "day", "future": False}
+        assert client.request("calendar", body)["status"] == 0
+
+    def view():
+        return requests.get(embedded.url + "/status.json", timeout=10).json()
+
+    wait_until(lambda: view()["totals"].get('qlib_server_processor_tasks_total{outcome="ok",type="calendar"}'), 10,
+               what="the computed calendar task on the status page")
+    shown = view()
+    assert (len(shown["handlers"]), len(shown["processors"])) == (1, 1)
+    assert [w["lane"] for w in shown["processors"][0]["workers"]] == ["main", "main", "light"]
+    assert shown["processors"][0]["pid"] == shown["handlers"][0]["pid"]  # one process
