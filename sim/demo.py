@@ -76,6 +76,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _status_line(url: str) -> str:
+    """A few figures of the server's status page (its ``/status.json``)."""
+    with urllib.request.urlopen(f"{url}/status.json", timeout=10) as reply:
+        view = json.load(reply)
+    total = view["totals"]
+
+    def summed(name: str) -> int:
+        return int(sum(v for k, v in total.items() if k == name or k.startswith(name + "{")))
+
+    return (f"{len(view['handlers'])} handler(s), {len(view['processors'])} processor(s), "
+            f"{summed('qlib_server_requests_total')} requests, {summed('qlib_server_cache_hits_total')} cache hits, "
+            f"{summed('qlib_server_dedup_hits_total')} dedup hits, {summed('qlib_server_processor_tasks_total')} tasks "
+            f"computed, {summed('qlib_server_errors_total')} errors logged")
+
+
 def _run_script(code: str) -> object:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=600)
     marker = done.stdout.find(b"RESULT:")
@@ -136,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.distributed:
         command.append("--embedded")
     mode = "distributed (RabbitMQ + Redis at 127.0.0.1)" if args.distributed else "embedded (no RabbitMQ, no Redis)"
-    print(f"== 2. starting qlib-server, {mode}, on {url}")
+    print(f"== 2. starting qlib-server, {mode}, on {url} (status page: {url}/)")
     server = subprocess.Popen(command)
     try:
         _wait_ready(url, server)
@@ -154,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         sim = subprocess.run([sys.executable, "-m", "sim", "--server", url, "--data", str(data), "--clients",
                               str(args.clients), "--duration", str(args.duration), "--json", str(work / "sim.json"),
                               "--plot", str(work / "sim.png")])
+        print(f"== status page {url}/ now shows: {_status_line(url)}")
         print(f"== done: report {work / 'sim.json'}, plot {work / 'sim.png'}")
         if different:
             print(f"== FAILED: {different} pyqlib answer(s) differ from local Qlib")
