@@ -49,6 +49,37 @@ def make_parser(cfg: ServerConfig) -> RequestParser:
     return RequestParser(cfg.client_version, limits, check)
 
 
+CLOSE_REPLY_DELAY = 0.1
+"""Seconds the server waits before answering a client's WebSocket close frame (see below)."""
+
+
+def answer_close_frames_late(delay: float = CLOSE_REPLY_DELAY) -> None:
+    """Answer each WebSocket close frame ``delay`` seconds late (gevent-websocket, this process).
+
+    pyqlib's stock client disconnects with ``engineio.Client.disconnect(abort=True)``, which queues a
+    CLOSE packet for its writer thread, closes the WebSocket (waiting for the server's close frame)
+    and then empties the writer's queue. If the server's close frame arrives before the writer thread
+    has run, the CLOSE packet is thrown away and ``socketio.Client.wait()`` blocks until the writer's
+    idle timeout (``max(pingInterval, pingTimeout) + 5`` = 30 s): one pyqlib request in about 30 took
+    31 s. A pause well under the client's 1 s wait gives its writer the time it needs (0 of 420 then).
+    """
+    import gevent
+    from geventwebsocket import handler as ws_handler
+    from geventwebsocket.websocket import WebSocket
+
+    if getattr(ws_handler.WebSocket, "close_reply_delay", None) is not None:
+        return
+
+    class LateClosingWebSocket(WebSocket):
+        close_reply_delay = delay
+
+        def handle_close(self, header, payload):
+            gevent.sleep(self.close_reply_delay)
+            return super().handle_close(header, payload)
+
+    ws_handler.WebSocket = LateClosingWebSocket
+
+
 class RequestHandler:
     """One request-handler process: Socket.IO server, listener, responder and timeout sweeper."""
 
@@ -172,6 +203,8 @@ class RequestHandler:
 
     def serve(self) -> None:
         """Run the Socket.IO server on ``flask_server:flask_port`` until stopped."""
+        if self.cfg.async_mode == "gevent":
+            answer_close_frames_late()
         self.start_background()
         log.info("request handler listening on %s:%s (%s)", self.cfg.flask_server, self.cfg.flask_port,
                  self.cfg.async_mode)

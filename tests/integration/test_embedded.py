@@ -111,6 +111,31 @@ def test_real_pyqlib_clients_get_what_local_qlib_computes(embedded, local, datas
     assert "embedded mode" in embedded.log()
 
 
+# The stock client's disconnect races its own writer thread; lost, it waits 30 s for an idle timeout.
+STALL = 10.0
+REPEATED_SCRIPT = """
+import time
+from qlib.data.filter import NameDFilter
+pipe = [NameDFilter(name_rule_re="SH.*").to_config()]
+result = []
+for _ in range({calls}):
+    t = time.perf_counter()
+    names = D.list_instruments(D.instruments("csi300", filter_pipe=pipe), as_list=True)
+    result.append((time.perf_counter() - t, names))
+"""
+
+
+def test_a_hundred_requests_of_one_stock_pyqlib_client_in_a_row_never_stall(embedded, dataset):
+    expected = local_qlib('''
+from qlib.data.filter import NameDFilter
+result = D.list_instruments(D.instruments("csi300", filter_pipe=[NameDFilter(name_rule_re="SH.*").to_config()]),
+                            as_list=True)
+''', dataset)
+    calls = run_pyqlib(REPEATED_SCRIPT.format(calls=100), embedded.port, dataset, timeout=900)
+    assert len(calls) == 100 and all(names == expected for _, names in calls)
+    stalled = [round(seconds, 1) for seconds, _ in calls if seconds > STALL]
+    assert not stalled, f"{len(stalled)} of 100 requests stalled: {stalled}"
+
 # enough work that every request of the crowd is registered long before the task is done
 HEAVY_FIELDS = ["Mean($close, 5)", "Std($volume, 20)", "Corr($close, $volume, 10)", "Rsquare($close, 20)",
                 "Slope($volume, 30)", "Resi($close, 15)", "Corr($high, $low, 30)"]
