@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import logging
 import pickle
+import threading
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import tables
 from flask import Response, request
 
 from . import datacache
@@ -50,20 +54,77 @@ def cache_columns(fields: list) -> list[str]:
     return list(dict.fromkeys(remove_fields_space(fields)))
 
 
-def row_range(cache_path: Path, start_time, end_time) -> tuple[int, int]:
-    """Rows ``[start, stop)`` of the cache holding the dates from ``start_time`` to ``end_time`` (Qlib's index)."""
-    spans = datacache.DiskDatasetCache.IndexManager(cache_path).get_index(start_time, end_time)
-    if spans.shape[0] == 0:
-        return 0, 0
-    return int(spans["start"].iloc[0]), int(spans["end"].iloc[-1])
+@dataclass(frozen=True)
+class Layout:
+    """Where things are in one dataset cache file (pandas' HDF5 table format), read once per version."""
+
+    spans: pd.DataFrame  # Qlib's index: date → [start, end) rows
+    blocks: dict  # column → (values block, position in it)
+    dtypes: dict  # column → numpy dtype
+    date_dtype: np.dtype
+    fields: frozenset  # the cache's columns, from its meta
+    table: object  # the open HDF5 table (read-only; closed when this layout leaves the cache)
+    lock: object  # one reader of the table at a time (pytables is not thread-safe)
+
+    def rows(self, start_time, end_time) -> tuple[int, int]:
+        """Rows ``[start, stop)`` holding the dates from ``start_time`` to ``end_time``."""
+        spans = self.spans.loc[start_time:end_time]
+        if spans.shape[0] == 0:
+            return 0, 0
+        return int(spans["start"].iloc[0]), int(spans["end"].iloc[-1])
 
 
-def _batch(chunk: pd.DataFrame, columns: list[str], schema: pa.Schema) -> pa.RecordBatch:
-    dates, codes = chunk.index.levels[0], chunk.index.levels[1]
-    inst = pa.DictionaryArray.from_arrays(pa.array(chunk.index.codes[1].astype(np.int32)),
-                                          pa.array(np.asarray(codes, dtype=object), pa.string()))
-    arrays = [pa.array(dates.values[chunk.index.codes[0]]), inst]
-    arrays += [pa.array(np.ascontiguousarray(chunk[c].to_numpy())) for c in columns]
+_layouts: "OrderedDict[tuple, Layout]" = OrderedDict()
+
+
+def layout(cache_path: Path) -> Layout:
+    """The :class:`Layout` of the cache (kept for the 32 caches used last, by file size and mtime)."""
+    st = cache_path.stat()
+    version = (str(cache_path), st.st_size, st.st_mtime_ns)
+    if version in _layouts:
+        _layouts.move_to_end(version)
+        return _layouts[version]
+    spans = datacache.DiskDatasetCache.IndexManager(cache_path).get_index()
+    fields = frozenset(pickle.loads(cache_path.with_suffix(".meta").read_bytes())["info"]["fields"])
+    blocks, dtypes, date_dtype, table = {}, {}, np.dtype("M8[ns]"), None
+    h5 = tables.open_file(cache_path, mode="r")
+    node = f"/{datacache.DatasetCache.HDF_KEY}/table"
+    if node in h5:  # a cache of no rows is in pandas' fixed format: no table, no rows to read
+        table = h5.get_node(node)
+        date_dtype = np.dtype(str(table.attrs.datetime_dtype))
+        for name in table.colnames:
+            if name.startswith("values_block_"):
+                for position, column in enumerate(getattr(table.attrs, f"{name}_kind")):
+                    blocks[column] = (name, position)
+                    dtypes[column] = np.dtype(str(getattr(table.attrs, f"{name}_dtype")))
+    else:
+        h5.close()
+    found = Layout(spans, blocks, dtypes, date_dtype, fields, table, threading.Lock())
+    _layouts[version] = found
+    while len(_layouts) > 32:
+        old = _layouts.popitem(last=False)[1]
+        if old.table is not None:
+            old.table._v_file.close()
+    return found
+
+
+def _factorize(codes: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Instrument codes (fixed-width bytes) → (int32 index of each, distinct codes as text)."""
+    if codes.dtype.itemsize in (1, 2, 4, 8):  # as unsigned integers: a hash, not a sort of strings
+        width = codes.dtype.itemsize
+        index, distinct = pd.factorize(codes.view(f"u{width}"))
+        return index.astype(np.int32), [c.decode() for c in distinct.view(f"S{width}")]
+    distinct, index = np.unique(codes, return_inverse=True)
+    return index.astype(np.int32), [c.decode() for c in distinct]
+
+
+def _batch(records: np.ndarray, columns: list[str], where: Layout, schema: pa.Schema) -> pa.RecordBatch:
+    index, distinct = _factorize(records["instrument"])
+    inst = pa.DictionaryArray.from_arrays(pa.array(index), pa.array(distinct, pa.string()))
+    arrays = [pa.array(records["datetime"].view(where.date_dtype)), inst]
+    for column in columns:
+        block, position = where.blocks[column]
+        arrays.append(pa.array(np.ascontiguousarray(records[block][:, position])))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
@@ -90,25 +151,24 @@ class _Chunks:
         return data
 
 
-def stream(cache_path: Path, columns: list[str], start: int, stop: int, compression: str):
+def stream(where: Layout, columns: list[str], start: int, stop: int, compression: str):
     """Yield the Arrow IPC stream of rows ``[start, stop)`` and ``columns`` of the cache, chunk by chunk."""
-    key = datacache.DatasetCache.HDF_KEY
-    with pd.HDFStore(cache_path, mode="r") as store:
-        probe = store.select(key, start=start, stop=min(stop, start + 1))
-        dates = probe.index.levels[0].dtype if isinstance(probe.index, pd.MultiIndex) else None
-        schema = pa.schema([pa.field("datetime", pa.from_numpy_dtype(dates if dates and dates.kind == "M" else "M8[ns]")),
-                            pa.field("instrument", pa.dictionary(pa.int32(), pa.string())),
-                            *(pa.field(c, pa.from_numpy_dtype(probe[c].dtype)) for c in columns)],
-                           metadata={"rows": str(stop - start)})
-        chunks = _Chunks()
-        writer = pa.ipc.new_stream(pa.PythonFile(chunks, mode="w"), schema,
-                                   options=pa.ipc.IpcWriteOptions(compression=compression))
-        rows = max(1024, CHUNK_BYTES // (4 * max(1, len(columns))))
+    schema = pa.schema([pa.field("datetime", pa.from_numpy_dtype(where.date_dtype)),
+                        pa.field("instrument", pa.dictionary(pa.int32(), pa.string())),
+                        *(pa.field(c, pa.from_numpy_dtype(where.dtypes.get(c, np.float32))) for c in columns)],
+                       metadata={"rows": str(stop - start)})
+    chunks = _Chunks()
+    writer = pa.ipc.new_stream(pa.PythonFile(chunks, mode="w"), schema,
+                               options=pa.ipc.IpcWriteOptions(compression=compression))
+    if stop > start:
+        rows = max(1024, CHUNK_BYTES // (4 * max(1, len(where.blocks))))
         for offset in range(start, stop, rows):
-            writer.write_batch(_batch(store.select(key, start=offset, stop=min(stop, offset + rows)), columns, schema))
+            with where.lock:
+                records = where.table.read(offset, min(stop, offset + rows))
+            writer.write_batch(_batch(records, columns, where, schema))
             yield chunks.take()
-        writer.close()
-        yield chunks.take()
+    writer.close()
+    yield chunks.take()
 
 
 def register(handler) -> None:
@@ -141,16 +201,17 @@ def register(handler) -> None:
         path = directory / dataset_uri(args)
         if not datacache.is_current(path):
             return refuse(409, 2, "the dataset cache of this request is not computed; send it as a feature_request")
-        start, stop = row_range(path, args["start_time"], args["end_time"])
+        where = layout(path)
+        start, stop = where.rows(args["start_time"], args["end_time"])
         columns = cache_columns(args["fields"])
-        missing = set(columns) - set(pickle.loads(path.with_suffix(".meta").read_bytes())["info"]["fields"])
+        missing = set(columns) - where.fields if stop == start else set(columns) - set(where.blocks)
         if missing:  # a cache is keyed by its fields: only a bug gets here
             return refuse(500, 2, f"the dataset cache has no column {sorted(missing)[0][:60]!r}")
         started, peer = time.monotonic(), request.remote_addr
 
         def body():
             sent = 0
-            for piece in stream(path, columns, start, stop, compression):
+            for piece in stream(where, columns, start, stop, compression):
                 sent += len(piece)
                 yield piece
             log.info("feature transfer to %s: %d rows x %d fields, %.1f MB in %.1f ms", peer, stop - start,
