@@ -16,6 +16,7 @@ metadata ``rows`` says how many rows follow.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import pickle
 import threading
@@ -102,10 +103,21 @@ def layout(cache_path: Path) -> Layout:
     found = Layout(spans, blocks, dtypes, date_dtype, fields, table, threading.Lock())
     _layouts[version] = found
     while len(_layouts) > 32:
-        old = _layouts.popitem(last=False)[1]
-        if old.table is not None:
-            old.table._v_file.close()
+        _close(_layouts.popitem(last=False)[1])
     return found
+
+
+def _close(where: Layout) -> None:
+    if where.table is not None:
+        with where.lock:
+            where.table._v_file.close()
+
+
+@atexit.register
+def close_layouts() -> None:
+    """Close every cache file kept open."""
+    while _layouts:
+        _close(_layouts.popitem()[1])
 
 
 def _factorize(codes: np.ndarray) -> tuple[np.ndarray, list[str]]:
