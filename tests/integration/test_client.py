@@ -53,7 +53,7 @@ ALPHA158 = f"""
 from qlib.contrib.data.handler import Alpha158
 handler = Alpha158(instruments="csi300", start_time={START!r}, end_time={END!r}, fit_start_time={START!r},
                    fit_end_time={END!r})
-result = {{"alpha158": handler.fetch(), "alpha158_label": handler.fetch(col_set="label")}}
+result = {{"alpha158": handler.fetch(col_set="feature"), "alpha158_label": handler.fetch(col_set="label")}}
 """
 
 
@@ -98,7 +98,7 @@ def test_second_run_is_served_from_the_dataset_cache_with_the_same_answers(serve
 
 def test_alpha158_over_a_market_equals_local_qlib(server, dataset, tmp_path):
     expected = local_qlib(ALPHA158, dataset)
-    assert expected["alpha158"]["feature"].shape[1] == 158 and len(expected["alpha158"]) > 1000
+    assert expected["alpha158"].shape[1] == 158 and len(expected["alpha158"]) > 1000
     empty = tmp_path / "no-data"
     empty.mkdir()
     assert_same(run_server_client(ALPHA158, server.port, empty), expected)
