@@ -117,7 +117,7 @@ def _same(a, b) -> bool:
             return True
         except AssertionError:
             return False
-    return [str(x) for x in a] == [str(x) for x in b] if isinstance(a, list) else a == b
+    return a == b if isinstance(a, dict) else [str(x) for x in a] == [str(x) for x in b]  # lists, arrays
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
