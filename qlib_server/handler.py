@@ -20,7 +20,7 @@ from typing import Callable, Optional
 from flask import Flask, Response, request
 from flask_socketio import SocketIO
 
-from . import keys
+from . import keys, transfer
 from .admission import Admission
 from .broker import Broker
 from .broker.base import light_queue
@@ -112,6 +112,7 @@ class RequestHandler:
         self._consumer_alive = False
         self._bind()
         self.status = StatusPage(self)
+        transfer.register(self)
 
     def _emit(self, event: str, data: dict, sid: str) -> None:
         self.socketio.emit(event, data, to=sid)
@@ -220,9 +221,8 @@ class RequestHandler:
             self.socketio.sleep(0.05)
         for sid, key, entry in self.pending.older_than(-1.0):
             if self.pending.done(sid, key, every=True) is not None:
-                for _ in range(entry.count):
-                    self._emit(f"{entry.request.type}_response", response(None, 2, "the server is shutting down; retry"),
-                               sid)
+                for answer in entry.answers(response(None, 2, "the server is shutting down; retry")):
+                    self._emit(f"{entry.request.type}_response", answer, sid)
         self.responder.running = False
 
     def shutdown_on(self, signum: int) -> None:

@@ -16,7 +16,7 @@ from .broker.base import light_queue
 from .cache import MISS, ResultCache
 from .errors import QlibServerError, RequestError
 from .metrics import Metrics
-from .protocol import Request, RequestParser, response
+from .protocol import Request, RequestParser, request_id, response, with_id
 from .registry import SessionRegistry
 from .responder import Pending, RequestResponder, waiter
 
@@ -46,21 +46,23 @@ class RequestListener:
     def on_request(self, request_type: str, sid: str, payload: Any) -> None:
         """Handle one request event from session ``sid``; every path ends in a queued task or a response."""
         self.metrics.requests.labels(request_type).inc()
+        rid = request_id(payload)
         try:
             if not self.accepting:
                 raise RequestError("the server is shutting down; retry on another server or in a moment")
             request = self.parser.parse(request_type, payload)
-            if self.pending.reserve(sid, request, time.monotonic(), self.max_inflight) is None:
+            if self.pending.reserve(sid, request, time.monotonic(), self.max_inflight, rid) is None:
                 raise RequestError(f"too many requests in flight on this connection (limit {self.max_inflight})")
         except RequestError as exc:
             log.info("refused %s request from %s: %s", request_type, sid, exc)
             self.metrics.responses.labels(request_type, str(exc.status)).inc()
-            self.emit(f"{request_type}_response", response(None, exc.status, str(exc)), sid)
+            self.emit(f"{request_type}_response", with_id(response(None, exc.status, str(exc)), rid), sid)
             return
         except Exception:  # a bug in checking must not leave the client waiting
             log.exception("could not check a %s request from %s", request_type, sid)
             self.metrics.responses.labels(request_type, "2").inc()
-            self.emit(f"{request_type}_response", response(None, 2, "the server could not check this request"), sid)
+            self.emit(f"{request_type}_response", with_id(response(None, 2, "the server could not check this request"), rid),
+                      sid)
             return
         self.serve(sid, request)
 

@@ -316,3 +316,16 @@ def request_key(request_type: str, args: dict) -> str:
 def response(result: Any = None, status: int = 0, detailed_info: str | None = None) -> dict:
     """The envelope every ``<type>_response`` event carries."""
     return {"result": result, "status": status, "detailed_info": detailed_info}
+
+
+def request_id(payload: Any) -> str | None:
+    """The id a client put in a request's head (``{"head": {"id": ...}}``, up to 64 characters), which
+    its answer echoes so that concurrent requests on one connection are told apart; None without one."""
+    head = payload.get("head") if isinstance(payload, dict) else None
+    value = head.get("id") if isinstance(head, dict) else None
+    return value if isinstance(value, str) and 0 < len(value) <= 64 else None
+
+
+def with_id(envelope: dict, rid: str | None) -> dict:
+    """``envelope`` carrying the request id ``rid`` (unchanged without one: stock clients send none)."""
+    return envelope if rid is None else {**envelope, "id": rid}

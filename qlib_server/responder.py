@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from . import keys
@@ -26,7 +26,7 @@ from .broker import Broker
 from .cache import ResultCache
 from .errors import QlibServerError
 from .metrics import Metrics
-from .protocol import REQUEST_TYPES, Request, response
+from .protocol import REQUEST_TYPES, Request, response, with_id
 from .registry import SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,18 @@ def waiter(node: str, sid: str) -> str:
 
 @dataclass
 class Waiting:
-    """One request key a client waits for: the request, when it came, how many times it was sent."""
+    """One request key a client waits for: the request, when it came, how many times it was sent, and
+    the ids the client gave those requests (None for a client that gives none), in order."""
 
     request: Request
     started: float
     count: int = 1
     missing_since: Optional[float] = None  # when the sweeper first saw its waiter entry gone
+    ids: list = field(default_factory=lambda: [None])
+
+    def answers(self, envelope: dict) -> list[dict]:
+        """The envelope once per request held here, each carrying its request's id."""
+        return [with_id(envelope, rid) for rid in self.ids]
 
 
 class Pending:
@@ -56,9 +62,10 @@ class Pending:
         self._by_sid: dict[str, dict[str, Waiting]] = {}
         self._lock = threading.Lock()
 
-    def reserve(self, sid: str, request: Request, started: float, limit: int) -> Optional[bool]:
-        """Add the request unless ``sid`` already has ``limit`` requests pending, checked and added under
-        one lock. None when refused, else whether the key is new for ``sid``."""
+    def reserve(self, sid: str, request: Request, started: float, limit: int, rid: Optional[str] = None
+                ) -> Optional[bool]:
+        """Add the request (with id ``rid``) unless ``sid`` already has ``limit`` requests pending, checked
+        and added under one lock. None when refused, else whether the key is new for ``sid``."""
         with self._lock:
             waiting = self._by_sid.setdefault(sid, {})
             if sum(w.count for w in waiting.values()) >= limit:
@@ -67,14 +74,16 @@ class Pending:
                 return None
             entry = waiting.get(request.key)
             if entry is None:
-                waiting[request.key] = Waiting(request, started)
+                waiting[request.key] = Waiting(request, started, ids=[rid])
                 return True
             entry.count += 1
+            entry.ids.append(rid)
             return False
 
     def done(self, sid: str, key: str, every: bool = False) -> Optional[Waiting]:
         """Take one request of ``sid`` for ``key`` (all of them with ``every``) off the list; None when
-        there was none, i.e. it has been answered already or its client is gone."""
+        there was none, i.e. it has been answered already or its client is gone. The entry returned
+        holds the ids of the requests taken."""
         with self._lock:
             waiting = self._by_sid.get(sid)
             entry = waiting.get(key) if waiting else None
@@ -82,6 +91,7 @@ class Pending:
                 return None
             if not every and entry.count > 1:
                 entry.count -= 1
+                return Waiting(entry.request, entry.started, ids=[entry.ids.pop(0)])
             else:  # the entry keeps its count: how many answers its requests are owed
                 del waiting[key]
                 if not waiting:
@@ -130,7 +140,8 @@ class RequestResponder:
         entry = self.pending.done(sid, key)
         if entry is None:
             return False
-        self.emit(f"{request_type}_response", envelope, sid)
+        for answer in entry.answers(envelope):
+            self.emit(f"{request_type}_response", answer, sid)
         latency = time.monotonic() - entry.started
         self.metrics.latency.labels(request_type).observe(latency)
         self.metrics.responses.labels(request_type, str(envelope["status"])).inc()
@@ -238,8 +249,8 @@ class RequestResponder:
             except QlibServerError:
                 pass  # the waiting list expires by itself
             info = f"no answer within {self.request_timeout:g}s; the request was dropped, retry it"
-            for _ in range(entry.count):
+            for answer in entry.answers(response(None, 2, info)):
                 count += 1
                 self.metrics.request_timeouts.labels(entry.request.type).inc()
-                self.emit(f"{entry.request.type}_response", response(None, 2, info), sid)
+                self.emit(f"{entry.request.type}_response", answer, sid)
         return count

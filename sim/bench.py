@@ -1,6 +1,7 @@
 """Benchmarks of Qlib-Server beside a bare Flask-SocketIO echo server (the floor), in one run.
 
     python -m sim.bench [--seconds 10] [--out bench-results/bench.json] [--quick]
+    python -m sim.bench --client [--instruments 300] [--days 1500] [--quick]   # see sim/bench_client.py
 
 Measures: hot requests (calendar, instrument list, cached feature set) single-client latency and
 throughput at 50 clients, for the server and for the echo server; a cold feature request through
@@ -246,7 +247,15 @@ def main(argv=None) -> int:
     parser.add_argument("--redis-host", default=os.environ.get("QLIB_BENCH_REDIS_HOST", "127.0.0.1"))
     parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the bench)")
     parser.add_argument("--hot-only", action="store_true", help="only the hot requests beside the echo floor")
+    parser.add_argument("--client", action="store_true", help="only qlib_server.client beside the stock client "
+                        "(see sim/bench_client.py; --instruments defaults to 300 there)")
+    parser.add_argument("--days", type=int, default=1500, help="days of data for --client")
     args = parser.parse_args(argv)
+    if args.client:
+        from sim.bench_client import run
+
+        args.instruments = 300 if "--instruments" not in (argv or sys.argv) else args.instruments
+        return run(args, start_server, stop)
     seconds = 3.0 if args.quick else args.seconds
     latency_n = 100 if args.quick else 500
     connected = (1, 10, 100) if args.quick else (1, 10, 100, 1000)

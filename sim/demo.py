@@ -52,6 +52,29 @@ timed("features 3 codes, disk_cache=0", lambda: D.features(["SH600000", "SZ00000
 sys.stdout.buffer.write(b"RESULT:" + pickle.dumps(out))
 """
 
+NEW_CLIENT_SCRIPT = """
+import pickle, sys, tempfile, time
+import qlib
+from qlib.data import D
+from qlib.data.filter import NameDFilter
+from qlib_server.client import client_config
+qlib.init(**client_config("127.0.0.1", {port}), provider_uri=tempfile.mkdtemp(), region="cn", logging_level="ERROR")
+out = []
+def timed(name, call):
+    t = time.perf_counter(); value = call(); out.append((name, time.perf_counter() - t, value))
+timed("calendar", lambda: D.calendar("2019-01-01", "2019-12-31", "day"))
+timed("list", lambda: D.list_instruments(D.instruments("csi300"), as_list=True))
+timed("spans", lambda: D.list_instruments(D.instruments("csi300")))
+pipe = [NameDFilter(name_rule_re="SH.*").to_config()]
+timed("filter", lambda: D.list_instruments(D.instruments("csi300", filter_pipe=pipe), as_list=True))
+fields = ["$close", "Mean($close, 5)", "Ref($close, 1) / $close - 1", "Std($volume, 20)"]
+timed("cold", lambda: D.features(D.instruments("csi300"), fields, "2019-01-01", "2020-06-30", disk_cache=1))
+timed("hot", lambda: D.features(D.instruments("csi300"), fields, "2019-01-01", "2020-06-30", disk_cache=1))
+timed("codes", lambda: D.features(["SH600000", "SZ000001", "SH600002"], fields[:2], "2019-01-01", "2019-03-01",
+                                  disk_cache=0))
+sys.stdout.buffer.write(b"RESULT:" + pickle.dumps(out))
+"""
+
 LOCAL_SCRIPT = """
 import pickle, sys
 import qlib
@@ -109,7 +132,7 @@ def _same(a, b) -> bool:
             return True
         except AssertionError:
             return False
-    return [str(x) for x in a] == [str(x) for x in b] if isinstance(a, list) else a == b
+    return a == b if isinstance(a, dict) else [str(x) for x in a] == [str(x) for x in b]  # lists, arrays
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -155,15 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     server = subprocess.Popen(command)
     try:
         _wait_ready(url, server)
-        print("== 3. real pyqlib clients (ClientProvider, pickled requests as released) vs Qlib reading locally")
+        print("== 3. real pyqlib clients (ClientProvider with the data mounted, pickled requests as released) beside")
+        print("      qlib_server.client (no data directory), each vs Qlib reading locally")
         remote = _run_script(CLIENT_SCRIPT.format(data=str(data), port=port))
+        mountless = _run_script(NEW_CLIENT_SCRIPT.format(port=port))
         local = _run_script(LOCAL_SCRIPT.format(data=str(data)))
         different = 0
-        for (name, seconds, value), expected in zip(remote, local):
+        print(f"   {'request':<48} {'stock':>10} {'new':>10}  size  identical to local (stock, new)")
+        for (name, seconds, value), (_, new_seconds, new_value), expected in zip(remote, mountless, local):
             size = getattr(value, "shape", None) or len(value)
-            same = _same(value, expected)
-            different += not same
-            print(f"   {name:<48} {seconds * 1000:8.1f} ms  size={size}  identical to local: {same}")
+            same, new_same = _same(value, expected), _same(new_value, expected)
+            different += (not same) + (not new_same)
+            print(f"   {name:<48} {seconds * 1000:7.1f} ms {new_seconds * 1000:7.1f} ms  {size}  {same}, {new_same}")
         print("   (pyqlib's own Socket.IO client waits ~1 s per request in its wait loop; the server's part is the rest)")
         print(f"== 4. simulator: {args.clients} fake clients for {args.duration:g}s, every answer checked against local Qlib")
         sim = subprocess.run([sys.executable, "-m", "sim", "--server", url, "--data", str(data), "--clients",
@@ -172,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== status page {url}/ now shows: {_status_line(url)}")
         print(f"== done: report {work / 'sim.json'}, plot {work / 'sim.png'}")
         if different:
-            print(f"== FAILED: {different} pyqlib answer(s) differ from local Qlib")
+            print(f"== FAILED: {different} client answer(s) differ from local Qlib")
         return sim.returncode or int(bool(different))
     finally:
         server.terminate()

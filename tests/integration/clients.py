@@ -88,3 +88,27 @@ def local_qlib(script: str, provider_uri: Path, timeout: float = 180.0) -> Any:
     if done.returncode != 0 or marker < 0:
         raise AssertionError(f"local qlib failed:\n{done.stderr.decode(errors='replace')[-3000:]}")
     return pickle.loads(done.stdout[marker + len(b"RESULT:"):])
+
+
+SERVER_CLIENT_PRELUDE = """
+import pickle, sys
+import qlib
+from qlib.data import D
+from qlib_server.client import client_config
+qlib.init(**client_config("127.0.0.1", {port}, timeout=120), provider_uri={provider_uri!r}, region="cn",
+          logging_level="ERROR")
+"""
+
+
+def run_server_client(script: str, port: int, provider_uri: Path | None, timeout: float = 300.0) -> Any:
+    """Run ``script`` with Qlib wired to the server by :func:`qlib_server.client.client_config` in a
+    subprocess (``provider_uri`` None: left unset); return what it assigns to ``result``."""
+    prelude = SERVER_CLIENT_PRELUDE.format(port=port, provider_uri=str(provider_uri))
+    if provider_uri is None:
+        prelude = prelude.replace("provider_uri='None', ", "")
+    code = prelude + textwrap.dedent(script) + "\nsys.stdout.buffer.write(b'RESULT:' + pickle.dumps(result))\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=timeout)
+    marker = done.stdout.find(b"RESULT:")
+    if done.returncode != 0 or marker < 0:
+        raise AssertionError(f"qlib_server.client failed ({done.returncode}):\n{done.stderr.decode(errors='replace')[-3000:]}")
+    return pickle.loads(done.stdout[marker + len(b"RESULT:"):])

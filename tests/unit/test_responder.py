@@ -126,3 +126,28 @@ def test_two_identical_requests_on_one_connection_get_two_answers(shared):
     [task] = take_tasks(node)
     node.responder.on_result(result_of(task, ["2019-01-02"]))
     assert [a["status"] for a in node.sent["s1"]] == [0, 0] and node.pending.count("s1") == 0
+
+
+def with_head_id(payload: dict, rid) -> dict:
+    return {**payload, "head": {**payload["head"], "id": rid}}
+
+
+def test_answers_echo_the_request_ids_of_one_connection_in_order_and_refusals_too(shared):
+    node = Node("a", *shared)
+    for rid in ("r1", "r2"):  # the same request twice on one connection: one task, two answers
+        node.listener.on_request("calendar", "s1", with_head_id(CALENDAR, rid))
+    node.listener.on_request("calendar", "s1", with_head_id({"head": {"version": "0.9.7"}, "body": "{"}, "r3"))
+    [task] = take_tasks(node)
+    node.responder.on_result(result_of(task, ["2019-01-02"]))
+    ids = [(a.get("id"), a["status"]) for a in node.sent["s1"]]
+    assert ids == [("r3", 1), ("r1", 0), ("r2", 0)]
+
+
+def test_timed_out_requests_are_answered_with_their_ids_and_stock_clients_get_no_id(shared, monkeypatch):
+    node = Node("a", *shared)
+    node.listener.on_request("calendar", "s1", with_head_id(CALENDAR, "r1"))
+    node.listener.on_request("calendar", "s1", with_head_id(CALENDAR, "r2"))
+    node.listener.on_request("calendar", "s2", CALENDAR)
+    monkeypatch.setattr(time, "monotonic", lambda: 1e12)
+    assert node.responder.sweep() == 3
+    assert [a["id"] for a in node.sent["s1"]] == ["r1", "r2"] and "id" not in node.sent["s2"][0]

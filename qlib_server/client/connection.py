@@ -1,0 +1,228 @@
+"""One persistent connection per process to a Qlib-Server, shared by the providers and their threads.
+
+Requests go over one Socket.IO connection (websocket transport); each carries an id in its head that
+its answer echoes, so concurrent requests are matched to their answers. A request waits at most its
+timeout; one whose connection dropped is sent again once the connection is back (every request is
+idempotent), reconnecting with exponential backoff. Feature rows come over HTTP from the same port
+(``POST /features``, an Arrow stream). Errors are those pyqlib's own client raises: a server error is
+``ValueError("Bad response(status==N), detailed info: ...")``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pyarrow as pa
+import requests
+import socketio
+import urllib3
+
+from .frames import read_frame
+
+log = logging.getLogger(__name__)
+REQUEST_TYPES = ("calendar", "instrument", "feature")
+
+
+class RequestTimeout(TimeoutError):
+    """No answer came within the request's timeout."""
+
+
+class AdmissionRefused(ConnectionError):
+    """The server refused this client (``allowed_networks`` / ``auth_token``)."""
+
+
+def bad_response(status: int, info: Any) -> ValueError:
+    """The exception pyqlib's client raises for an error answer."""
+    return ValueError(f"Bad response(status=={status}), detailed info: {info}")
+
+
+@dataclass
+class _Waiter:
+    event: threading.Event = field(default_factory=threading.Event)
+    answer: Optional[dict] = None
+    dropped: bool = False
+
+
+class ServerConnection:
+    """The connection of this process to the server at ``host:port`` (see the module docstring)."""
+
+    def __init__(self, host: str, port: int, timeout: float = 100.0, auth_token: Optional[str] = None,
+                 retries: int = 3, max_inflight: int = 8, compression: str = "lz4", connect_timeout: float = 10.0):
+        self.url = f"http://{host}:{port}"
+        self.timeout = float(timeout)
+        self.auth_token = auth_token
+        self.retries = int(retries)
+        self.compression = compression
+        self.connect_timeout = float(connect_timeout)
+        self._slots = threading.BoundedSemaphore(max_inflight)  # the server's max_inflight_per_client
+        self._waiting: dict[str, _Waiter] = {}
+        self._lock = threading.Lock()
+        self._connecting = threading.Lock()
+        self._refused: Optional[str] = None
+        self._http = threading.local()
+        self._version = __import__("qlib").__version__
+        self.sio = socketio.Client(reconnection=False, logger=False, engineio_logger=False)
+        self.sio.on("connect_error", self._on_connect_error)
+        self.sio.on("disconnect", self._on_disconnect)
+        for kind in REQUEST_TYPES:
+            self.sio.on(f"{kind}_response", self._on_answer)
+
+    # -- Socket.IO events (on the client's reading thread) -----------------------------------------
+    def _on_answer(self, message: Any = None, *_) -> None:
+        rid = message.get("id") if isinstance(message, dict) else None
+        with self._lock:
+            waiter = self._waiting.get(rid)
+        if waiter is not None:
+            waiter.answer = message
+            waiter.event.set()
+
+    def _on_disconnect(self, *_) -> None:
+        with self._lock:
+            for waiter in self._waiting.values():
+                waiter.dropped = True
+                waiter.event.set()
+
+    def _on_connect_error(self, data: Any = None) -> None:
+        self._refused = str(data.get("message") if isinstance(data, dict) else data)
+
+    # -- connecting --------------------------------------------------------------------------------
+    def _connect(self, deadline: float) -> None:
+        """Connect unless connected, retrying with exponential backoff until ``deadline``."""
+        delay = 0.2
+        while not self.sio.connected:
+            with self._connecting:
+                if self.sio.connected:
+                    return
+                self._refused = None
+                try:
+                    self.sio.connect(self.url, transports=["websocket"], wait_timeout=self.connect_timeout,
+                                     auth={"token": self.auth_token} if self.auth_token else None)
+                    return
+                except socketio.exceptions.ConnectionError as exc:
+                    if self._refused is not None:
+                        raise AdmissionRefused(f"{self.url} refused this client ({self._refused}): it admits "
+                                               "clients by allowed_networks or auth_token") from None
+                    reason = exc
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestTimeout(f"cannot connect to qlib-server at {self.url}: {reason}")
+            time.sleep(min(left, delay * random.uniform(0.5, 1.0)))
+            delay = min(delay * 2, 5.0)
+
+    # -- requests ----------------------------------------------------------------------------------
+    def request(self, kind: str, body: dict, timeout: Optional[float] = None) -> Any:
+        """Send one ``<kind>_request`` and return its result; raise as pyqlib's client does on an error."""
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        if not self._slots.acquire(timeout=limit):
+            raise RequestTimeout(f"no free request slot within {limit:g}s (max_inflight)")
+        try:
+            for attempt in range(self.retries + 1):
+                self._connect(deadline)
+                answer = self._send(kind, body, deadline)
+                if answer is not None:
+                    break
+                log.info("connection to %s dropped during a %s request; sending it again", self.url, kind)
+            else:
+                raise ConnectionError(f"the connection to {self.url} dropped {self.retries + 1} times during a "
+                                      f"{kind} request")
+        finally:
+            self._slots.release()
+        if answer.get("status") != 0:
+            raise bad_response(answer.get("status"), answer.get("detailed_info"))
+        return answer.get("result")
+
+    def _send(self, kind: str, body: dict, deadline: float) -> Optional[dict]:
+        """The answer of one attempt, or None when the connection dropped before it came."""
+        rid, waiter = uuid.uuid4().hex, _Waiter()
+        with self._lock:
+            self._waiting[rid] = waiter
+        try:
+            try:
+                self.sio.emit(f"{kind}_request", {"head": {"version": self._version, "id": rid},
+                                                  "body": json.dumps(body, default=str)})
+            except socketio.exceptions.SocketIOError:  # disconnected in between
+                return None
+            if not waiter.event.wait(max(0.0, deadline - time.monotonic())):
+                raise RequestTimeout(f"no answer from qlib-server at {self.url} to a {kind} request within "
+                                     f"{self.timeout:g}s")
+        finally:
+            with self._lock:
+                self._waiting.pop(rid, None)
+        return None if waiter.dropped and waiter.answer is None else waiter.answer
+
+    def features(self, body: dict, fields: list[str]):
+        """The frame of a feature request, streamed from the server's dataset cache (computed first,
+        through the pipeline, when the server has no current cache of it)."""
+        deadline = time.monotonic() + self.timeout
+        payload = {"head": {"version": self._version}, "body": json.dumps(body, default=str)}
+        computed, failures = False, 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestTimeout(f"no feature data from qlib-server at {self.url} within {self.timeout:g}s")
+            try:
+                with self._session().post(f"{self.url}/features", json=payload, params={"compression": self.compression},
+                                          headers=self._headers(), stream=True, timeout=(self.connect_timeout, left)) as reply:
+                    if reply.status_code == 200:
+                        reply.raw.decode_content = True
+                        return read_frame(reply.raw, fields)
+                    answer = _json(reply)
+            except (requests.RequestException, urllib3.exceptions.HTTPError, pa.ArrowInvalid, ConnectionError, OSError) as exc:
+                if isinstance(exc, requests.Timeout) and deadline - time.monotonic() <= 0:
+                    raise RequestTimeout(f"no feature data from {self.url} within {self.timeout:g}s") from None
+                failures += 1
+                if failures > self.retries:
+                    raise ConnectionError(f"feature transfer from {self.url} failed {failures} times: {exc}") from None
+                log.info("feature transfer from %s failed (%s); retrying", self.url, exc)
+                time.sleep(min(5.0, 0.2 * 2 ** failures))
+                continue
+            if reply.status_code == 403:
+                raise AdmissionRefused(f"{self.url} refused this client: {answer.get('detailed_info')}")
+            if reply.status_code == 409 and not computed:
+                self.request("feature", body, timeout=max(0.001, deadline - time.monotonic()))
+                computed = True
+                continue
+            raise bad_response(answer.get("status", 2), answer.get("detailed_info", f"HTTP {reply.status_code}"))
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._http, "session", None)
+        if session is None:
+            session = self._http.session = requests.Session()
+        return session
+
+    def _headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
+
+    def close(self) -> None:
+        if self.sio.connected:
+            self.sio.disconnect()
+
+
+def _json(reply) -> dict:
+    try:
+        answer = reply.json()
+    except ValueError:
+        answer = None
+    return answer if isinstance(answer, dict) else {"status": 2, "detailed_info": f"HTTP {reply.status_code}"}
+
+
+_connections: dict[tuple, ServerConnection] = {}
+_registry_lock = threading.Lock()
+
+
+def shared_connection(host: str, port: int, **options) -> ServerConnection:
+    """The connection of this process to ``host:port`` with these options (made on first use)."""
+    key = (os.getpid(), host, int(port), tuple(sorted(options.items())))
+    with _registry_lock:
+        if key not in _connections:
+            _connections[key] = ServerConnection(host, port, **options)
+        return _connections[key]

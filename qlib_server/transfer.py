@@ -1,0 +1,232 @@
+"""Feature data inline: ``POST /features`` streams the rows a feature request asks for out of its
+dataset cache, as Arrow IPC record batches (lz4 or zstd), so that clients need no shared mount.
+
+The body is a Socket.IO request event (``{"head": {"version": ...}, "body": <JSON text>}``) and goes
+through the same admission (``allowed_networks``, or ``auth_token`` as ``Authorization: Bearer``) and
+the same checks as every request. The cache itself is only ever computed through the pipeline: when
+the request's dataset cache is not current here, the answer is 409 and the client sends the same
+request as a ``feature_request`` event (computed once, de-duplicated), then asks again.
+
+The stream holds exactly the requested dates, in the order of the requested fields: one batch of
+about ``CHUNK_BYTES`` at a time is read from the HDF5 file, encoded and written, so neither side
+holds more than a few chunks. Batch columns: ``datetime``, ``instrument`` (dictionary encoded), then
+one column per distinct requested field (spaces removed, as Qlib names cache columns). The schema
+metadata ``rows`` says how many rows follow.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import pickle
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import tables
+from flask import Response, request
+
+from . import datacache
+from .errors import RequestError
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 4 << 20
+MEDIA_TYPE = "application/vnd.apache.arrow.stream"
+COMPRESSIONS = ("lz4", "zstd")
+
+
+def dataset_uri(args: dict) -> str:
+    """The file name of the dataset cache a processor computes for these (checked) feature arguments."""
+    from qlib.data.cache import DiskDatasetCache
+
+    return DiskDatasetCache._uri(args["instruments"], args["fields"], None, None, args["freq"], 1)
+
+
+def cache_columns(fields: list) -> list[str]:
+    """The cache columns the requested fields are read from: each distinct field once, in request order."""
+    from qlib.utils import remove_fields_space
+
+    return list(dict.fromkeys(remove_fields_space(fields)))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things are in one dataset cache file (pandas' HDF5 table format), read once per version."""
+
+    spans: pd.DataFrame  # Qlib's index: date → [start, end) rows
+    blocks: dict  # column → (values block, position in it)
+    dtypes: dict  # column → numpy dtype
+    date_dtype: np.dtype
+    fields: frozenset  # the cache's columns, from its meta
+    table: object  # the open HDF5 table (read-only; closed when this layout leaves the cache)
+    lock: object  # one reader of the table at a time (pytables is not thread-safe)
+
+    def rows(self, start_time, end_time) -> tuple[int, int]:
+        """Rows ``[start, stop)`` holding the dates from ``start_time`` to ``end_time``."""
+        spans = self.spans.loc[start_time:end_time]
+        if spans.shape[0] == 0:
+            return 0, 0
+        return int(spans["start"].iloc[0]), int(spans["end"].iloc[-1])
+
+
+_layouts: "OrderedDict[tuple, Layout]" = OrderedDict()
+
+
+def layout(cache_path: Path) -> Layout:
+    """The :class:`Layout` of the cache (kept for the 32 caches used last, by file size and mtime)."""
+    st = cache_path.stat()
+    version = (str(cache_path), st.st_size, st.st_mtime_ns)
+    if version in _layouts:
+        _layouts.move_to_end(version)
+        return _layouts[version]
+    spans = datacache.DiskDatasetCache.IndexManager(cache_path).get_index()
+    fields = frozenset(pickle.loads(cache_path.with_suffix(".meta").read_bytes())["info"]["fields"])
+    blocks, dtypes, date_dtype, table = {}, {}, np.dtype("M8[ns]"), None
+    h5 = tables.open_file(cache_path, mode="r")
+    node = f"/{datacache.DatasetCache.HDF_KEY}/table"
+    if node in h5:  # a cache of no rows is in pandas' fixed format: no table, no rows to read
+        table = h5.get_node(node)
+        date_dtype = np.dtype(str(table.attrs.datetime_dtype))
+        for name in table.colnames:
+            if name.startswith("values_block_"):
+                for position, column in enumerate(getattr(table.attrs, f"{name}_kind")):
+                    blocks[column] = (name, position)
+                    dtypes[column] = np.dtype(str(getattr(table.attrs, f"{name}_dtype")))
+    else:
+        h5.close()
+    found = Layout(spans, blocks, dtypes, date_dtype, fields, table, threading.Lock())
+    _layouts[version] = found
+    while len(_layouts) > 32:
+        _close(_layouts.popitem(last=False)[1])
+    return found
+
+
+def _close(where: Layout) -> None:
+    if where.table is not None:
+        with where.lock:
+            where.table._v_file.close()
+
+
+@atexit.register
+def close_layouts() -> None:
+    """Close every cache file kept open."""
+    while _layouts:
+        _close(_layouts.popitem()[1])
+
+
+def _factorize(codes: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Instrument codes (fixed-width bytes) → (int32 index of each, distinct codes as text)."""
+    if codes.dtype.itemsize in (1, 2, 4, 8):  # as unsigned integers: a hash, not a sort of strings
+        width = codes.dtype.itemsize
+        index, distinct = pd.factorize(codes.view(f"u{width}"))
+        return index.astype(np.int32), [c.decode() for c in distinct.view(f"S{width}")]
+    distinct, index = np.unique(codes, return_inverse=True)
+    return index.astype(np.int32), [c.decode() for c in distinct]
+
+
+def _batch(records: np.ndarray, columns: list[str], where: Layout, schema: pa.Schema) -> pa.RecordBatch:
+    index, distinct = _factorize(records["instrument"])
+    inst = pa.DictionaryArray.from_arrays(pa.array(index), pa.array(distinct, pa.string()))
+    arrays = [pa.array(records["datetime"].view(where.date_dtype)), inst]
+    for column in columns:
+        block, position = where.blocks[column]
+        arrays.append(pa.array(np.ascontiguousarray(records[block][:, position])))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+class _Chunks:
+    """A write-only file for pyarrow's stream writer that hands back what was written since last asked."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        data, self.parts = b"".join(self.parts), []
+        return data
+
+
+def stream(where: Layout, columns: list[str], start: int, stop: int, compression: str):
+    """Yield the Arrow IPC stream of rows ``[start, stop)`` and ``columns`` of the cache, chunk by chunk."""
+    schema = pa.schema([pa.field("datetime", pa.from_numpy_dtype(where.date_dtype)),
+                        pa.field("instrument", pa.dictionary(pa.int32(), pa.string())),
+                        *(pa.field(c, pa.from_numpy_dtype(where.dtypes.get(c, np.float32))) for c in columns)],
+                       metadata={"rows": str(stop - start)})
+    chunks = _Chunks()
+    writer = pa.ipc.new_stream(pa.PythonFile(chunks, mode="w"), schema,
+                               options=pa.ipc.IpcWriteOptions(compression=compression))
+    if stop > start:
+        rows = max(1024, CHUNK_BYTES // (4 * max(1, len(where.blocks))))
+        for offset in range(start, stop, rows):
+            with where.lock:
+                records = where.table.read(offset, min(stop, offset + rows))
+            writer.write_batch(_batch(records, columns, where, schema))
+            yield chunks.take()
+    writer.close()
+    yield chunks.take()
+
+
+def register(handler) -> None:
+    """Add ``POST /features`` to the handler's Flask app."""
+    cfg = handler.cfg
+
+    def refuse(code: int, status: int, info: str):
+        return {"result": None, "status": status, "detailed_info": info}, code
+
+    @handler.app.post("/features")
+    def features():
+        header = request.headers.get("Authorization", "")
+        token = header[7:] if header.startswith("Bearer ") else None
+        if not handler._admit({"token": token} if token else None):
+            handler.metrics.refused_connections.inc()
+            log.warning("refused feature transfer to %s", request.remote_addr)
+            return refuse(403, 1, "connection refused: not in allowed_networks and no valid auth_token")
+        if (request.content_length or 0) > cfg.max_message_bytes:
+            return refuse(413, 1, f"request over the limit of {cfg.max_message_bytes} bytes (max_message_bytes)")
+        compression = request.args.get("compression", "lz4")
+        if compression not in COMPRESSIONS:
+            return refuse(400, 1, f"compression must be one of {', '.join(COMPRESSIONS)}")
+        try:
+            args = handler.listener.parser.parse("feature", request.get_json(silent=True)).args
+        except RequestError as exc:
+            return refuse(400, exc.status, str(exc))
+        directory = cfg.dataset_cache_dir
+        if not directory.parent.is_dir():
+            return refuse(503, 2, "this handler does not see the data directory; ask a handler that does")
+        path = directory / dataset_uri(args)
+        if not datacache.is_current(path):
+            return refuse(409, 2, "the dataset cache of this request is not computed; send it as a feature_request")
+        where = layout(path)
+        start, stop = where.rows(args["start_time"], args["end_time"])
+        columns = cache_columns(args["fields"])
+        missing = set(columns) - where.fields if stop == start else set(columns) - set(where.blocks)
+        if missing:  # a cache is keyed by its fields: only a bug gets here
+            return refuse(500, 2, f"the dataset cache has no column {sorted(missing)[0][:60]!r}")
+        started, peer = time.monotonic(), request.remote_addr
+
+        def body():
+            sent = 0
+            for piece in stream(where, columns, start, stop, compression):
+                sent += len(piece)
+                yield piece
+            log.info("feature transfer to %s: %d rows x %d fields, %.1f MB in %.1f ms", peer, stop - start,
+                     len(columns), sent / 1e6, (time.monotonic() - started) * 1000)
+
+        return Response(body(), mimetype=MEDIA_TYPE)

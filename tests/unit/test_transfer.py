@@ -1,0 +1,102 @@
+"""Feature rows inline: a dataset cache streamed by ``qlib_server.transfer`` and read by the client
+gives the frame Qlib reads from the same file; only the asked dates and fields travel."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pandas as pd
+import pandas.testing as pdt
+import pyarrow as pa
+import pytest
+from qlib.data.cache import DiskDatasetCache
+
+from qlib_server import transfer
+from qlib_server.client.frames import read_frame
+from qlib_server.protocol import request_id
+
+FIELDS = ["$close", "Mean($close,5)", "Ref($close,1)/$close-1"]
+
+
+@pytest.fixture(autouse=True)
+def closed_after():
+    yield
+    transfer.close_layouts()
+
+
+def write_cache(path, codes=("SH600000", "SZ000001", "SH6"), days=40) -> None:
+    """A cache in Qlib's layout (sorted by date, then instrument), as a processor writes it."""
+    dates = pd.bdate_range("2019-01-01", periods=days)
+    index = pd.MultiIndex.from_product([dates, sorted(codes)], names=["datetime", "instrument"])
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(len(index), len(FIELDS))).astype(np.float32), index=index,
+                         columns=sorted(FIELDS))
+    frame.iloc[::7, 1] = np.nan
+    with pd.HDFStore(path, mode="w") as store:
+        store.append("df", frame, append=False)
+    spans = pd.DataFrame({"start": np.arange(days, dtype=np.int32) * len(codes),
+                          "end": np.arange(1, days + 1, dtype=np.int32) * len(codes)}, index=dates)
+    spans.to_hdf(path.with_suffix(".index"), key="df", mode="w", format="table")
+    path.with_suffix(".meta").write_bytes(pickle.dumps({"info": {"fields": sorted(FIELDS)}}))
+
+
+def served(path, fields, start, end, compression="lz4") -> tuple[pd.DataFrame, bytes]:
+    where = transfer.layout(path)
+    first, stop = where.rows(start, end)
+    data = b"".join(transfer.stream(where, transfer.cache_columns(fields), first, stop, compression))
+    return read_frame(io.BytesIO(data), fields), data
+
+
+@pytest.mark.parametrize("fields", [FIELDS, ["Ref($close, 1) / $close - 1", "$close"], ["$close", "$close"]])
+@pytest.mark.parametrize("window", [(None, None), ("2019-01-10", "2019-02-05"), ("2019-01-15", None)])
+def test_streamed_rows_read_as_the_frame_qlib_reads_from_the_file(tmp_path, fields, window):
+    path = tmp_path / "abc"
+    write_cache(path)
+    frame, _ = served(path, fields, *window)
+    pdt.assert_frame_equal(frame, DiskDatasetCache.read_data_from_cache(path, *window, fields))
+    assert list(frame.columns) == fields and frame.index.names == ["instrument", "datetime"]
+
+
+def test_many_small_chunks_give_the_same_frame_and_zstd_too(tmp_path, monkeypatch):
+    path = tmp_path / "abc"
+    write_cache(path, days=400)
+    monkeypatch.setattr(transfer, "CHUNK_BYTES", 1)  # the smallest chunk: 1024 rows
+    frame, data = served(path, FIELDS, None, None, compression="zstd")
+    batches = list(pa.ipc.open_stream(io.BytesIO(data)))
+    assert len(batches) == 2 and max(b.num_rows for b in batches) == 1024
+    pdt.assert_frame_equal(frame, DiskDatasetCache.read_data_from_cache(path, None, None, FIELDS))
+
+
+def test_only_the_asked_dates_and_fields_are_sent(tmp_path):
+    path = tmp_path / "abc"
+    write_cache(path, days=400)
+    _, everything = served(path, FIELDS, None, None)
+    frame, part = served(path, ["$close"], "2019-03-01", "2019-03-08")
+    table = pa.ipc.open_stream(io.BytesIO(part)).read_all()
+    assert table.num_rows == 6 * 3 and table.column_names == ["datetime", "instrument", "$close"]
+    assert len(part) < len(everything) / 10 and len(frame) == 18
+
+
+def test_a_window_with_no_rows_is_qlibs_empty_frame(tmp_path):
+    path = tmp_path / "abc"
+    write_cache(path)
+    frame, _ = served(path, FIELDS, "2030-01-01", "2030-02-01")
+    assert frame.empty and list(frame.columns) == FIELDS and frame.index.names == ["instrument", "datetime"]
+    assert set(frame.dtypes) == {np.dtype(np.float32)}
+
+
+def test_a_truncated_stream_is_an_error_not_a_short_frame(tmp_path):
+    path = tmp_path / "abc"
+    write_cache(path, days=400)
+    _, data = served(path, FIELDS, None, None)
+    with pytest.raises(OSError):  # ConnectionError when cut between batches
+        read_frame(io.BytesIO(data[: len(data) // 2]), FIELDS)
+
+
+def test_request_ids_are_short_strings_or_none():
+    assert request_id({"head": {"version": "0.9.7", "id": "abc"}}) == "abc"
+    assert request_id({"head": {"version": "0.9.7"}}) is None
+    assert request_id({"head": {"id": "x" * 65}}) is None and request_id({"head": {"id": 5}}) is None
+    assert request_id("junk") is None and request_id({"head": "junk"}) is None
