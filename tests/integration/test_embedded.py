@@ -125,6 +125,7 @@ for _ in range({calls}):
 """
 
 
+@pytest.mark.timeout(900)  # on a stalling server 100 requests take far longer than the default 300 s
 def test_a_hundred_requests_of_one_stock_pyqlib_client_in_a_row_never_stall(embedded, dataset):
     expected = local_qlib('''
 from qlib.data.filter import NameDFilter
