@@ -148,8 +148,12 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def metrics(self) -> dict[str, float]:
-        """``/metrics`` as {'name{labels}': value}."""
-        text = requests.get(f"{self.url}/metrics", timeout=5).text
+        """``/metrics`` as {'name{labels}': value} (read with the server's token when it has one)."""
+        token = self.config.get("auth_token")
+        reply = requests.get(f"{self.url}/metrics", timeout=5,
+                             headers={"Authorization": f"Bearer {token}"} if token else {})
+        reply.raise_for_status()
+        text = reply.text
         out = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
