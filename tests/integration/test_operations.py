@@ -26,6 +26,7 @@ from qlib.data.cache import DiskDatasetCache
 
 from clients import WireClient, local_qlib
 from conftest import ServerProcess, free_port, wait_until
+from faults import proxy_to
 from qlib_server import keys
 from qlib_server.broker.base import dead_letter_queue
 from qlib_server.config import load_config
@@ -192,24 +193,20 @@ def status_of(url: str) -> int:
     return requests.get(url, timeout=30).status_code
 
 
-def test_readiness_follows_redis_and_liveness_does_not(shared_server, services):
-    server = shared_server
-    if services.redis is None:
-        pytest.skip("needs the Redis container to pause (QLIB_TEST_REDIS_URL was given)")
-    assert status_of(f"{server.url}/healthz") == 200
-    assert status_of(f"{server.url}/readyz") == 200
-    container = services.redis.get_wrapped_container()
-    container.pause()
-    try:
-        started = time.monotonic()
-        not_ready = requests.get(f"{server.url}/readyz", timeout=90)
-        print(f"\n/readyz answered {not_ready.status_code} {time.monotonic() - started:.1f}s after Redis stopped answering")
-        assert not_ready.status_code == 503
-        assert not_ready.json()["redis"] is False and not_ready.json()["ready"] is False
-        assert status_of(f"{server.url}/healthz") == 200, "liveness must not depend on Redis"
-    finally:
-        container.unpause()
-    wait_until(lambda: status_of(f"{server.url}/readyz") == 200, 60, what="ready again after Redis came back")
+def test_readiness_follows_redis_and_liveness_does_not(start_server, services):
+    with proxy_to(services.redis_host, services.redis_port) as redis_proxy:
+        server = start_server(redis_host="127.0.0.1", redis_port=redis_proxy.port)
+        assert status_of(f"{server.url}/healthz") == 200
+        assert status_of(f"{server.url}/readyz") == 200
+        with redis_proxy.stalled():  # Redis holds every connection and answers nothing, like a paused host
+            started = time.monotonic()
+            not_ready = requests.get(f"{server.url}/readyz", timeout=90)
+            print(f"\n/readyz answered {not_ready.status_code} {time.monotonic() - started:.1f}s after Redis "
+                  "stopped answering")
+            assert not_ready.status_code == 503
+            assert not_ready.json()["redis"] is False and not_ready.json()["ready"] is False
+            assert status_of(f"{server.url}/healthz") == 200, "liveness must not depend on Redis"
+        wait_until(lambda: status_of(f"{server.url}/readyz") == 200, 60, what="ready again after Redis came back")
 
 
 # --- data updates --------------------------------------------------------------------------------------
