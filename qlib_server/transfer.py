@@ -192,9 +192,8 @@ def register(handler) -> None:
 
     @handler.app.post("/features")
     def features():
-        header = request.headers.get("Authorization", "")
-        token = header[7:] if header.startswith("Bearer ") else None
-        if not handler._admit({"token": token} if token else None):
+        if not handler.admission.admits_http(request.remote_addr, request.headers.get("Authorization"),
+                                             request.query_string.decode(errors="replace")):
             handler.metrics.refused_connections.inc()
             log.warning("refused feature transfer to %s", request.remote_addr)
             return refuse(403, 1, "connection refused: not in allowed_networks and no valid auth_token")
