@@ -7,21 +7,27 @@ the same checks as every request. The cache itself is only ever computed through
 the request's dataset cache is not current here, the answer is 409 and the client sends the same
 request as a ``feature_request`` event (computed once, de-duplicated), then asks again.
 
-The stream holds exactly the requested dates, in the order of the requested fields: one batch of
-about ``CHUNK_BYTES`` at a time is read from the HDF5 file, encoded and written, so neither side
-holds more than a few chunks. Batch columns: ``datetime``, ``instrument`` (dictionary encoded), then
-one column per distinct requested field (spaces removed, as Qlib names cache columns). The schema
-metadata ``rows`` says how many rows follow.
+The stream holds exactly the requested dates and fields: one batch of about ``CHUNK_BYTES`` at a time
+is read from the HDF5 file, encoded and written, so neither side holds more than a few chunks. Batch
+columns: ``datetime``; ``instrument``, an int32 index into the schema metadata ``instruments`` (a JSON
+list of ``[code, rows]`` sorted by code, from which the client places each row of a batch where it
+belongs in the frame at once); then ``fixed_size_list`` columns, each a row of up to ``GROUP_COLUMNS``
+requested fields of one values block of the cache (their names, spaces removed as in Qlib's cache
+columns, in the field metadata ``columns``): rows are sent as the block holds them, not field by
+field, and pyarrow compresses the groups of a batch on all cores. The schema metadata ``rows`` says
+how many rows follow.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import json
 import logging
 import pickle
-import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +36,7 @@ import pandas as pd
 import pyarrow as pa
 import tables
 from flask import Response, request
+from gevent.monkey import get_original
 
 from . import datacache
 from .errors import RequestError
@@ -39,6 +46,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 4 << 20
 MEDIA_TYPE = "application/vnd.apache.arrow.stream"
 COMPRESSIONS = ("lz4", "zstd")
+GROUP_COLUMNS = 40
 
 
 def dataset_uri(args: dict) -> str:
@@ -65,7 +73,8 @@ class Layout:
     date_dtype: np.dtype
     fields: frozenset  # the cache's columns, from its meta
     table: object  # the open HDF5 table (read-only; closed when this layout leaves the cache)
-    lock: object  # one reader of the table at a time (pytables is not thread-safe)
+    lock: object  # one reader of the table at a time (pytables is not thread-safe); an OS lock
+    counts: dict  # (start, stop) → ``[code, rows]`` of each instrument in those rows (the windows sent last)
 
     def rows(self, start_time, end_time) -> tuple[int, int]:
         """Rows ``[start, stop)`` holding the dates from ``start_time`` to ``end_time``."""
@@ -76,6 +85,7 @@ class Layout:
 
 
 _layouts: "OrderedDict[tuple, Layout]" = OrderedDict()
+_os_lock = get_original("threading", "Lock")  # a lock of OS threads, also where gevent patched threading
 
 
 def layout(cache_path: Path) -> Layout:
@@ -100,7 +110,7 @@ def layout(cache_path: Path) -> Layout:
                     dtypes[column] = np.dtype(str(getattr(table.attrs, f"{name}_dtype")))
     else:
         h5.close()
-    found = Layout(spans, blocks, dtypes, date_dtype, fields, table, threading.Lock())
+    found = Layout(spans, blocks, dtypes, date_dtype, fields, table, _os_lock(), OrderedDict())
     _layouts[version] = found
     while len(_layouts) > 32:
         _close(_layouts.popitem(last=False)[1])
@@ -130,13 +140,61 @@ def _factorize(codes: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return index.astype(np.int32), [c.decode() for c in distinct]
 
 
-def _batch(records: np.ndarray, columns: list[str], where: Layout, schema: pa.Schema) -> pa.RecordBatch:
-    index, distinct = _factorize(records["instrument"])
-    inst = pa.DictionaryArray.from_arrays(pa.array(index), pa.array(distinct, pa.string()))
-    arrays = [pa.array(records["datetime"].view(where.date_dtype)), inst]
+def _ranges(start: int, stop: int, rows: int):
+    for offset in range(start, stop, rows):
+        yield offset, min(stop, offset + rows)
+
+
+def _instruments(where: Layout, start: int, stop: int, rows: int) -> list[list]:
+    """``[code, rows]`` of every instrument in rows ``[start, stop)``, sorted by code: one pass over the
+    instrument column, a chunk at a time, the first time these rows are sent."""
+    if (start, stop) in where.counts:
+        return where.counts[start, stop]
+    counts: dict[str, int] = {}
+    for first, last in _ranges(start, stop, rows):
+        with where.lock:
+            codes = where.table.read(first, last, field="instrument")
+        index, distinct = _factorize(codes)
+        for code, n in zip(distinct, np.bincount(index, minlength=len(distinct)).tolist()):
+            counts[code] = counts.get(code, 0) + n
+    found = where.counts[start, stop] = [[code, counts[code]] for code in sorted(counts)]
+    while len(where.counts) > 64:
+        where.counts.pop(next(iter(where.counts)))
+    return found
+
+
+def _groups(where: Layout, columns: list[str]) -> list[tuple[str, list[str], list[int]]]:
+    """(values block, requested columns in it, their positions in the block), at most
+    ``GROUP_COLUMNS`` columns each (pyarrow compresses the groups of a batch on all cores)."""
+    groups: dict[str, tuple[list, list]] = {}
     for column in columns:
         block, position = where.blocks[column]
-        arrays.append(pa.array(np.ascontiguousarray(records[block][:, position])))
+        names, positions = groups.setdefault(block, ([], []))
+        names.append(column)
+        positions.append(position)
+    return [(block, names[i:i + GROUP_COLUMNS], positions[i:i + GROUP_COLUMNS])
+            for block, (names, positions) in groups.items() for i in range(0, len(names), GROUP_COLUMNS)]
+
+
+def _schema(where: Layout, groups: list, instruments: list, rows: int) -> pa.Schema:
+    fields = [pa.field("datetime", pa.from_numpy_dtype(where.date_dtype)), pa.field("instrument", pa.int32())]
+    for i, (_, names, _) in enumerate(groups):
+        value_type = pa.from_numpy_dtype(where.dtypes[names[0]])
+        fields.append(pa.field(f"block{i}", pa.list_(value_type, len(names)), nullable=False,
+                               metadata={"columns": json.dumps(names)}))
+    return pa.schema(fields, metadata={"rows": str(rows), "instruments": json.dumps(instruments)})
+
+
+def _batch(records: np.ndarray, groups: list, index_of: dict, where: Layout, schema: pa.Schema) -> pa.RecordBatch:
+    local, distinct = _factorize(records["instrument"])
+    codes = np.array([index_of[c] for c in distinct], dtype=np.int32)[local]
+    arrays = [pa.array(records["datetime"].view(where.date_dtype)), pa.array(codes)]
+    for block, names, positions in groups:
+        values = records[block]
+        span = slice(positions[0], positions[-1] + 1)
+        values = values[:, span] if positions == list(range(span.start, span.stop)) else values[:, positions]
+        flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+        arrays.append(pa.FixedSizeListArray.from_arrays(flat, len(names)))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
@@ -165,27 +223,61 @@ class _Chunks:
 
 def stream(where: Layout, columns: list[str], start: int, stop: int, compression: str):
     """Yield the Arrow IPC stream of rows ``[start, stop)`` and ``columns`` of the cache, chunk by chunk."""
-    schema = pa.schema([pa.field("datetime", pa.from_numpy_dtype(where.date_dtype)),
-                        pa.field("instrument", pa.dictionary(pa.int32(), pa.string())),
-                        *(pa.field(c, pa.from_numpy_dtype(where.dtypes.get(c, np.float32))) for c in columns)],
-                       metadata={"rows": str(stop - start)})
+    rows = max(1024, CHUNK_BYTES // (4 * max(1, len(where.blocks))))
+    if stop > start:
+        instruments = _instruments(where, start, stop, rows)
+        groups = _groups(where, columns)
+        schema = _schema(where, groups, instruments, stop - start)
+    else:  # no rows: a stream of no batches
+        instruments, groups, schema = [], [], pa.schema([], metadata={"rows": "0", "instruments": "[]"})
     chunks = _Chunks()
     writer = pa.ipc.new_stream(pa.PythonFile(chunks, mode="w"), schema,
                                options=pa.ipc.IpcWriteOptions(compression=compression))
-    if stop > start:
-        rows = max(1024, CHUNK_BYTES // (4 * max(1, len(where.blocks))))
-        for offset in range(start, stop, rows):
-            with where.lock:
-                records = where.table.read(offset, min(stop, offset + rows))
-            writer.write_batch(_batch(records, columns, where, schema))
-            yield chunks.take()
+    index_of = {code: i for i, (code, _) in enumerate(instruments)}
+    for first, last in _ranges(start, stop, rows):
+        with where.lock:
+            records = where.table.read(first, last)
+        writer.write_batch(_batch(records, groups, index_of, where, schema))
+        yield chunks.take()
     writer.close()
     yield chunks.take()
+
+
+def ahead(pieces, spawn):
+    """Yield what ``pieces`` yields, making each next piece in an OS thread (``spawn(call)`` returns a
+    handle whose ``get()`` waits for it) while the one before is sent."""
+    pending = spawn(next, pieces, None)
+    try:
+        while (piece := pending.get()) is not None:
+            pending = spawn(next, pieces, None)
+            yield piece
+    finally:  # also when the client went away: the thread is done with ``pieces`` before they close
+        with contextlib.suppress(Exception):
+            pending.get()
+        pieces.close()
+
+
+def _spawner(async_mode: str):
+    """``spawn(call, *args)`` running ``call`` in an OS thread; waiting on its handle lets the handler's
+    other clients go on (gevent's thread pool, or a plain one in threading mode)."""
+    if async_mode == "gevent":
+        import gevent
+
+        return lambda call, *args: gevent.get_hub().threadpool.spawn(call, *args)
+    pool = ThreadPoolExecutor(8, thread_name_prefix="feature-transfer")
+
+    def spawn(call, *args):
+        future = pool.submit(call, *args)
+        future.get = future.result
+        return future
+
+    return spawn
 
 
 def register(handler) -> None:
     """Add ``POST /features`` to the handler's Flask app."""
     cfg = handler.cfg
+    spawn = _spawner(cfg.async_mode)
 
     def refuse(code: int, status: int, info: str):
         return {"result": None, "status": status, "detailed_info": info}, code
@@ -222,7 +314,7 @@ def register(handler) -> None:
 
         def body():
             sent = 0
-            for piece in stream(where, columns, start, stop, compression):
+            for piece in ahead(stream(where, columns, start, stop, compression), spawn):
                 sent += len(piece)
                 yield piece
             log.info("feature transfer to %s: %d rows x %d fields, %.1f MB in %.1f ms", peer, stop - start,

@@ -1,11 +1,14 @@
 """An Arrow IPC stream of feature rows (see :mod:`qlib_server.transfer`) → the frame Qlib gives.
 
-Batches are copied one by one into arrays allocated once for every row (the schema says how many),
-so the client holds the frame being built and one batch. The rows come sorted by date; the frame is
-sorted by instrument then date, with Qlib's index names and the requested field names as columns.
+The frame is sorted by instrument, then date. The rows come sorted by date, and the schema says how
+many rows each instrument has, so each row of a batch is copied once, straight to its place in
+arrays allocated once for every row: the client holds the frame being built and one batch, and
+never sorts or copies the frame again. Columns get the requested field names, in their order.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pandas as pd
@@ -18,63 +21,61 @@ def empty_frame(columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(index=index, columns=columns, dtype=np.float32)
 
 
+class _Places:
+    """Where each row of a batch goes: after the rows of the instruments sorted before its own and
+    after the rows of its own instrument already placed."""
+
+    def __init__(self, counts: np.ndarray) -> None:
+        self.counts = counts
+        self.first = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+        self.placed = np.zeros(len(counts), dtype=np.int64)
+
+    def of(self, codes: np.ndarray) -> np.ndarray:
+        if codes.size and (codes.min() < 0 or codes.max() >= len(self.counts)):
+            raise ConnectionError("the feature stream names an instrument it did not announce")
+        order = np.argsort(codes, kind="stable")
+        ordered = codes[order]
+        starts = np.flatnonzero(np.diff(ordered, prepend=-1))  # first row of each instrument in the batch
+        rank = np.arange(len(codes)) - np.repeat(starts, np.diff(np.append(starts, len(codes))))
+        places = np.empty(len(codes), dtype=np.int64)
+        places[order] = self.first[ordered] + self.placed[ordered] + rank
+        self.placed += np.bincount(codes, minlength=len(self.counts))
+        if np.any(self.placed > self.counts):
+            raise ConnectionError("the feature stream sent more rows of an instrument than it announced")
+        return places
+
+
 def read_frame(source, fields: list[str]) -> pd.DataFrame:
     """Read the stream from the file-like ``source`` into the frame of ``fields`` (Qlib's column names)."""
     reader = pa.ipc.open_stream(source)
     schema = reader.schema
     rows = int(schema.metadata[b"rows"])
-    names = schema.names[2:]
     if rows == 0:
         for _ in reader:  # read to the end of the stream
             pass
         return empty_frame(fields)
-    dtypes = {schema.field(n).type.to_pandas_dtype() for n in names}
-    single = len(dtypes) == 1
-    # one block in Fortran order: each column contiguous, and the frame's block without a copy
-    block = np.empty((rows, len(names)), dtype=dtypes.pop(), order="F") if single else None
-    columns = None if single else {n: np.empty(rows, schema.field(n).type.to_pandas_dtype()) for n in names}
+    instruments = json.loads(schema.metadata[b"instruments"])
+    names = [code for code, _ in instruments]
+    places = _Places(np.array([n for _, n in instruments], dtype=np.int64))
+    groups = [(json.loads(f.metadata[b"columns"]),
+               np.empty((rows, f.type.list_size), dtype=f.type.value_type.to_pandas_dtype())) for f in list(schema)[2:]]
     dates = np.empty(rows, dtype=schema.field("datetime").type.to_pandas_dtype())
-    codes = np.empty(rows, dtype=np.int32)
-    instruments: dict[str, int] = {}
-    position = 0
+    received = 0
     for batch in reader:
-        end = position + batch.num_rows
-        dates[position:end] = batch.column(0).to_numpy()
-        inst = batch.column(1)
-        local = np.array([instruments.setdefault(c, len(instruments)) for c in inst.dictionary.to_pylist()], np.int32)
-        codes[position:end] = local[inst.indices.to_numpy()]
-        for j, name in enumerate(names):
-            values = batch.column(j + 2).to_numpy(zero_copy_only=False)
-            if single:
-                block[position:end, j] = values
-            else:
-                columns[name][position:end] = values
-        position = end
-    if position != rows:
-        raise ConnectionError(f"the feature stream ended after {position} of {rows} rows")
-    codes, levels = _by_name(codes, list(instruments))
-    order = np.lexsort((dates, codes))
-    if np.any(order != np.arange(rows)):
-        codes, dates = codes[order], dates[order]
-        for j in range(len(names)):  # one column at a time: never a second copy of the frame
-            if single:
-                block[:, j] = block[order, j]
-            else:
-                columns[names[j]] = columns[names[j]][order]
+        at = places.of(batch.column(1).to_numpy())
+        dates[at] = batch.column(0).to_numpy()
+        for (columns, block), values in zip(groups, batch.columns[2:]):
+            block[at] = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, len(columns))
+        received += batch.num_rows
+    if received != rows or np.any(places.placed != places.counts):
+        raise ConnectionError(f"the feature stream ended after {received} of {rows} rows")
     date_level, date_codes = np.unique(dates, return_inverse=True)
-    index = pd.MultiIndex(levels=[pd.Index(levels), pd.DatetimeIndex(date_level)], codes=[codes, date_codes],
+    codes = np.repeat(np.arange(len(names), dtype=np.int32), places.counts)
+    index = pd.MultiIndex(levels=[pd.Index(names), pd.DatetimeIndex(date_level)], codes=[codes, date_codes],
                           names=["instrument", "datetime"], verify_integrity=False)
-    frame = pd.DataFrame(block, index=index, columns=names, copy=False) if single else \
-        pd.DataFrame(columns, index=index, copy=False)
+    parts = [pd.DataFrame(block, index=index, columns=columns, copy=False) for columns, block in groups]
+    frame = parts[0] if len(parts) == 1 else pd.concat(parts, axis=1, copy=False)
     return _as_fields(frame, fields)
-
-
-def _by_name(codes: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
-    """Renumber instrument codes so that their order is the order of the sorted names."""
-    ranks = np.empty(len(names), dtype=np.int32)
-    ordered = sorted(range(len(names)), key=names.__getitem__)
-    ranks[ordered] = np.arange(len(names), dtype=np.int32)
-    return ranks[codes], [names[i] for i in ordered]
 
 
 def _as_fields(frame: pd.DataFrame, fields: list[str]) -> pd.DataFrame:

@@ -26,20 +26,23 @@ def closed_after():
     transfer.close_layouts()
 
 
-def write_cache(path, codes=("SH600000", "SZ000001", "SH6"), days=40) -> None:
+def write_cache(path, codes=("SH600000", "SZ000001", "SH6"), days=40, fields=FIELDS, frame=None) -> None:
     """A cache in Qlib's layout (sorted by date, then instrument), as a processor writes it."""
     dates = pd.bdate_range("2019-01-01", periods=days)
     index = pd.MultiIndex.from_product([dates, sorted(codes)], names=["datetime", "instrument"])
     rng = np.random.default_rng(0)
-    frame = pd.DataFrame(rng.normal(size=(len(index), len(FIELDS))).astype(np.float32), index=index,
-                         columns=sorted(FIELDS))
-    frame.iloc[::7, 1] = np.nan
+    if frame is None:
+        frame = pd.DataFrame(rng.normal(size=(len(index), len(fields))).astype(np.float32), index=index,
+                             columns=sorted(fields))
+        frame.iloc[::7, 1] = np.nan
+    else:
+        frame.index = index
     with pd.HDFStore(path, mode="w") as store:
         store.append("df", frame, append=False)
     spans = pd.DataFrame({"start": np.arange(days, dtype=np.int32) * len(codes),
                           "end": np.arange(1, days + 1, dtype=np.int32) * len(codes)}, index=dates)
     spans.to_hdf(path.with_suffix(".index"), key="df", mode="w", format="table")
-    path.with_suffix(".meta").write_bytes(pickle.dumps({"info": {"fields": sorted(FIELDS)}}))
+    path.with_suffix(".meta").write_bytes(pickle.dumps({"info": {"fields": list(frame.columns)}}))
 
 
 def served(path, fields, start, end, compression="lz4") -> tuple[pd.DataFrame, bytes]:
@@ -75,7 +78,8 @@ def test_only_the_asked_dates_and_fields_are_sent(tmp_path):
     _, everything = served(path, FIELDS, None, None)
     frame, part = served(path, ["$close"], "2019-03-01", "2019-03-08")
     table = pa.ipc.open_stream(io.BytesIO(part)).read_all()
-    assert table.num_rows == 6 * 3 and table.column_names == ["datetime", "instrument", "$close"]
+    assert table.num_rows == 6 * 3 and table.column_names == ["datetime", "instrument", "block0"]
+    assert table.schema.field("block0").metadata[b"columns"] == b'["$close"]'
     assert len(part) < len(everything) / 10 and len(frame) == 18
 
 
@@ -93,6 +97,49 @@ def test_a_truncated_stream_is_an_error_not_a_short_frame(tmp_path):
     _, data = served(path, FIELDS, None, None)
     with pytest.raises(OSError):  # ConnectionError when cut between batches
         read_frame(io.BytesIO(data[: len(data) // 2]), FIELDS)
+
+
+def test_a_wide_cache_of_several_dtypes_reads_as_qlib_reads_it(tmp_path):
+    """More fields than one column group holds, float32, float64 and bool blocks, a subset in another order."""
+    path = tmp_path / "abc"
+    wide = [f"Mean($close,{n})" for n in range(2, 2 + 2 * transfer.GROUP_COLUMNS + 5)]
+    rng = np.random.default_rng(1)
+    rows = 30 * 4
+    frame = pd.DataFrame({f: rng.normal(size=rows).astype(np.float32) for f in sorted(wide)})
+    frame["Gt($close,$open)"] = rng.normal(size=rows) > 0
+    frame["$volume"] = rng.normal(size=rows)  # float64
+    write_cache(path, codes=("SZ3", "SH1", "SH2", "SZ0"), days=30, frame=frame)
+    asked = ["$volume", *wide[::-1][: transfer.GROUP_COLUMNS + 3], "Gt($close, $open)", wide[7]]
+    for window in [(None, None), ("2019-01-08", "2019-01-31")]:
+        got, data = served(path, asked, *window)
+        pdt.assert_frame_equal(got, DiskDatasetCache.read_data_from_cache(path, *window, asked))
+    assert len(pa.ipc.open_stream(io.BytesIO(data)).schema) == 2 + 4  # float64, 2 float32 groups, bool
+
+
+def test_a_stream_with_more_rows_of_an_instrument_than_announced_is_an_error(tmp_path):
+    path = tmp_path / "abc"
+    write_cache(path, days=10)
+    where = transfer.layout(path)
+    where.counts[0, 30] = [["SH6", 9], ["SH600000", 11], ["SZ000001", 10]]  # one row of SH6 too few
+    with pytest.raises(ConnectionError):
+        read_frame(io.BytesIO(b"".join(transfer.stream(where, ["$close"], 0, 30, "lz4"))), ["$close"])
+
+
+def test_pieces_made_ahead_in_a_thread_arrive_in_order_and_are_closed_when_the_reader_stops():
+    spawn = transfer._spawner("threading")
+    closed = []
+
+    def pieces():
+        try:
+            yield from (bytes([i]) for i in range(10))
+        finally:
+            closed.append(True)
+
+    assert b"".join(transfer.ahead(pieces(), spawn)) == bytes(range(10)) and closed == [True]
+    early = transfer.ahead(pieces(), spawn)
+    assert next(early) == b"\x00"
+    early.close()
+    assert closed == [True, True]
 
 
 def test_request_ids_are_short_strings_or_none():
