@@ -1,5 +1,6 @@
 """Feature data inline: ``POST /features`` streams the rows a feature request asks for out of its
-dataset cache, as Arrow IPC record batches (lz4 or zstd), so that clients need no shared mount.
+dataset cache, as Arrow IPC record batches (lz4, zstd or uncompressed), so that clients need no
+shared mount.
 
 The body is a Socket.IO request event (``{"head": {"version": ...}, "body": <JSON text>}``) and goes
 through the same admission (``allowed_networks``, or ``auth_token`` as ``Authorization: Bearer``) and
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 4 << 20
 MEDIA_TYPE = "application/vnd.apache.arrow.stream"
-COMPRESSIONS = ("lz4", "zstd")
+COMPRESSIONS = ("lz4", "zstd", "none")
 GROUP_COLUMNS = 40
 
 
@@ -232,7 +233,7 @@ def stream(where: Layout, columns: list[str], start: int, stop: int, compression
         instruments, groups, schema = [], [], pa.schema([], metadata={"rows": "0", "instruments": "[]"})
     chunks = _Chunks()
     writer = pa.ipc.new_stream(pa.PythonFile(chunks, mode="w"), schema,
-                               options=pa.ipc.IpcWriteOptions(compression=compression))
+                               options=pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression))
     index_of = {code: i for i, (code, _) in enumerate(instruments)}
     for first, last in _ranges(start, stop, rows):
         with where.lock:

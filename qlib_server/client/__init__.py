@@ -25,7 +25,8 @@ def client_config(host: str, port: int = 9710, *, timeout: float = 100.0, auth_t
     ``timeout``: seconds one request may take (connecting, computing and transferring included);
     ``auth_token``: the server's ``auth_token``; ``retries``: how many times a request whose connection
     dropped is sent again; ``max_inflight``: concurrent requests of this process (the server's
-    ``max_inflight_per_client``); ``compression``: ``lz4`` or ``zstd`` for feature rows. Any other
+    ``max_inflight_per_client``); ``compression``: ``lz4``, ``zstd`` or ``none`` (a client on the server's host or a fast LAN, where
+    compressing costs more time than the bytes it saves) for feature rows. Any other
     keyword (``provider_uri``, ``logging_level``, ...) is passed to ``qlib.init`` as it is.
     """
     from .providers import ServerProvider

@@ -62,11 +62,12 @@ def test_streamed_rows_read_as_the_frame_qlib_reads_from_the_file(tmp_path, fiel
     assert list(frame.columns) == fields and frame.index.names == ["instrument", "datetime"]
 
 
-def test_many_small_chunks_give_the_same_frame_and_zstd_too(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_many_small_chunks_give_the_same_frame_zstd_and_uncompressed_too(tmp_path, monkeypatch, compression):
     path = tmp_path / "abc"
     write_cache(path, days=400)
     monkeypatch.setattr(transfer, "CHUNK_BYTES", 1)  # the smallest chunk: 1024 rows
-    frame, data = served(path, FIELDS, None, None, compression="zstd")
+    frame, data = served(path, FIELDS, None, None, compression=compression)
     batches = list(pa.ipc.open_stream(io.BytesIO(data)))
     assert len(batches) == 2 and max(b.num_rows for b in batches) == 1024
     pdt.assert_frame_equal(frame, DiskDatasetCache.read_data_from_cache(path, None, None, FIELDS))
