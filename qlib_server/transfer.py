@@ -149,8 +149,9 @@ def _ranges(start: int, stop: int, rows: int):
 def _instruments(where: Layout, start: int, stop: int, rows: int) -> list[list]:
     """``[code, rows]`` of every instrument in rows ``[start, stop)``, sorted by code: one pass over the
     instrument column, a chunk at a time, the first time these rows are sent."""
-    if (start, stop) in where.counts:
-        return where.counts[start, stop]
+    found = where.counts.get((start, stop))
+    if found is not None:
+        return found
     counts: dict[str, int] = {}
     for first, last in _ranges(start, stop, rows):
         with where.lock:
@@ -158,9 +159,11 @@ def _instruments(where: Layout, start: int, stop: int, rows: int) -> list[list]:
         index, distinct = _factorize(codes)
         for code, n in zip(distinct, np.bincount(index, minlength=len(distinct)).tolist()):
             counts[code] = counts.get(code, 0) + n
-    found = where.counts[start, stop] = [[code, counts[code]] for code in sorted(counts)]
-    while len(where.counts) > 64:
-        where.counts.pop(next(iter(where.counts)))
+    found = [[code, counts[code]] for code in sorted(counts)]
+    with where.lock:  # transfers run in several threads
+        where.counts[start, stop] = found
+        while len(where.counts) > 64:
+            where.counts.popitem(last=False)
     return found
 
 
@@ -245,8 +248,8 @@ def stream(where: Layout, columns: list[str], start: int, stop: int, compression
 
 
 def ahead(pieces, spawn):
-    """Yield what ``pieces`` yields, making each next piece in an OS thread (``spawn(call)`` returns a
-    handle whose ``get()`` waits for it) while the one before is sent."""
+    """Yield what the generator ``pieces`` yields, making each next piece in an OS thread
+    (``spawn(call, *args)`` returns a handle whose ``get()`` waits for it) while the one before is sent."""
     pending = spawn(next, pieces, None)
     try:
         while (piece := pending.get()) is not None:

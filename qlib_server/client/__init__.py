@@ -19,14 +19,15 @@ _CONNECTION = ("ServerConnection", "RequestTimeout", "AdmissionRefused")
 
 
 def client_config(host: str, port: int = 9710, *, timeout: float = 100.0, auth_token: str | None = None,
-                  retries: int = 3, max_inflight: int = 8, compression: str = "lz4", **qlib_options: Any) -> dict:
+                  retries: int = 3, max_inflight: int = 8, compression: str = "auto", **qlib_options: Any) -> dict:
     """Keyword arguments for ``qlib.init`` wiring Qlib's providers to the server at ``host:port``.
 
     ``timeout``: seconds one request may take (connecting, computing and transferring included);
     ``auth_token``: the server's ``auth_token``; ``retries``: how many times a request whose connection
     dropped is sent again; ``max_inflight``: concurrent requests of this process (the server's
-    ``max_inflight_per_client``); ``compression``: ``lz4``, ``zstd`` or ``none`` (a client on the server's host or a fast LAN, where
-    compressing costs more time than the bytes it saves) for feature rows. Any other
+    ``max_inflight_per_client``); ``compression`` of feature rows: ``lz4``, ``zstd``, ``none`` or ``auto``
+    (uncompressed when the server is on this host, where compressing costs time and saves no network;
+    lz4 otherwise). Any other
     keyword (``provider_uri``, ``logging_level``, ...) is passed to ``qlib.init`` as it is.
     """
     from .providers import ServerProvider

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import socket
 import threading
 import time
 import uuid
@@ -55,12 +56,12 @@ class ServerConnection:
     """The connection of this process to the server at ``host:port`` (see the module docstring)."""
 
     def __init__(self, host: str, port: int, timeout: float = 100.0, auth_token: Optional[str] = None,
-                 retries: int = 3, max_inflight: int = 8, compression: str = "lz4", connect_timeout: float = 10.0):
+                 retries: int = 3, max_inflight: int = 8, compression: str = "auto", connect_timeout: float = 10.0):
         self.url = f"http://{host}:{port}"
         self.timeout = float(timeout)
         self.auth_token = auth_token
         self.retries = int(retries)
-        self.compression = compression
+        self.compression = compression if compression != "auto" else "none" if same_host(host, port) else "lz4"
         self.connect_timeout = float(connect_timeout)
         self._slots = threading.BoundedSemaphore(max_inflight)  # the server's max_inflight_per_client
         self._waiting: dict[str, _Waiter] = {}
@@ -205,6 +206,23 @@ class ServerConnection:
     def close(self) -> None:
         if self.sio.connected:
             self.sio.disconnect()
+
+
+def same_host(host: str, port: int) -> bool:
+    """Whether ``host`` is this machine: a route to it starts from its own address."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError:
+        return False
+    for family, kind, _, _, address in addresses:
+        with socket.socket(family, kind) as probe:
+            try:
+                probe.connect(address)  # UDP: sends nothing, only picks the route
+            except OSError:
+                continue
+            if probe.getsockname()[0] == address[0]:
+                return True
+    return False
 
 
 def _json(reply) -> dict:

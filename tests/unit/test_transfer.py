@@ -14,6 +14,7 @@ import pytest
 from qlib.data.cache import DiskDatasetCache
 
 from qlib_server import transfer
+from qlib_server.client.connection import ServerConnection, same_host
 from qlib_server.client.frames import read_frame
 from qlib_server.protocol import request_id
 
@@ -141,6 +142,15 @@ def test_pieces_made_ahead_in_a_thread_arrive_in_order_and_are_closed_when_the_r
     assert next(early) == b"\x00"
     early.close()
     assert closed == [True, True]
+
+
+def test_the_client_compresses_feature_rows_only_when_the_server_is_on_another_host():
+    assert same_host("127.0.0.1", 9710) and same_host("localhost", 9710)
+    assert not same_host("192.0.2.1", 9710)  # TEST-NET-1: never this host
+    assert not same_host("no-such-host.invalid", 9710)
+    assert ServerConnection("localhost", 9710).compression == "none"
+    assert ServerConnection("192.0.2.1", 9710).compression == "lz4"
+    assert ServerConnection("localhost", 9710, compression="zstd").compression == "zstd"
 
 
 def test_request_ids_are_short_strings_or_none():
