@@ -63,9 +63,11 @@ from gevent import monkey; monkey.patch_all()
 import sys, pandas as pd
 from flask import Flask
 from flask_socketio import SocketIO, emit
+from pathlib import Path
 app = Flask("echo"); sio = SocketIO(app, async_mode="gevent")
-CAL = [str(x) for x in pd.bdate_range("2018-01-02", periods=750)]
-INST = ["SH%06d" % i for i in range(150)]
+data = Path(sys.argv[2])  # the answers are as large as the server's: the data's calendar and csi300 list
+CAL = [str(pd.Timestamp(x)) for x in (data / "calendars" / "day.txt").read_text().split()]
+INST = sorted({line.split()[0] for line in (data / "instruments" / "csi300.txt").read_text().splitlines() if line})
 ANSWER = {"calendar": CAL, "instrument": INST, "feature": "0123456789abcdef0123456789abcdef"}
 for kind, result in ANSWER.items():
     def handler(data, kind=kind, result=result):
@@ -78,8 +80,8 @@ sio.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_output=False)
 """
 
 
-def start_echo(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port)], stdout=subprocess.DEVNULL,
+def start_echo(port: int, data: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), str(data)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     _wait_ready(f"http://127.0.0.1:{port}")
     return proc
@@ -161,8 +163,8 @@ def run_all(args) -> dict:
                      "quick": quick, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     print("echo server (floor) ...", flush=True)
-    echo = start_echo(_free_port())
-    echo_url = f"http://127.0.0.1:{echo.args[-1]}"
+    echo = start_echo(_free_port(), data)
+    echo_url = f"http://127.0.0.1:{echo.args[3]}"
     try:
         results["echo"] = {k: asyncio.run(single_latency(echo_url, k, latency_n)) for k in HOT}
         results["echo"]["throughput_50"] = throughput(echo_url, 50, seconds)
