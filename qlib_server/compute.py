@@ -50,7 +50,10 @@ def forget_data() -> None:
     """Drop Qlib's in-memory calendars, instrument lists and URIs (after the data changed)."""
     from qlib.data.cache import H
 
+    from . import storage
+
     H.clear()
+    storage.forget()
 
 
 def calendar(args: dict) -> list:

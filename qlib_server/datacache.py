@@ -35,7 +35,7 @@ from qlib.config import C
 from qlib.data.cache import H, CacheUtils, DatasetCache, DiskDatasetCache
 from qlib.utils import code_to_fname, remove_fields_space
 
-from . import keys
+from . import keys, storage
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,7 @@ class ServerDatasetCache(DiskDatasetCache):
         self.clear_cache(cache_path)
         sources = cache_sources(cache_path.parent.parent, instruments, fields, freq)
         H.clear()  # compute from the files just recorded, not from calendars and features held in memory
+        storage.forget()
         calendar = Cal.calendar(freq=freq)
         features = self.provider.dataset(instruments, fields, calendar[0], calendar[-1], freq,
                                          inst_processors=inst_processors)

@@ -20,8 +20,23 @@ from qlib.data.storage.file_storage import FileFeatureStorage, FileStorageMixin
 BACKEND = {"class": "FeatureFile", "module_path": __name__}
 
 
+_FREQS: dict[str, list] = {}  # data directory -> the frequencies of its calendars (Qlib's support_freq)
+
+
+def forget() -> None:
+    """Look at the calendars again on the next read (after the data changed)."""
+    _FREQS.clear()
+
+
 class FeatureFile(FileFeatureStorage):
     """Qlib's feature storage (same answers), reading a slice of a feature with one open."""
+
+    @property
+    def support_freq(self) -> list:
+        key = repr(self.provider_uri)
+        if key not in _FREQS:
+            _FREQS[key] = FileStorageMixin.support_freq.fget(self)
+        return _FREQS[key]
 
     @functools.cached_property
     def uri(self) -> Path:

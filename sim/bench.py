@@ -34,7 +34,7 @@ from pathlib import Path
 from qlib_server.datagen import generate_dataset
 from sim import bench_report
 from sim.bench_measure import (DAYS, HOT, cold_fields, cold_request, identical_cold, light_bodies, light_latency,
-                               light_while_busy, local_compute, single_latency, summary_ms, throughput,
+                               light_while_busy, local_compute, paired_latency, paired_throughput, summary_ms,
                                with_connected)
 from sim.client import fetch_metrics, metric_by_type
 
@@ -162,41 +162,44 @@ def run_all(args) -> dict:
                                  "load_avg_at_start": os.getloadavg()[0]},
                      "quick": quick, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
-    print("echo server (floor) ...", flush=True)
+    print("echo server (floor) and qlib-server on its defaults: hot requests, alternating ...", flush=True)
     echo = start_echo(_free_port(), data)
     echo_url = f"http://127.0.0.1:{echo.args[3]}"
-    try:
-        results["echo"] = {k: asyncio.run(single_latency(echo_url, k, latency_n)) for k in HOT}
-        results["echo"]["throughput_50"] = throughput(echo_url, 50, seconds)
-    finally:
-        stop(echo)
-
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    print("qlib-server on its defaults: hot requests ...", flush=True)
     server = start_server(work, data, port, 2, args)
     try:
-        results["server"] = {k: asyncio.run(single_latency(url, k, latency_n)) for k in HOT}
-        results["server"]["throughput_50"] = throughput(url, 50, seconds)
+        try:
+            urls = {"echo": echo_url, "server": url}
+            results["echo"], results["server"] = {}, {}
+            for kind in HOT:
+                latency = asyncio.run(paired_latency(urls, kind, latency_n))
+                results["echo"][kind], results["server"][kind] = latency["echo"], latency["server"]
+            rates = paired_throughput(urls, 50, seconds)
+            results["echo"]["throughput_50"], results["server"]["throughput_50"] = rates["echo"], rates["server"]
+        finally:
+            stop(echo)
         if args.hot_only:
             return results
         print("cold feature sets vs local Qlib ...", flush=True)
         cold = []
         for _ in range(1 if quick else 3):
             fields = cold_fields()
+            before = local_compute(data, fields)  # local runs before and after: a drift in load evens out
             served = asyncio.run(cold_request(url, fields))
-            local = local_compute(data, fields)
+            local = (before + local_compute(data, fields)) / 2
             cold.append({"fields": fields, "server_s": round(served, 3), "local_s": round(local, 3),
                          "ratio": round(served / local, 3)})
         results["cold_feature"] = cold
         clients = 30 if quick else 150
         print(f"{clients} identical cold requests at once ...", flush=True)
         fields = cold_fields()
+        local = local_compute(data, fields)
         before = metric_by_type(fetch_metrics(url), "qlib_server_tasks_published_total").get("feature", 0)
         same = asyncio.run(identical_cold(url, clients, fields))
         after = metric_by_type(fetch_metrics(url), "qlib_server_tasks_published_total").get("feature", 0)
         same["tasks_published"] = int(after - before)
-        same["local_s"] = round(local_compute(data, fields), 3)
+        same["local_s"] = round((local + local_compute(data, fields)) / 2, 3)
         results["cold_identical"] = same
         print("light lane: idle, then with both feature workers busy ...", flush=True)
         bodies = light_bodies(data, seed=time.time_ns())

@@ -76,6 +76,38 @@ async def single_latency(url: str, kind: str, n: int) -> dict:
         await sio.disconnect()
 
 
+async def paired_latency(urls: dict[str, str], kind: str, n: int, rounds: int = 10) -> dict[str, dict]:
+    """Single-client latency of one hot request on each server (name -> URL), ``n`` samples each, taken
+    in alternating rounds so that a change in the machine's load falls on every server alike."""
+    socks = {name: await connect(url) for name, url in urls.items()}
+    samples: dict[str, list] = {name: [] for name in urls}
+    try:
+        for sio in socks.values():
+            await request(sio, kind, HOT[kind], timeout=120)  # warm: the answer is cached from here on
+        for _ in range(rounds):
+            for name, sio in socks.items():
+                for _ in range(max(1, n // rounds)):
+                    t = time.perf_counter()
+                    answer = await request(sio, kind, HOT[kind], timeout=60)
+                    samples[name].append((time.perf_counter() - t) * 1000)
+                    assert answer["status"] == 0, answer
+    finally:
+        for sio in socks.values():
+            await sio.disconnect()
+    return {name: summary_ms(values) for name, values in samples.items()}
+
+
+def paired_throughput(urls: dict[str, str], clients: int, seconds: float, rounds: int = 2) -> dict[str, dict]:
+    """:func:`throughput` of each server in alternating rounds of ``seconds / rounds`` (see above)."""
+    runs: dict[str, list] = {name: [] for name in urls}
+    for _ in range(rounds):
+        for name, url in urls.items():
+            runs[name].append(throughput(url, clients, seconds / rounds))
+    return {name: {"rps": round(sum(r["rps"] for r in rs) / len(rs), 1), "requests": sum(r["requests"] for r in rs),
+                   "errors": sum(r["errors"] for r in rs), "clients": clients, "rounds": [r["rps"] for r in rs]}
+            for name, rs in runs.items()}
+
+
 async def _hot_loop(url: str, clients: int, seconds: float, start_at: float) -> tuple[int, int]:
     socks = await asyncio.gather(*(connect(url) for _ in range(clients)))
     await asyncio.sleep(max(0.0, start_at - time.time()))  # every process starts the clock together
