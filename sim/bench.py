@@ -8,8 +8,9 @@ requests) and Qlib computing the same ``D.features`` locally (cold feature sets)
 Data: ``--instruments`` (200) instruments over 6 years (1500 days). Measures (see sim/bench_measure.py):
 hot requests (calendar, instrument list, cached feature set) single-client p50 and throughput at 50
 clients, server and echo; one cold feature set (200 instruments x 5 rolling fields, windows of 5 to
-70 days, a 3-year window) through the server and locally; the same cold set asked by 150 clients at
-once; light requests (never asked before, so computed by the light lane) on the idle server and while
+70 days, a 3-year window) through the server (once each worker has computed a small feature set:
+the figures of running workers) and locally; the same cold set asked by 150 clients at once; light
+requests (never asked before, so computed by the light lane) on the idle server and while
 both feature workers are busy; 1, 10, 100 and 1000 idle clients connected (memory per connection,
 a hot and a cold request meanwhile, then a calendar from each). Prints the goals table (figure,
 floor, ratio, goal, met) and writes JSON. Uses the RabbitMQ and Redis at 127.0.0.1
@@ -35,7 +36,7 @@ from qlib_server.datagen import generate_dataset
 from sim import bench_report
 from sim.bench_measure import (DAYS, HOT, cold_fields, cold_request, identical_cold, light_bodies, light_latency,
                                light_while_busy, local_compute, paired_latency, paired_throughput, summary_ms,
-                               with_connected)
+                               warm_workers, with_connected)
 from sim.client import fetch_metrics, metric_by_type
 
 
@@ -182,6 +183,7 @@ def run_all(args) -> dict:
         if args.hot_only:
             return results
         print("cold feature sets vs local Qlib ...", flush=True)
+        asyncio.run(warm_workers(url))
         cold = []
         for _ in range(1 if quick else 3):
             fields = cold_fields()

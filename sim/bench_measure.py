@@ -151,15 +151,22 @@ def throughput(url: str, clients: int, seconds: float, procs: int = 2) -> dict:
 
 
 # -- cold ----------------------------------------------------------------------------------------
-async def cold_request(url: str, fields: list[str]) -> float:
+async def cold_request(url: str, fields: list[str], market: str = "all") -> float:
     sio = await connect(url)
     try:
         t = time.perf_counter()
-        answer = await request(sio, "feature", feat_body(fields), timeout=600)
+        answer = await request(sio, "feature", feat_body(fields, market), timeout=600)
         assert answer["status"] == 0, answer
         return time.perf_counter() - t
     finally:
         await sio.disconnect()
+
+
+async def warm_workers(url: str, workers: int = 2) -> None:
+    """One small feature set per feature worker at once (each worker takes one task at a time), so that
+    the cold figures are those of running workers, not of a worker's first Qlib computation."""
+    fields = [[f"Mean($close, {71 + i})"] for i in range(2 * workers)]
+    await asyncio.gather(*(cold_request(url, f, market="csi300") for f in fields))
 
 
 LOCAL = """
