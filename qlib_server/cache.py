@@ -3,6 +3,10 @@
 A hot request (the same calendar, instrument list or cached feature set asked again) is answered
 from here without a task. Entries live ``result_cache_ttl`` seconds and belong to a data generation:
 a data update bumps the generation, and older answers are never served again.
+
+Each handler also keeps the answers it read or wrote in the last ``memo_seconds`` (1 s, the same
+bound as its look at the generation) in memory, so that a burst of identical hot requests costs one
+Redis round trip instead of one each.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ class ResultCache:
     """Redis-backed cache of successful answers, keyed by data generation and request key."""
 
     def __init__(self, client: redis.Redis, ttl: float, generation_check: float = 1.0,
-                 dataset_cache_dir: Optional[Path] = None):
+                 dataset_cache_dir: Optional[Path] = None, memo_seconds: float = 1.0, memo_size: int = 4096):
         self.redis = client
         self.ttl = int(ttl)
+        self.memo_seconds = min(memo_seconds, ttl)
+        self.memo_size = memo_size
+        self._memo: dict[tuple, tuple] = {}  # (generation, key) -> (read at, answer)
         seen = dataset_cache_dir is not None and dataset_cache_dir.parent.is_dir()  # this host has the data
         self.dataset_cache_dir = dataset_cache_dir if seen else None
         self.generation_check = generation_check
@@ -57,13 +64,19 @@ class ResultCache:
         """
         if not self.enabled:
             return _MISS
-        try:
-            raw = self.redis.get(keys.result(self.generation(), key))
-        except redis.RedisError:
-            return _MISS  # a cache that cannot be read is a miss, never an error
-        if raw is None:
-            return _MISS
-        result = json.loads(raw)
+        generation, now = self.generation(), time.monotonic()
+        memo = self._memo.get((generation, key))
+        if memo is not None and now - memo[0] < self.memo_seconds:
+            result = memo[1]
+        else:
+            try:
+                raw = self.redis.get(keys.result(generation, key))
+            except redis.RedisError:
+                return _MISS  # a cache that cannot be read is a miss, never an error
+            if raw is None:
+                return _MISS
+            result = json.loads(raw)
+            self._remember(generation, key, result, now)
         if request_type == "feature" and result and self.dataset_cache_dir is not None:
             path = self.dataset_cache_dir / result
             if not (path.exists() and path.with_suffix(".sources").exists()):  # deleted, or never completed
@@ -77,7 +90,17 @@ class ResultCache:
             gen = self.generation() if generation is None else generation
             self.redis.set(keys.result(gen, key), json.dumps(result, separators=(",", ":")), ex=self.ttl)
         except redis.RedisError:
-            pass
+            return
+        self._remember(gen, key, result, time.monotonic())
+
+    def _remember(self, generation: int, key: str, result: Any, now: float) -> None:
+        if self.memo_seconds <= 0:
+            return
+        if len(self._memo) >= self.memo_size:
+            self._memo = {k: v for k, v in self._memo.items() if now - v[0] < self.memo_seconds}
+            if len(self._memo) >= self.memo_size:
+                self._memo.clear()
+        self._memo[(generation, key)] = (now, result)
 
     def bump_generation(self) -> int:
         """Invalidate every cached answer (called when the data changes)."""

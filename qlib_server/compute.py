@@ -22,7 +22,7 @@ def init_qlib(cfg: ServerConfig) -> None:
     """Initialise Qlib in server mode for this process (its cache locks in the Redis of ``cfg``)."""
     import qlib
 
-    from . import datacache
+    from . import datacache, storage
 
     datacache.install_locks()
     qlib.init(
@@ -37,6 +37,7 @@ def init_qlib(cfg: ServerConfig) -> None:
         redis_task_db=cfg.redis_task_db,
         redis_password=cfg.redis_password,
         kernels=cfg.kernels,
+        feature_provider={"class": "LocalFeatureProvider", "kwargs": {"backend": storage.BACKEND}},
         logging_level=cfg.logging_level,
     )
     from qlib.config import C
@@ -49,7 +50,10 @@ def forget_data() -> None:
     """Drop Qlib's in-memory calendars, instrument lists and URIs (after the data changed)."""
     from qlib.data.cache import H
 
+    from . import storage
+
     H.clear()
+    storage.forget()
 
 
 def calendar(args: dict) -> list:

@@ -54,6 +54,8 @@ class ServerConfig(BaseModel):
     async_mode: Literal["gevent", "threading"] = "gevent"
     expression_cache: Optional[Literal["DiskExpressionCache"]] = None
     kernels: int = Field(1, ge=1, le=64, description="qlib kernels a worker uses for one feature task")
+    feature_nice: int = Field(5, ge=0, le=19, description="niceness added to feature workers (light lane and "
+                              "handler keep theirs)")
     task_timeout: float = Field(600.0, gt=0, description="seconds one task may run before its worker is killed")
     max_deliveries: int = Field(3, ge=1, le=100, description="deliveries of a task before it is dead-lettered")
     request_timeout: float = Field(3600.0, gt=0, description="seconds a client waits before an error answer")

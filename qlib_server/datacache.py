@@ -23,6 +23,7 @@ import logging
 import os
 import pickle
 import re
+import stat
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -30,10 +31,11 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import pandas as pd
 import redis_lock
+from qlib.config import C
 from qlib.data.cache import H, CacheUtils, DatasetCache, DiskDatasetCache
 from qlib.utils import code_to_fname, remove_fields_space
 
-from . import keys
+from . import keys, storage
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +173,35 @@ def write_empty(cache_path: Path, instruments, fields: list, freq: str, last_upd
     cache_path.with_suffix(".data").rename(cache_path)
 
 
+def write_table(cache_path: Path, features: pd.DataFrame, instruments, freq: str, last_update: str,
+                inst_processors=()) -> None:
+    """Write a computed frame as Qlib's dataset cache, as ``gen_dataset_cache`` does (pandas' HDF5 table
+    under key ``df``, sorted by datetime, columns renamed without spaces and sorted; a ``.meta`` pickle; a
+    ``.index`` table of each day's ``[start, end)`` rows), in one pass: the day spans come from the sorted
+    index (no group-by) and no PyTables column index is built (readers select rows by position)."""
+    frame = features.swaplevel("instrument", "datetime").sort_index()
+    frame = frame.set_axis(remove_fields_space(frame.columns), axis=1)
+    frame = frame.loc[:, ~frame.columns.duplicated()]
+    frame = frame[sorted(frame.columns)]
+    readable = stat.S_IRWXU | stat.S_IRGRP | stat.S_IROTH
+    data = cache_path.with_suffix(".data")
+    with pd.HDFStore(data, mode="w") as store:
+        store.put(DatasetCache.HDF_KEY, frame, format="table", index=False)
+    meta = {"info": {"instruments": instruments, "fields": list(frame.columns), "freq": freq,
+                     "last_update": last_update, "inst_processors": list(inst_processors)},
+            "meta": {"last_visit": time.time(), "visits": 1}}
+    cache_path.with_suffix(".meta").write_bytes(pickle.dumps(meta, protocol=C.dump_protocol_version))
+    cache_path.with_suffix(".meta").chmod(readable)
+    days, counts = np.unique(frame.index.get_level_values("datetime").values, return_counts=True)
+    end = np.cumsum(counts).astype(np.int32)
+    spans = pd.DataFrame({"start": end - counts.astype(np.int32), "end": end},
+                         index=pd.DatetimeIndex(days, name="datetime"))
+    with pd.HDFStore(cache_path.with_suffix(".index"), mode="w") as store:
+        store.put(DiskDatasetCache.IndexManager.KEY, spans, format="table", index=False)
+    cache_path.with_suffix(".index").chmod(readable)
+    data.rename(cache_path)
+
+
 def drop_stale(directory: Path, redis_client) -> dict:
     """Delete every dataset cache in ``directory`` that is not current, each under its lock (so none is
     deleted while a worker writes it); return how many were kept and dropped."""
@@ -213,16 +244,21 @@ class ServerDatasetCache(DiskDatasetCache):
         return uri
 
     def gen_dataset_cache(self, cache_path, instruments, fields, freq, inst_processors=[]):
-        """Qlib's generation, with the sources recorded before computing and written last; an empty
-        result is written as a cache of no rows."""
+        """Qlib's generation, with the sources recorded before computing and written last, the cache
+        written in one pass (:func:`write_table`), and an empty result written as a cache of no rows."""
         from qlib.data.data import Cal
 
         cache_path = Path(cache_path)
         self.clear_cache(cache_path)
         sources = cache_sources(cache_path.parent.parent, instruments, fields, freq)
         H.clear()  # compute from the files just recorded, not from calendars and features held in memory
-        features = super().gen_dataset_cache(cache_path, instruments, fields, freq, inst_processors)
+        storage.forget()
+        calendar = Cal.calendar(freq=freq)
+        features = self.provider.dataset(instruments, fields, calendar[0], calendar[-1], freq,
+                                         inst_processors=inst_processors)
         if features.empty:
-            write_empty(cache_path, instruments, fields, freq, str(Cal.calendar(freq=freq)[-1]))
+            write_empty(cache_path, instruments, fields, freq, str(calendar[-1]))
+        else:
+            write_table(cache_path, features, instruments, freq, str(calendar[-1]), inst_processors)
         write_sources(cache_path, sources)
         return features

@@ -26,7 +26,7 @@ from .config import ServerConfig
 from .errors import QlibServerError
 from .handler import RequestHandler
 from .log import setup_logging
-from .processor import DataProcessor, compute_task, die_with_parent, work
+from .processor import DataProcessor, compute_task, die_with_parent, lower_priority, work
 from .registry import SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,12 @@ class WorkerLost(QlibServerError):
     """A compute process died (killed, or crashed) before it answered."""
 
 
-def compute_main(cfg_values: dict, tasks, results) -> None:
+def compute_main(cfg_values: dict, tasks, results, nice: int = 0) -> None:
     """Entry point of one compute process: answer each task read from ``tasks`` on ``results``."""
     from . import compute
 
     die_with_parent()
+    lower_priority(nice)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cfg = ServerConfig(**cfg_values)
     setup_logging(cfg)
@@ -56,10 +57,10 @@ def compute_main(cfg_values: dict, tasks, results) -> None:
 class ComputeProcess:
     """A spawned process computing the tasks of one worker, fed through a pair of pipes."""
 
-    def __init__(self, cfg: ServerConfig, ctx, name: str):
+    def __init__(self, cfg: ServerConfig, ctx, name: str, nice: int = 0):
         task_reader, self.tasks = ctx.Pipe(duplex=False)
         self.results, result_writer = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=compute_main, args=(cfg.model_dump(), task_reader, result_writer),
+        self.proc = ctx.Process(target=compute_main, args=(cfg.model_dump(), task_reader, result_writer, nice),
                                 name=name, daemon=True)
         self.proc.start()
         task_reader.close()
@@ -97,7 +98,8 @@ class EmbeddedProcessor(DataProcessor):
         self.computers: list = [None] * len(self.queues)
 
     def _work(self, i: int) -> None:
-        computer = self.computers[i] = ComputeProcess(self.cfg, self.ctx, f"qlib-server-compute-{i}")
+        nice = self.cfg.feature_nice if self.queues[i] == self.cfg.task_queue else 0
+        computer = self.computers[i] = ComputeProcess(self.cfg, self.ctx, f"qlib-server-compute-{i}", nice)
         try:
             work(self.cfg, self.broker_factory(self.cfg), self.busy[i], self.stops[i], self.queues[i], computer.run,
                  lambda event: self.status.on_report(i, event))

@@ -122,10 +122,20 @@ def die_with_parent() -> None:
             os._exit(1)
 
 
+def lower_priority(nice: int) -> None:
+    """Add ``nice`` to this process's niceness (a feature worker's), so that the handler and the light
+    lane get the cores first while features compute. A moderate value: a worker niced much more starves
+    when other processes load the machine."""
+    if nice:
+        os.nice(nice)
+
+
 def worker_main(cfg_values: dict, busy_since, stop, queue: str, reports) -> None:
     """Entry point of one worker process; it tells the supervisor about its tasks on the pipe ``reports``."""
     die_with_parent()
     cfg = ServerConfig(**cfg_values)
+    if queue == cfg.task_queue:
+        lower_priority(cfg.feature_nice)
     setup_logging(cfg)
     stopping = _Stopping(stop)
     signal.signal(signal.SIGTERM, stopping.request)  # finish the task in hand, then leave

@@ -175,13 +175,35 @@ def _flag(value: Any, what: str) -> bool:
 class RequestParser:
     """Turns raw request events into :class:`Request` objects, enforcing version and limits."""
 
+    #: bodies up to this size (characters or bytes) are remembered once checked, with their version
+    MEMO_BODY = 4096
+    MEMO_SIZE = 2048
+
     def __init__(self, client_version: str, limits: Limits, check_expression: Callable[[str], str]):
         self.client_version = client_version
         self.limits = limits
         self.check_expression = check_expression
+        self._memo: dict[tuple, Request] = {}
 
     def parse(self, request_type: str, payload: Any) -> Request:
-        """Decode, check and normalise one request event; raise :class:`RequestError` when it is bad."""
+        """Decode, check and normalise one request event; raise :class:`RequestError` when it is bad.
+        A hot request (the same short body and version as one checked before) is not checked again."""
+        head, body = (payload.get("head"), payload.get("body")) if isinstance(payload, dict) else (None, None)
+        memo_key = None
+        if isinstance(head, dict) and isinstance(body, (str, bytes)) and len(body) <= self.MEMO_BODY:
+            version = head.get("version")
+            memo_key = (request_type, version, body) if isinstance(version, str) else None
+        known = self._memo.get(memo_key) if memo_key is not None else None
+        if known is not None:
+            return known
+        request = self._parse(request_type, payload)
+        if memo_key is not None:
+            if len(self._memo) >= self.MEMO_SIZE:
+                self._memo.clear()
+            self._memo[memo_key] = request
+        return request
+
+    def _parse(self, request_type: str, payload: Any) -> Request:
         if request_type not in REQUEST_TYPES:
             raise RequestError(f"unknown request type {str(request_type)[:40]!r}")
         if not isinstance(payload, dict) or not isinstance(payload.get("head"), dict) or "body" not in payload:

@@ -20,7 +20,7 @@ import time
 
 from .client import fetch_metrics, metric_by_type
 from .pyqlib_driver import PyqlibDrivers
-from .report import Rows, dedup_ratio, latency_table, plot, print_table, throughput, write_json
+from .report import Rows, dedup_ratio, lane_table, latency_table, plot, print_table, server_view, throughput, write_json
 from .universe import Dataset, parse_mix, parse_overlap
 from .verify import verify_answers
 from .worker import OK, TIMEOUT, WorkerSpec, worker_main
@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--verify-processes", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--no-verify", action="store_true", help="skip checking answers (wrong_answers is then null)")
     p.add_argument("--cache-dir-name", default="dataset_cache", help="the server's dataset_cache_dir_name")
+    p.add_argument("--token", default=os.environ.get("QLIB_SERVER_TOKEN"),
+                   help="the server's auth_token (default $QLIB_SERVER_TOKEN), for clients and /metrics")
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write latency and throughput plots")
     args = p.parse_args(argv)
@@ -60,13 +62,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 SERVER_COUNTERS = ("tasks_published", "requests", "dedup_hits", "cache_hits", "request_timeouts")
 
 
-def _server_counters(server: str) -> dict[str, dict] | None:
-    """The server's counters this report uses, per type (an absent counter reads as zero)."""
+def _server_counters(server: str, token: str | None = None) -> dict[str, dict] | None:
+    """The server's counters this report uses, per type (an absent counter reads as zero), and under
+    ``latency`` its request-latency histogram as ``{type: {upper bound: cumulative count}}``."""
     try:
-        metrics = fetch_metrics(server)
+        metrics = fetch_metrics(server, token=token)
     except OSError:
         return None
-    return {name: metric_by_type(metrics, f"qlib_server_{name}_total") for name in SERVER_COUNTERS}
+    out = {name: metric_by_type(metrics, f"qlib_server_{name}_total") for name in SERVER_COUNTERS}
+    latency: dict[str, dict] = {}
+    for labels, value in metrics.get("qlib_server_request_seconds_bucket", {}).items():
+        named = dict(labels)
+        latency.setdefault(named.get("type", ""), {})[float(named["le"])] = value
+    out["latency"] = latency
+    return out
 
 
 def _delta(after: dict, before: dict) -> dict[str, int]:
@@ -96,7 +105,7 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     Dataset.load(args.data)  # fail early on a wrong path
-    base = _server_counters(args.server)
+    base = _server_counters(args.server, args.token)
     if base is None:
         raise ConnectionError(f"cannot GET {args.server}/metrics: is the server running?")
     ctx = multiprocessing.get_context("spawn")
@@ -110,14 +119,14 @@ def run(args) -> dict:
         for i in range(args.processes):
             spec = WorkerSpec(i, args.processes, args.server, args.data, args.clients // args.processes +
                               (i < args.clients % args.processes), args.overlap, tuple(args.mix_weights.items()),
-                              args.encoding, args.universe, args.seed, args.timeout)
+                              args.encoding, args.universe, args.seed, args.timeout, token=args.token)
             proc = ctx.Process(target=worker_main, args=(spec, events, go, clock, progress), daemon=True)
             proc.start()
             workers.append(proc)
         ready = _wait_events(events, "ready", args.processes, 120 + args.clients * 0.2)
         print(f"{sum(n for _, n in ready)} of {args.clients} clients connected", file=sys.stderr)
         drivers.wait_ready()
-        before = _server_counters(args.server) or base
+        before = _server_counters(args.server, args.token) or base
         clock[0] = start = time.time()
         clock[1] = start + args.duration
         go.set()
@@ -133,7 +142,7 @@ def run(args) -> dict:
                 bar.set_postfix(requests=done, errors=failed, rps=f"{done / max(time.time() - start, 1e-3):.0f}")
             bar.set_description("finishing requests in flight")
             _wait_events(events, "done", args.processes, args.timeout + 60, on_done)
-        after = _server_counters(args.server) or before
+        after = _server_counters(args.server, args.token) or before
         pyqlib = drivers.collect(args.timeout + 60) if args.pyqlib else None
     finally:
         drivers.stop()
@@ -182,7 +191,8 @@ def summarize(args, results: list[dict], before, after, pyqlib) -> dict:
         "tasks_published": sum(published.values()), "tasks_published_by_type": published,
         "dedup_ratio": dedup_ratio(sum(published.values()), len(rows)),
         "server_counters": {name: {"total": sum(v.values()), **v} for name, v in server.items()},
-        "latency_ms": latency_table(rows),
+        "latency_ms": latency_table(rows), "lanes": lane_table(rows),
+        "server_view": server_view(before.get("latency", {}), after.get("latency", {})),
         "error_samples": sorted(errors.items(), key=lambda kv: -kv[1])[:20],
         "wrong_samples": wrong_samples[:20],
         "pyqlib": {k: v for k, v in pyqlib.items() if k != "latencies_s"} if pyqlib else None,

@@ -88,11 +88,12 @@ def _async_handler(slots: _Slots, kind: str):
     return on_response
 
 
-async def connect(url: str, timeout: float = 30.0, **kwargs) -> socketio.AsyncClient:
-    """A new AsyncClient connected over the websocket transport, ready for :func:`request`."""
+async def connect(url: str, timeout: float = 30.0, token: str | None = None, **kwargs) -> socketio.AsyncClient:
+    """A new AsyncClient connected over the websocket transport (with the server's ``token``, if it has
+    one), ready for :func:`request`."""
     sio = socketio.AsyncClient(reconnection=False, **kwargs)
     _async_slots(sio)
-    await sio.connect(url, transports=["websocket"], wait_timeout=timeout)
+    await sio.connect(url, transports=["websocket"], wait_timeout=timeout, auth={"token": token} if token else None)
     return sio
 
 
@@ -154,9 +155,12 @@ def request_sync(sio: socketio.Client, kind: str, body: dict, encoding: str = "j
 _SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
 
 
-def fetch_metrics(server: str, timeout: float = 10.0) -> dict[str, dict[tuple, float]]:
-    """``GET /metrics`` parsed to ``{name: {((label, value), ...): sample}}``."""
-    with urllib.request.urlopen(server.rstrip("/") + "/metrics", timeout=timeout) as reply:
+def fetch_metrics(server: str, timeout: float = 10.0, token: str | None = None) -> dict[str, dict[tuple, float]]:
+    """``GET /metrics`` (with the server's ``token``, if it has one) parsed to
+    ``{name: {((label, value), ...): sample}}``."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(server.rstrip("/") + "/metrics", headers=headers),
+                                timeout=timeout) as reply:
         text = reply.read().decode()
     out: dict[str, dict[tuple, float]] = {}
     for line in text.splitlines():

@@ -53,6 +53,58 @@ def latency_table(rows: Rows) -> dict[str, dict]:
     return out
 
 
+#: the server's task lanes: calendars and plain instrument lists are computed on ``<task_queue>.light``
+LANES = {"light": ("calendar", "instrument"), "feature": ("feature",)}
+
+
+def lane_table(rows: Rows) -> dict[str, dict]:
+    """Per lane (see :data:`LANES`): count of answered requests and their latency percentiles (ms)."""
+    ok = rows.outcomes == OK
+    out = {}
+    for lane, kinds in LANES.items():
+        mask = ok & np.isin(rows.kinds, [KINDS.index(k) for k in kinds])
+        values = rows.latencies[mask]
+        if values.size:
+            out[lane] = {"count": int(values.size), **percentiles(values)}
+    return out
+
+
+def histogram_quantiles(buckets: dict[float, float], points=PERCENTILES) -> dict[str, float | None]:
+    """Percentiles (ms) from a Prometheus histogram's cumulative ``{upper bound (s): count}``, by linear
+    interpolation inside the bucket (Prometheus' ``histogram_quantile``); the largest finite bound when
+    a percentile falls in the ``+Inf`` bucket; None without samples."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0
+    out = {}
+    for p in points:
+        if total <= 0:
+            out[f"p{p}"] = None
+            continue
+        rank, lower, below = total * p / 100.0, 0.0, 0.0
+        for bound in bounds:
+            count = buckets[bound]
+            if count >= rank:
+                if bound == float("inf"):
+                    value = lower
+                else:
+                    value = lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 1.0)
+                break
+            lower, below = (bound if bound != float("inf") else lower), count
+        out[f"p{p}"] = round(value * 1000.0, 3)
+    return out
+
+
+def server_view(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+    """The server's own latency percentiles per type over the run, from the difference of its
+    ``qlib_server_request_seconds`` histogram (``{type: {bound: count}}``) before and after."""
+    out = {}
+    for kind in sorted(after):
+        buckets = {b: after[kind][b] - before.get(kind, {}).get(b, 0.0) for b in after[kind]}
+        if buckets and max(buckets.values()) > 0:
+            out[kind] = {"count": int(max(buckets.values())), **histogram_quantiles(buckets)}
+    return out
+
+
 def throughput(rows: Rows, elapsed: float) -> float:
     """Requests answered (any outcome) per second of the run."""
     return round(len(rows) / elapsed, 2) if elapsed > 0 else 0.0
@@ -95,6 +147,13 @@ def print_table(summary: dict) -> None:
         for line in lines:
             table.add_row(*map(_fmt, line))
         console.print(table)
+    for title, table in (("by lane (client side)", summary.get("lanes")),
+                         ("the server's view (/metrics histogram)", summary.get("server_view"))):
+        if table:
+            print(f"latency {title}:")
+            for name, v in table.items():
+                print(f"  {name:>12}  n={v['count']:<8} p50 {_fmt(v['p50'])} ms  p90 {_fmt(v['p90'])} ms  "
+                      f"p99 {_fmt(v['p99'])} ms")
     for message, count in summary.get("error_samples", [])[:10]:
         print(f"error x{count}: {message}")
     for message in summary.get("wrong_samples", [])[:10]:

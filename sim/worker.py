@@ -39,6 +39,7 @@ class WorkerSpec:
     seed: int = 0
     timeout: float = 60.0
     connect_timeout: float = 30.0
+    token: str | None = None
 
 
 class Recorder:
@@ -87,7 +88,7 @@ class _Run:
 
     async def connect(self):
         try:
-            return await connect(self.spec.server, timeout=self.spec.connect_timeout)
+            return await connect(self.spec.server, timeout=self.spec.connect_timeout, token=self.spec.token)
         except Exception as exc:  # socketio raises ConnectionError, aiohttp its own
             if self.rec is not None:
                 self.rec.connect_errors += 1
