@@ -48,9 +48,11 @@ class ResultCache:
         value, read_at = self._generation
         now = time.monotonic()
         if now - read_at > self.generation_check:
+            self._generation = (value, now)  # one caller reads; those meanwhile keep the last value
             try:
                 value = int(self.redis.get(keys.GENERATION) or 0)
             except redis.RedisError:
+                self._generation = (value, read_at)
                 return value  # keep the last one seen; the registry reports the outage
             self._generation = (value, now)
         return value

@@ -35,7 +35,7 @@ from qlib.config import C
 from qlib.data.cache import H, CacheUtils, DatasetCache, DiskDatasetCache
 from qlib.utils import code_to_fname, remove_fields_space
 
-from . import keys, storage
+from . import dataset, keys, storage
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +254,11 @@ class ServerDatasetCache(DiskDatasetCache):
         H.clear()  # compute from the files just recorded, not from calendars and features held in memory
         storage.forget()
         calendar = Cal.calendar(freq=freq)
-        features = self.provider.dataset(instruments, fields, calendar[0], calendar[-1], freq,
-                                         inst_processors=inst_processors)
+        if inst_processors:
+            features = self.provider.dataset(instruments, fields, calendar[0], calendar[-1], freq,
+                                             inst_processors=inst_processors)
+        else:
+            features = dataset.dataset(self.provider, instruments, fields, calendar[0], calendar[-1], freq)
         if features.empty:
             write_empty(cache_path, instruments, fields, freq, str(calendar[-1]))
         else:

@@ -8,6 +8,7 @@ with an error.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Callable
 
@@ -41,6 +42,7 @@ class RequestListener:
         self.cache = cache
         self.max_inflight = max_inflight
         self.accepting = True
+        self.joining = Joining()
         responder.resubmit = self.serve
 
     def on_request(self, request_type: str, sid: str, payload: Any) -> None:
@@ -69,31 +71,94 @@ class RequestListener:
     def serve(self, sid: str, request: Request) -> None:
         """Answer a pending request from the result cache, or join it to its task (publishing the task
         when it is the first waiter)."""
+        if self.joining.join(request.key, sid):
+            return  # an identical request of this handler is on its way into the registry: this one goes with it
         cached = self.cache.get(request.key, request.type)
         if cached is not MISS:
             self.metrics.cache_hits.labels(request.type).inc()
             self.responder.deliver(request.type, request.key, response(cached, 0, None), sid)
             return
-        try:
-            self._enqueue(request, sid)
-        except QlibServerError as exc:
-            log.error("cannot queue %s task %s: %s", request.type, request.key, exc)
-            info = f"the server cannot queue this request now: {exc}"
-            try:  # the task will not run: answer every waiter of the key
-                self.responder.answer(request.key, request.type, 2, None, info)
-            except QlibServerError:  # Redis itself is away: answer this client directly
-                self.responder.deliver(request.type, request.key, response(None, 2, info), sid)
+        if self.joining.lead(request.key, sid):
+            self._enqueue(request)
 
-    def _enqueue(self, request: Request, sid: str) -> None:
-        if self.registry.add(request.key, waiter(self.responder.node, sid)):
-            cached = self.cache.get(request.key, request.type)
-            if cached is not MISS:  # answered and cleared between our cache look-up and our add
-                self.responder.answer(request.key, request.type, 0, cached, None)
-                return
-            lane = light_queue(self.task_queue) if request.light else self.task_queue
-            self.broker.publish(lane, request.task(self.cache.generation()))
-            self.metrics.tasks_published.labels(request.type).inc()
-            log.debug("published %s task %s", request.type, request.key)
-        else:
-            self.metrics.dedup_hits.labels(request.type).inc()
-            log.debug("%s joined %s task %s in flight", sid, request.type, request.key)
+    def _enqueue(self, request: Request) -> None:
+        """Add this handler's waiters of ``request`` to the registry, in batches: those that joined
+        while a batch was being added go in the next one. The batch that finds no waiter before it
+        publishes the task."""
+        node, sids = self.responder.node, []
+        try:
+            while sids := self.joining.take(request.key):
+                first = self.registry.add(request.key, *(waiter(node, sid) for sid in sids))
+                if first:
+                    self._publish(request)
+                self.metrics.dedup_hits.labels(request.type).inc(len(sids) - first)
+        except Exception as exc:  # the batch must not be stranded: every request in it is answered
+            if not isinstance(exc, QlibServerError):
+                log.exception("could not queue %s task %s", request.type, request.key)
+            self._refuse(request, sids + self.joining.drain(request.key), exc)
+
+    def _publish(self, request: Request) -> None:
+        cached = self.cache.get(request.key, request.type)
+        if cached is not MISS:  # answered and cleared between our cache look-up and our add
+            self.responder.answer(request.key, request.type, 0, cached, None)
+            return
+        lane = light_queue(self.task_queue) if request.light else self.task_queue
+        self.broker.publish(lane, request.task(self.cache.generation()))
+        self.metrics.tasks_published.labels(request.type).inc()
+        log.debug("published %s task %s", request.type, request.key)
+
+    def _refuse(self, request: Request, sids: list[str], exc: Exception) -> None:
+        """The task will not run: answer every waiter of the key, and ``sids`` directly (Redis may be away)."""
+        log.error("cannot queue %s task %s: %s", request.type, request.key, exc)
+        reason = exc if isinstance(exc, QlibServerError) else "internal error"
+        info = f"the server cannot queue this request now: {reason}"
+        try:
+            self.responder.answer(request.key, request.type, 2, None, info)
+        except QlibServerError:
+            pass
+        for sid in sids:  # those the answer above did not reach (an answer is never sent twice)
+            self.responder.deliver(request.type, request.key, response(None, 2, info), sid)
+
+
+class Joining:
+    """Sessions of this handler on their way into the registry, per request key. While one green
+    thread adds a key's waiters, identical requests join its next batch: a burst of identical
+    requests takes the key's Redis lock a few times, not once per request."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.batches: dict[str, list[str]] = {}
+
+    def join(self, key: str, sid: str) -> bool:
+        """Add ``sid`` to the batch of ``key`` if one is being added; False when there is none."""
+        with self.lock:
+            batch = self.batches.get(key)
+            if batch is not None:
+                batch.append(sid)
+            return batch is not None
+
+    def lead(self, key: str, sid: str) -> bool:
+        """Join the batch of ``key``, or start it: True when the caller starts it and so adds it
+        (:meth:`take` until it is empty)."""
+        with self.lock:
+            batch = self.batches.get(key)
+            if batch is not None:
+                batch.append(sid)
+                return False
+            self.batches[key] = [sid]
+            return True
+
+    def take(self, key: str) -> list[str]:
+        """The sessions that joined ``key`` since the last take; [] ends the batch."""
+        with self.lock:
+            batch = self.batches[key]
+            if not batch:
+                del self.batches[key]
+            taken = batch[:]
+            batch.clear()
+            return taken
+
+    def drain(self, key: str) -> list[str]:
+        """End the batch of ``key``, returning the sessions not taken yet."""
+        with self.lock:
+            return self.batches.pop(key, [])

@@ -54,17 +54,17 @@ class SessionRegistry:
             except redis.RedisError:
                 pass  # the lock expires by itself
 
-    def add(self, key: str, sid: str) -> bool:
-        """Record that ``sid`` waits for ``key``; return True when it is the first waiter."""
+    def add(self, key: str, *sids: str) -> bool:
+        """Record that each of ``sids`` waits for ``key``; return True when they are its first waiters."""
         try:
             with self._locked(key):
                 pipe = self.redis.pipeline()
-                pipe.rpush(keys.waiters(key), sid)
+                pipe.rpush(keys.waiters(key), *sids)
                 pipe.expire(keys.waiters(key), self.ttl)
                 length, _ = pipe.execute()
         except redis.RedisError as exc:
             raise ConnectionLost(f"redis: {exc}") from exc
-        return length == 1
+        return length == len(sids)
 
     @contextmanager
     def answering(self, key: str) -> Iterator[list[str]]:

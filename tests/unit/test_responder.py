@@ -151,3 +151,77 @@ def test_timed_out_requests_are_answered_with_their_ids_and_stock_clients_get_no
     monkeypatch.setattr(time, "monotonic", lambda: 1e12)
     assert node.responder.sweep() == 3
     assert [a["id"] for a in node.sent["s1"]] == ["r1", "r2"] and "id" not in node.sent["s2"][0]
+
+
+def hold_first_add(node: Node, failure: Exception | None = None):
+    """Make the first registry add wait until released (raising ``failure`` then, if given); the
+    calls are counted. Returns (calls, entered, release)."""
+    import threading
+
+    calls, entered, release = [], threading.Event(), threading.Event()
+    add = node.registry.add
+
+    def held(key, *sids):
+        calls.append(len(sids))
+        if len(calls) == 1:
+            entered.set()
+            assert release.wait(10)
+            if failure is not None:
+                raise failure
+        return add(key, *sids)
+
+    node.registry.add = held
+    return calls, entered, release
+
+
+def send_in_thread(node: Node, sid: str, payload: dict):
+    """``sid`` sends ``payload`` from a thread of its own (its add may be held); returns the thread."""
+    import threading
+
+    thread = threading.Thread(target=node.listener.on_request, args=("calendar", sid, payload))
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_identical_requests_arriving_while_the_first_is_added_join_it_and_take_the_lock_once_more(shared, order):
+    import random
+
+    node = Node("a", *shared)
+    calls, entered, release = hold_first_add(node)
+    sids = [f"s{i}" for i in range(40)]
+    random.Random(order).shuffle(sids)
+    first = send_in_thread(node, sids[0], CALENDAR)
+    assert entered.wait(10)
+    for sid in sids[1:]:
+        node.listener.on_request("calendar", sid, CALENDAR)  # each joins the batch being added: no lock taken
+    assert calls == [1]
+    release.set()
+    first.join(10)
+    assert calls == [1, len(sids) - 1], "the followers went into the registry in one batch"
+    [task] = take_tasks(node)
+    node.responder.on_result(result_of(task, ["2019-01-02"]))
+    assert {sid: [a["status"] for a in node.sent[sid]] for sid in sids} == {sid: [0] for sid in sids}
+    assert node.metrics.dedup_hits.labels("calendar")._value.get() == len(sids) - 1
+
+
+def test_a_batch_that_cannot_be_added_answers_every_request_in_it_with_an_error(shared):
+    from qlib_server.errors import ConnectionLost
+
+    node = Node("a", *shared)
+    calls, entered, release = hold_first_add(node, ConnectionLost("redis: connection refused"))
+    sids = [f"s{i}" for i in range(25)]
+    first = send_in_thread(node, sids[0], CALENDAR)
+    assert entered.wait(10)
+    for sid in sids[1:]:
+        node.listener.on_request("calendar", sid, CALENDAR)
+    release.set()
+    first.join(10)
+    assert calls == [1]
+    for sid in sids:
+        [answer] = node.sent[sid]
+        assert answer["status"] == 2 and "cannot queue" in answer["detailed_info"], answer
+        assert node.pending.count(sid) == 0
+    assert take_tasks(node) == []
+    node.listener.on_request("calendar", "later", CALENDAR)  # the batch is gone: the next request starts anew
+    assert len(take_tasks(node)) == 1

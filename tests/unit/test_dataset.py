@@ -1,0 +1,108 @@
+"""The server's dataset computation gives the frame Qlib's ``LocalDatasetProvider.dataset`` gives: the
+same values, index (levels and their dtypes), columns and dtypes, for markets with listing spans,
+lists, any fields and windows, fields that start on different days, and no rows at all."""
+
+import numpy as np
+import pandas as pd
+import pandas.testing as pdt
+import pytest
+import qlib
+
+from qlib_server import dataset, storage
+from qlib_server.datagen import generate_dataset
+
+FIELDS = ["Mean($close, 5)", "Std($close, 20)", "Max( $high, 3 )", "$close > $open", "Ref($volume, 1)", "$late",
+          "Mean($close, 5)", "$late + $close", "Greater($late, $open)"]
+
+
+@pytest.fixture(scope="module")
+def provider(tmp_path_factory):
+    root = generate_dataset(tmp_path_factory.mktemp("dataset") / "data", instruments=12, days=120)
+    codes = sorted(p.name for p in (root / "features").iterdir())
+    for i, code in enumerate(codes[:6]):  # a field that starts later than the others, or is missing
+        start = 10 + 7 * i
+        np.concatenate([[start], np.linspace(1, 2, 120 - start)]).astype("<f4").tofile(
+            root / "features" / code / "late.day.bin")
+    qlib.init(provider_uri=str(root), region="cn", logging_level="ERROR", kernels=1,
+              feature_provider={"class": "LocalFeatureProvider", "kwargs": {"backend": storage.BACKEND}})
+    from qlib.data.data import DatasetD
+
+    return DatasetD._provider
+
+
+def both(provider, instruments, fields, start, end, qlib_builds=False):
+    """The server's frame and Qlib's; unless ``qlib_builds``, the server's is built without Qlib's code."""
+    from qlib.data.cache import H
+
+    H.clear()
+    theirs = provider.dataset(instruments, fields, start, end, "day")
+    H.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        if not qlib_builds:
+            patch.setattr(provider, "dataset", lambda *a, **k: pytest.fail("the frame was left to Qlib"))
+        ours = dataset.dataset(provider, instruments, fields, start, end, "day")
+    return ours, theirs
+
+
+def assert_same_frame(ours, theirs):
+    pdt.assert_frame_equal(ours, theirs, check_exact=True)
+    assert [level.dtype for level in ours.index.levels] == [level.dtype for level in theirs.index.levels]
+    assert ours.index.names == theirs.index.names
+
+
+MARKETS = [{"market": "all", "filter_pipe": []}, {"market": "csi300", "filter_pipe": []},
+           {"market": "csi100", "filter_pipe": []}]
+WINDOWS = [(None, None), ("2018-01-20", "2018-04-10"), ("2018-05-01", "2018-06-29"), ("2018-03-01", "2018-03-01")]
+
+
+@pytest.mark.parametrize("instruments", MARKETS, ids=["all", "csi300", "csi100"])
+@pytest.mark.parametrize("window", WINDOWS, ids=["everything", "middle", "end", "one-day"])
+def test_a_market_gives_qlibs_frame_for_any_window(provider, instruments, window):
+    assert_same_frame(*both(provider, instruments, FIELDS, *window))
+
+
+def test_a_list_of_instruments_with_repeats_and_unknown_codes_gives_qlibs_frame(provider):
+    from qlib.data.data import Cal
+
+    codes = [str(c) for c in provider.get_instruments_d({"market": "all", "filter_pipe": []}, "day")][:5]
+    calendar = Cal.calendar(freq="day")
+    ours, theirs = both(provider, codes[::-1] + codes[:2] + ["SH999999"], FIELDS[:4], calendar[0], calendar[-1])
+    assert_same_frame(ours, theirs)
+    assert len(ours.index.get_level_values(0).unique()) == 5
+
+
+def test_fields_missing_for_every_instrument_give_qlibs_empty_frame(provider):
+    ours, theirs = both(provider, {"market": "all", "filter_pipe": []}, ["$nosuchfield"], None, None, qlib_builds=True)
+    assert ours.empty
+    assert_same_frame(ours, theirs)
+
+
+def test_a_window_with_no_trading_day_gives_qlibs_empty_frame(provider):
+    ours, theirs = both(provider, {"market": "all", "filter_pipe": []}, FIELDS[:2], "2030-01-01", "2030-02-01",
+                        qlib_builds=True)
+    assert ours.empty
+    assert_same_frame(ours, theirs)
+
+
+def test_a_field_qlib_cannot_evaluate_fails_as_it_does_in_qlib(provider):
+    from qlib.data.cache import H
+
+    with pytest.raises(Exception) as theirs:
+        provider.dataset(["SH600000"], ["Mean($close)"], None, None, "day")
+    H.clear()
+    with pytest.raises(type(theirs.value)):
+        dataset.dataset(provider, ["SH600000"], ["Mean($close)"], None, None, "day")
+
+
+def test_an_expression_whose_values_are_not_float32_is_left_to_qlib(provider, monkeypatch):
+    from qlib.data.data import ExpressionD
+
+    original = type(ExpressionD._provider).expression
+
+    def as_float64(self, *args, **kwargs):
+        return original(self, *args, **kwargs).astype(np.float64)
+
+    monkeypatch.setattr(type(ExpressionD._provider), "expression", as_float64)
+    ours, theirs = both(provider, {"market": "csi300", "filter_pipe": []}, FIELDS[:3], None, None, qlib_builds=True)
+    assert set(ours.dtypes) == {np.dtype(np.float64)}
+    assert_same_frame(ours, theirs)
