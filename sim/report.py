@@ -14,18 +14,21 @@ PERCENTILES = (50, 90, 99)
 
 
 class Rows:
-    """All request rows of a run as arrays: type index, start (s after the start), latency (s), outcome."""
+    """All request rows of a run as arrays: type index, start (s after the start), latency (s), outcome,
+    and lane index in :data:`LANES` (by default a calendar or instrument list is light)."""
 
-    def __init__(self, kinds=(), starts=(), latencies=(), outcomes=()):
+    def __init__(self, kinds=(), starts=(), latencies=(), outcomes=(), lanes=None):
         self.kinds = np.asarray(kinds, dtype=np.int8)
         self.starts = np.asarray(starts, dtype=np.float64)
         self.latencies = np.asarray(latencies, dtype=np.float64)
         self.outcomes = np.asarray(outcomes, dtype=np.int8)
+        self.lanes = (np.asarray(lanes, dtype=np.int8) if lanes is not None else
+                      (self.kinds == KINDS.index("feature")).astype(np.int8))
 
     @classmethod
     def concat(cls, parts: list[dict]) -> "Rows":
         return cls(*(np.concatenate([np.asarray(p[name], dtype=float) for p in parts]) if parts else []
-                     for name in ("kinds", "starts", "latencies", "outcomes")))
+                     for name in ("kinds", "starts", "latencies", "outcomes", "lanes")))
 
     def __len__(self) -> int:
         return len(self.kinds)
@@ -53,17 +56,17 @@ def latency_table(rows: Rows) -> dict[str, dict]:
     return out
 
 
-#: the server's task lanes: calendars and plain instrument lists are computed on ``<task_queue>.light``
-LANES = {"light": ("calendar", "instrument"), "feature": ("feature",)}
+#: the server's task lanes: calendars and instrument lists without an ``ExpressionDFilter`` are computed
+#: on ``<task_queue>.light``, everything else (features, expression filters) on the feature lane
+LANES = ("light", "feature")
 
 
 def lane_table(rows: Rows) -> dict[str, dict]:
     """Per lane (see :data:`LANES`): count of answered requests and their latency percentiles (ms)."""
     ok = rows.outcomes == OK
     out = {}
-    for lane, kinds in LANES.items():
-        mask = ok & np.isin(rows.kinds, [KINDS.index(k) for k in kinds])
-        values = rows.latencies[mask]
+    for i, lane in enumerate(LANES):
+        values = rows.latencies[ok & (rows.lanes == i)]
         if values.size:
             out[lane] = {"count": int(values.size), **percentiles(values)}
     return out

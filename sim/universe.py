@@ -87,6 +87,16 @@ class Request:
     def make(cls, kind: str, body: dict) -> "Request":
         return cls(kind, body, request_id(kind, body), server_key(kind, body))
 
+    @property
+    def light(self) -> bool:
+        """Whether the server computes it on its light lane: a calendar, or an instrument list whose
+        filters evaluate no expression."""
+        if self.kind != "instrument":
+            return self.kind == "calendar"
+        market = self.body.get("instruments")
+        pipe = market.get("filter_pipe") or [] if isinstance(market, dict) else []
+        return not any(f.get("filter_type") == "ExpressionDFilter" for f in pipe)
+
 
 class RequestGenerator:
     """Random valid requests of each type over a dataset."""

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .client import connect, pick_encoding, request
+from .report import LANES
 from .universe import KINDS, Dataset, Request, Sampler, Universe
 
 OK, BAD_STATUS, TIMEOUT, DISCONNECTED = 0, 1, 2, 3
@@ -43,7 +44,7 @@ class WorkerSpec:
 
 
 class Recorder:
-    """Per-request rows (type, start offset, latency, outcome), error messages and distinct answers."""
+    """Per-request rows (type, start offset, latency, outcome, lane), error messages and distinct answers."""
 
     def __init__(self, t0: float):
         self.t0 = t0
@@ -51,6 +52,7 @@ class Recorder:
         self.starts: list[float] = []
         self.latencies: list[float] = []
         self.outcomes: list[int] = []
+        self.lanes: list[int] = []
         self.errors: Counter[str] = Counter()
         self.connect_errors = 0
         self.answers: dict[tuple[str, str], list] = {}
@@ -61,6 +63,7 @@ class Recorder:
         self.starts.append(started - self.t0)
         self.latencies.append(latency)
         self.outcomes.append(outcome)
+        self.lanes.append(LANES.index("light" if req.light else "feature"))
         if outcome != OK:
             self.errors[f"{req.kind}: {OUTCOMES[outcome]}: {detail}"[:300]] += 1
             return
@@ -73,7 +76,7 @@ class Recorder:
 
     def export(self) -> dict:
         return {"kinds": self.kinds, "starts": self.starts, "latencies": self.latencies, "outcomes": self.outcomes,
-                "errors": dict(self.errors), "connect_errors": self.connect_errors,
+                "lanes": self.lanes, "errors": dict(self.errors), "connect_errors": self.connect_errors,
                 "answers": [(*key, *value) for key, value in self.answers.items()]}
 
 

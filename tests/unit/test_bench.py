@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the sim package 
 from sim import bench  # noqa: E402
 from sim.bench_measure import cold_fields, light_bodies, pct  # noqa: E402
 from sim.bench_report import comparison, goals, row  # noqa: E402
-from sim.report import Rows, histogram_quantiles, lane_table, server_view  # noqa: E402
-from sim.universe import KINDS  # noqa: E402
+from sim.report import LANES, Rows, histogram_quantiles, lane_table, server_view  # noqa: E402
+from sim.universe import KINDS, Request  # noqa: E402
 
 
 def results(scale=1.0):
@@ -122,3 +122,17 @@ def test_the_server_view_is_the_histogram_of_the_run_only():
     after = {"calendar": {0.01: 100.0, float("inf"): 110.0}, "feature": {0.01: 0.0, float("inf"): 0.0}}
     view = server_view(before, after)
     assert list(view) == ["calendar"] and view["calendar"]["count"] == 10 and view["calendar"]["p50"] == 10.0
+
+
+def test_an_instrument_list_with_an_expression_filter_counts_in_the_feature_lane_as_the_server_computes_it():
+    plain = Request.make("instrument", {"instruments": {"market": "csi300", "filter_pipe": [
+        {"filter_type": "NameDFilter", "name_rule_re": "SH.*"}]}, "start_time": None, "end_time": None,
+        "freq": "day", "as_list": True})
+    filtered = Request.make("instrument", {**plain.body, "instruments": {"market": "csi300", "filter_pipe": [
+        {"filter_type": "ExpressionDFilter", "rule_expression": "$close>10"}]}})
+    calendar = Request.make("calendar", {"start_time": None, "end_time": None, "freq": "day", "future": False})
+    assert (calendar.light, plain.light, filtered.light) == (True, True, False)
+    kinds = [KINDS.index(k) for k in ("calendar", "instrument", "instrument")]
+    lanes = lane_table(Rows(kinds, [0, 0, 0], [0.001, 0.003, 5.0], [0, 0, 0],
+                            [LANES.index("light" if r.light else "feature") for r in (calendar, plain, filtered)]))
+    assert lanes["light"]["count"] == 2 and lanes["feature"]["count"] == 1 and lanes["feature"]["p50"] == 5000.0
