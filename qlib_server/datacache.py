@@ -254,11 +254,7 @@ class ServerDatasetCache(DiskDatasetCache):
         H.clear()  # compute from the files just recorded, not from calendars and features held in memory
         storage.forget()
         calendar = Cal.calendar(freq=freq)
-        if inst_processors:
-            features = self.provider.dataset(instruments, fields, calendar[0], calendar[-1], freq,
-                                             inst_processors=inst_processors)
-        else:
-            features = dataset.dataset(self.provider, instruments, fields, calendar[0], calendar[-1], freq)
+        features = dataset.dataset(self.provider, instruments, fields, calendar[0], calendar[-1], freq, inst_processors)
         if features.empty:
             write_empty(cache_path, instruments, fields, freq, str(calendar[-1]))
         else:

@@ -18,16 +18,19 @@ class _Unusual(Exception):
     """A series this module does not assemble itself."""
 
 
-def dataset(provider, instruments, fields, start_time, end_time, freq: str) -> pd.DataFrame:
-    """``provider.dataset(instruments, fields, start_time, end_time, freq)`` for Qlib's
-    ``LocalDatasetProvider`` ``provider``, built without a frame per instrument."""
+def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=()) -> pd.DataFrame:
+    """``provider.dataset(instruments, fields, start_time, end_time, freq, inst_processors)`` for Qlib's
+    ``LocalDatasetProvider`` ``provider``, built without a frame per instrument (with no ``inst_processors``)."""
     from qlib.data.data import Cal, ExpressionD, LocalExpressionProvider
     from qlib.utils import normalize_cache_fields, remove_fields_space
 
+    def by_qlib():
+        return provider.dataset(instruments, fields, start_time, end_time, freq, inst_processors=list(inst_processors))
+
     window = Cal.calendar(start_time, end_time, freq)
-    if type(getattr(ExpressionD, "_provider", None)) is not LocalExpressionProvider or not provider.align_time \
-            or len(window) == 0:
-        return provider.dataset(instruments, fields, start_time, end_time, freq)
+    if inst_processors or type(getattr(ExpressionD, "_provider", None)) is not LocalExpressionProvider \
+            or not provider.align_time or len(window) == 0:
+        return by_qlib()
     instruments_d = provider.get_instruments_d(instruments, freq)
     column_names = provider.get_column_names(fields)
     names = normalize_cache_fields(column_names)
@@ -46,9 +49,9 @@ def dataset(provider, instruments, fields, start_time, end_time, freq: str) -> p
                 positions.append(where)
                 values.append(arrays)
     except _Unusual:
-        return provider.dataset(instruments, fields, start_time, end_time, freq)
+        return by_qlib()
     if not kept:
-        return provider.dataset(instruments, fields, start_time, end_time, freq)  # Qlib's empty frame, no rows read
+        return by_qlib()  # Qlib's own empty frame (it evaluates the expressions again: they gave no rows)
     where = np.concatenate(positions)
     index = pd.MultiIndex.from_arrays(
         [np.repeat(np.array(kept, dtype=object), [len(p) for p in positions]), pd.DatetimeIndex(times[where])],

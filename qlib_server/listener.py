@@ -93,8 +93,8 @@ class RequestListener:
                     self._publish(request)
                 self.metrics.dedup_hits.labels(request.type).inc(len(sids) - first)
         except Exception as exc:  # the batch must not be stranded: every request in it is answered
-            if not isinstance(exc, QlibServerError):
-                log.exception("could not queue %s task %s", request.type, request.key)
+            log.error("cannot queue %s task %s: %s", request.type, request.key, exc,
+                      exc_info=not isinstance(exc, QlibServerError))
             self._refuse(request, sids + self.joining.drain(request.key), exc)
 
     def _publish(self, request: Request) -> None:
@@ -109,7 +109,6 @@ class RequestListener:
 
     def _refuse(self, request: Request, sids: list[str], exc: Exception) -> None:
         """The task will not run: answer every waiter of the key, and ``sids`` directly (Redis may be away)."""
-        log.error("cannot queue %s task %s: %s", request.type, request.key, exc)
         reason = exc if isinstance(exc, QlibServerError) else "internal error"
         info = f"the server cannot queue this request now: {reason}"
         try:
