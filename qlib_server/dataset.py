@@ -2,10 +2,10 @@
 index, columns and dtypes), without a DataFrame per instrument.
 
 Qlib evaluates each instrument's expressions, then builds, re-indexes and masks one frame per
-instrument and concatenates them all: the frames took half of a cold task. Here Qlib evaluates the
-expressions as usual, only their arrays are kept, and the frame is built once. Whatever this module
-does not build itself (an expression cache in between, a value that is not float32, an index that is
-not increasing calendar positions) is computed by Qlib's own code instead.
+instrument and concatenates them all. Here the engine (:mod:`qlib_server.engine`) evaluates the
+expressions for blocks of instruments at once (Qlib, field by field, where the engine leaves one to it)
+and the frame is built once. What this module does not build itself (an expression cache in between,
+``inst_processors``, a provider that does not align to the calendar) is computed by Qlib's own code.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import numpy as np
 import pandas as pd
 
 
-class _Unusual(Exception):
-    """A series this module does not assemble itself."""
-
-
 def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=()) -> pd.DataFrame:
     """``provider.dataset(instruments, fields, start_time, end_time, freq, inst_processors)`` for Qlib's
     ``LocalDatasetProvider`` ``provider``, built without a frame per instrument (with no ``inst_processors``)."""
+    from qlib.config import C
     from qlib.data.data import Cal, ExpressionD, LocalExpressionProvider
     from qlib.utils import normalize_cache_fields, remove_fields_space
+
+    from .engine import features
+    from .engine.values import Unsupported
 
     def by_qlib():
         return provider.dataset(instruments, fields, start_time, end_time, freq, inst_processors=list(inst_processors))
@@ -36,19 +36,31 @@ def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst
     names = normalize_cache_fields(column_names)
     spans_of = instruments_d if isinstance(instruments_d, dict) else dict.fromkeys(instruments_d)
     times = pd.DatetimeIndex(Cal.calendar(freq=freq)).to_numpy()  # the unit pandas infers, as for Qlib's frames
+    _, _, start_index, end_index = Cal.locate_index(window[0], window[-1], freq=freq, future=False)
+
+    def extent_of(expression):
+        left, right = expression.get_extended_window_size()
+        if not (np.isfinite(left) and np.isfinite(right)):
+            raise Unsupported(f"look-back {left}, look-ahead {right}")
+        return max(0, start_index - int(left)), end_index + int(right)
+
     kept, positions, values = [], [], []
     try:
-        for inst in sorted(spans_of):
-            series = [ExpressionD.expression(inst, name, window[0], window[-1], freq) for name in names]
-            where, arrays = _aligned(series)
-            if len(where) and spans_of[inst] is not None:
-                keep = _within(times[where], spans_of[inst])
-                where, arrays = where[keep], [a[keep] for a in arrays]
-            if len(where):
-                kept.append(inst)
-                positions.append(where)
-                values.append(arrays)
-    except _Unusual:
+        for block in features.blocks(
+                sorted(spans_of), names, start_index, end_index, freq,
+                expression_of=ExpressionD.get_expression_instance, extent_of=extent_of,
+                read=features.feature_reader(C.dpm.get_data_uri(freq), freq),
+                by_qlib=lambda inst, name: ExpressionD.expression(inst, name, window[0], window[-1], freq)):
+            present = np.logical_or.reduce(block.present) if block.present else None
+            for i, inst in enumerate(block.instruments):
+                where = np.flatnonzero(present[i]) + start_index
+                if len(where) and spans_of[inst] is not None:
+                    where = where[_within(times[where], spans_of[inst])]
+                if len(where):
+                    kept.append(inst)
+                    positions.append(where)
+                    values.append([v[i, where - start_index] for v in block.values])
+    except Unsupported:
         return by_qlib()
     if not kept:
         return by_qlib()  # Qlib's own empty frame (it evaluates the expressions again: they gave no rows)
@@ -62,20 +74,6 @@ def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst
         k = column_of[remove_fields_space(column)]
         block[:, j] = np.concatenate([arrays[k] for arrays in values])
     return pd.DataFrame(block, index=index, columns=[str(c) for c in column_names])
-
-
-def _aligned(series: list[pd.Series]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The calendar positions of one instrument's rows and each expression's values on them: the
-    union of their indexes, missing values NaN (as a DataFrame of these series holds them)."""
-    for s in series:
-        if s.dtype != np.float32 or not pd.api.types.is_integer_dtype(s.index.dtype) \
-                or not (s.index.is_monotonic_increasing and s.index.is_unique):
-            raise _Unusual
-    first = series[0].index
-    if all(s.index.equals(first) for s in series[1:]):
-        return first.to_numpy(dtype=np.int64), [s.to_numpy() for s in series]
-    where = np.unique(np.concatenate([s.index.to_numpy(dtype=np.int64) for s in series]))
-    return where, [s.reindex(where).to_numpy() for s in series]
 
 
 def _within(times: np.ndarray, spans) -> np.ndarray:

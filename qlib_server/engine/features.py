@@ -1,0 +1,154 @@
+"""A request's fields for every instrument, computed by blocks of instruments with the engine, and by Qlib
+for what the engine leaves to it.
+
+For each field this gives what Qlib's ``LocalExpressionProvider.expression`` gives for each instrument: the
+expression loaded over its query range (the field's start minus its look-back, to its end plus its
+look-ahead), cast to float32, cut to ``[start, end]``. Where the engine meets something it does not model
+(:class:`Unsupported`), that field is computed by Qlib for that block of instruments, the reason logged and
+counted in :data:`FALLBACKS`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+from qlib.data import base
+
+from .evaluate import Evaluator
+from .values import Series, Unsupported
+
+log = logging.getLogger(__name__)
+
+#: fields computed by Qlib instead of the engine, by reason (this process, since it started)
+FALLBACKS: collections.Counter = collections.Counter()
+#: instruments per block: bounds a worker's memory whatever the market's size
+BLOCK = 128
+
+
+@dataclass
+class Block:
+    """The fields of a block of instruments over calendar positions ``[start, end]``.
+
+    ``values[c]`` is field ``c``'s float32 array of shape ``(n, end - start + 1)``; ``present[c]`` says where
+    Qlib's series of that field has an index entry (a row exists for it, its value possibly NaN)."""
+
+    instruments: list
+    start: int
+    end: int
+    values: list
+    present: list
+
+
+def blocks(instruments: list, names: list, start: int, end: int, freq: str, *, expression_of: Callable,
+           extent_of: Callable, read: Callable, by_qlib: Callable, size: int = BLOCK) -> Iterator[Block]:
+    """The fields ``names`` (Qlib field strings) of ``instruments``, by blocks of ``size``.
+
+    ``expression_of(name)`` is Qlib's expression object; ``extent_of(expression)`` its query range for
+    ``[start, end]``; ``read(instrument, field)`` a raw feature file (or None); ``by_qlib(instrument, name)``
+    Qlib's own series for one instrument (a pandas Series on calendar positions)."""
+    expressions = [expression_of(name) for name in names]
+    extents = []
+    for name, expression in zip(names, expressions):
+        try:
+            extents.append(extent_of(expression))
+        except Unsupported as reason:
+            log.info("field %s computed by Qlib: %s", name, reason)
+            extents.append(None)
+    uses = [_subexpressions(e) for e in expressions]
+    for first in range(0, len(instruments), size):
+        chunk = instruments[first:first + size]
+        files: dict = {}
+
+        def cached_read(instrument, field):
+            key = (instrument, field)
+            if key not in files:
+                files[key] = read(instrument, field)
+            return files[key]
+
+        evaluators: dict = {}
+        values, present = [], []
+        for c, (name, expression, extent) in enumerate(zip(names, expressions, extents)):
+            try:
+                if extent is None:
+                    raise Unsupported("its query range")
+                evaluator = evaluators.get(extent)
+                if evaluator is None:
+                    evaluator = evaluators[extent] = Evaluator(chunk, extent[0], extent[1], cached_read)
+                series = evaluator.series(expression)
+                array, where = _cut(series, extent[0], start, end)
+            except Unsupported as reason:
+                FALLBACKS[str(reason)] += 1
+                log.info("field %s computed by Qlib for %d instruments: %s", name, len(chunk), reason)
+                array, where = _by_qlib(chunk, name, start, end, by_qlib)
+            values.append(array)
+            present.append(where)
+            later = set().union(*uses[c + 1:]) if c + 1 < len(uses) else set()
+            for evaluator in evaluators.values():  # keep only what a later field of this block reuses
+                for key in [k for k in evaluator.memo if k not in later]:
+                    del evaluator.memo[key]
+        yield Block(chunk, start, end, values, present)
+
+
+def _subexpressions(expression) -> set:
+    """``str`` of the expression and of every expression inside it (the evaluator's memo keys)."""
+    found, stack = set(), [expression]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, base.Expression):
+            found.add(str(e))
+            stack.extend(vars(e).values())
+    return found
+
+
+def _cut(series: Series, offset: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """Qlib's ``series.astype(np.float32).loc[start:end]``: the values on ``[start, end]`` and where the
+    series has an index entry there."""
+    n, width = series.data.shape
+    data = series.data
+    if data.dtype.kind not in "fiub":
+        raise Unsupported(f"a field of {data.dtype} values")
+    out = np.full((n, end - start + 1), np.nan, dtype=np.float32)
+    where = np.zeros(out.shape, dtype=bool)
+    lo = np.maximum(series.lo + offset, start)
+    hi = np.minimum(series.hi + offset, end + 1)
+    for i in range(n):
+        if lo[i] < hi[i]:
+            out[i, lo[i] - start:hi[i] - start] = data[i, lo[i] - offset:hi[i] - offset]
+            where[i, lo[i] - start:hi[i] - start] = True
+    return out, where
+
+
+def _by_qlib(chunk: list, name: str, start: int, end: int, by_qlib: Callable) -> tuple[np.ndarray, np.ndarray]:
+    out = np.full((len(chunk), end - start + 1), np.nan, dtype=np.float32)
+    where = np.zeros(out.shape, dtype=bool)
+    for i, instrument in enumerate(chunk):
+        s = by_qlib(instrument, name)
+        if len(s) == 0:
+            continue
+        if s.dtype != np.float32:
+            raise Unsupported(f"Qlib gave {s.dtype} values for {name}")  # the caller leaves the request to Qlib
+        positions = s.index.to_numpy(dtype=np.int64) - start
+        out[i, positions] = s.to_numpy()
+        where[i, positions] = True
+    return out, where
+
+
+def feature_reader(data_root: Path, freq: str) -> Callable[[str, str], Optional[np.ndarray]]:
+    """``read(instrument, field)`` of a Qlib data directory, as Qlib's file storage finds the file."""
+    from qlib.utils import code_to_fname
+
+    features = Path(data_root) / "features"
+
+    def read(instrument: str, field: str) -> Optional[np.ndarray]:
+        path = features / code_to_fname(instrument).lower() / f"{field.lower()}.{freq.lower()}.bin"
+        try:
+            return np.fromfile(path, dtype="<f4")
+        except FileNotFoundError:
+            return None
+
+    return read
