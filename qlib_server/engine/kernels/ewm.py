@@ -1,0 +1,84 @@
+"""Exponentially weighted mean, bit for bit as pandas' Cython ``ewm`` kernel (3.1.1).
+
+pandas turns every parametrisation into a centre of mass first (``span``: ``(span - 1) / 2``; ``alpha``:
+``(1 - alpha) / alpha``) and the kernel then uses ``alpha = 1 / (1 + com)``. That float round trip is not the
+identity: ``ewm(alpha=2 / (N + 1))`` and even ``ewm(alpha=<pandas' own span alpha>)`` differ from
+``ewm(span=N)`` in the last bits for many N (5, 10, 11, 22, ...). Hence :func:`ewm_mean_com` is the kernel and
+:func:`ewm_mean` / :func:`ewm_mean_span` derive ``com`` exactly as pandas does.
+"""
+
+import numba
+import numpy as np
+
+from .windows import JIT, clean_row, nan_output
+
+
+def ewm_com_from_alpha(alpha):
+    """The centre of mass pandas derives from ``ewm(alpha=alpha)``."""
+    alpha = float(alpha)
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError("alpha must satisfy: 0 < alpha <= 1")
+    return (1 - alpha) / alpha
+
+
+def ewm_com_from_span(span):
+    """The centre of mass pandas derives from ``ewm(span=span)``."""
+    if span < 1:
+        raise ValueError("span must satisfy: span >= 1")
+    return float((span - 1) / 2)
+
+
+def ewm_span_alpha(span):
+    """The smoothing factor pandas' kernel actually uses for ``ewm(span=span)``: ``1 / (1 + (span - 1) / 2)``.
+
+    Not an argument for :func:`ewm_mean` (pandas would round-trip it through ``com`` again): use
+    :func:`ewm_mean_span`."""
+    return 1.0 / (1.0 + ewm_com_from_span(span))
+
+
+@numba.njit(**JIT)
+def _ewm_row(v, out, com):
+    """pandas' ewm(adjust=True, ignore_na=False, normalize=True, minp=1) over one row."""
+    alpha = 1.0 / (1.0 + com)
+    old_wt_factor = 1.0 - alpha
+    new_wt = 1.0
+    if v.shape[0] == 0:
+        return
+    weighted = v[0]
+    nobs = 1 if weighted == weighted else 0
+    out[0] = weighted if nobs >= 1 else np.nan
+    old_wt = 1.0
+    for i in range(1, v.shape[0]):
+        cur = v[i]
+        observed = cur == cur
+        if observed:
+            nobs += 1
+        if weighted == weighted:
+            old_wt *= old_wt_factor
+            if observed:
+                if weighted != cur:
+                    weighted = old_wt * weighted + new_wt * cur
+                    weighted /= old_wt + new_wt
+                old_wt += new_wt
+        elif observed:
+            weighted = cur
+        out[i] = weighted if nobs >= 1 else np.nan
+
+
+@numba.njit(**JIT)
+def ewm_mean_com(x, lo, hi, com):
+    """``Series.ewm(com=com, min_periods=1).mean()`` (adjust=True, ignore_na=False)."""
+    out = nan_output(x)
+    for i in range(x.shape[0]):
+        _ewm_row(clean_row(x, i, lo[i], hi[i]), out[i, lo[i]:hi[i]], com)
+    return out
+
+
+def ewm_mean(x, lo, hi, alpha):
+    """``Series.ewm(alpha=alpha, min_periods=1).mean()`` (adjust=True, ignore_na=False)."""
+    return ewm_mean_com(x, lo, hi, ewm_com_from_alpha(alpha))
+
+
+def ewm_mean_span(x, lo, hi, span):
+    """``Series.ewm(span=span, min_periods=1).mean()`` (adjust=True, ignore_na=False): Qlib's EMA for N >= 1."""
+    return ewm_mean_com(x, lo, hi, ewm_com_from_span(span))
