@@ -17,7 +17,6 @@ import pandas as pd
 def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=()) -> pd.DataFrame:
     """``provider.dataset(instruments, fields, start_time, end_time, freq, inst_processors)`` for Qlib's
     ``LocalDatasetProvider`` ``provider``, built without a frame per instrument (with no ``inst_processors``)."""
-    from qlib.config import C
     from qlib.data.data import Cal, ExpressionD, LocalExpressionProvider
     from qlib.utils import normalize_cache_fields, remove_fields_space
 
@@ -36,30 +35,18 @@ def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst
     names = normalize_cache_fields(column_names)
     spans_of = instruments_d if isinstance(instruments_d, dict) else dict.fromkeys(instruments_d)
     times = pd.DatetimeIndex(Cal.calendar(freq=freq)).to_numpy()  # the unit pandas infers, as for Qlib's frames
-    _, _, start_index, end_index = Cal.locate_index(window[0], window[-1], freq=freq, future=False)
-
-    def extent_of(expression):
-        left, right = expression.get_extended_window_size()
-        if not (np.isfinite(left) and np.isfinite(right)):
-            raise Unsupported(f"look-back {left}, look-ahead {right}")
-        return max(0, start_index - int(left)), end_index + int(right)
-
     kept, positions, values = [], [], []
     try:
-        for block in features.blocks(
-                sorted(spans_of), names, start_index, end_index, freq,
-                expression_of=ExpressionD.get_expression_instance, extent_of=extent_of,
-                read=features.feature_reader(C.dpm.get_data_uri(freq), freq),
-                by_qlib=lambda inst, name: ExpressionD.expression(inst, name, window[0], window[-1], freq)):
+        for block in features.of_qlib(sorted(spans_of), names, window[0], window[-1], freq):
             present = np.logical_or.reduce(block.present) if block.present else None
             for i, inst in enumerate(block.instruments):
-                where = np.flatnonzero(present[i]) + start_index
+                where = np.flatnonzero(present[i]) + block.start
                 if len(where) and spans_of[inst] is not None:
                     where = where[_within(times[where], spans_of[inst])]
                 if len(where):
                     kept.append(inst)
                     positions.append(where)
-                    values.append([v[i, where - start_index] for v in block.values])
+                    values.append([v[i, where - block.start] for v in block.values])
     except Unsupported:
         return by_qlib()
     if not kept:

@@ -105,6 +105,8 @@ class Evaluator:
     def _binary(self, e, func) -> Series:
         left, right = self.value(e.feature_left), self.value(e.feature_right)
         if isinstance(left, Series) and isinstance(right, Series):
+            if func in _NOT_FOR_BOOLEANS and left.data.dtype == right.data.dtype == np.bool_:
+                raise Unsupported(f"{type(e).__name__} of two boolean series (pandas refuses it)")
             if not left.same_spans(right):
                 if func not in _ALIGNING:
                     raise Unsupported(f"{type(e).__name__} of series with different indexes (Qlib: not aligned)")
@@ -184,6 +186,7 @@ _BINARY = {
     ops.Gt: operator.gt, ops.Ge: operator.ge, ops.Lt: operator.lt, ops.Le: operator.le,
     ops.Eq: operator.eq, ops.Ne: operator.ne, ops.And: operator.and_, ops.Or: operator.or_,
 }
+_NOT_FOR_BOOLEANS = {operator.truediv, operator.pow}
 # Those pandas aligns (union of indexes, NaN where one side has no value); comparisons of differently
 # indexed Series raise in pandas, and & | of them turn booleans into objects.
 _ALIGNING = {operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, np.maximum, np.minimum}

@@ -94,6 +94,26 @@ def blocks(instruments: list, names: list, start: int, end: int, freq: str, *, e
         yield Block(chunk, start, end, values, present)
 
 
+def of_qlib(instruments: list, names: list, start_time, end_time, freq: str, size: int = BLOCK) -> Iterator[Block]:
+    """:func:`blocks` for the fields ``names`` of ``instruments`` over ``[start_time, end_time]``, as Qlib's
+    ``LocalExpressionProvider.expression`` would compute each (Qlib must be initialised)."""
+    from qlib.config import C
+    from qlib.data.data import Cal, ExpressionD
+
+    _, _, start, end = Cal.locate_index(start_time, end_time, freq=freq, future=False)
+
+    def extent_of(expression):
+        left, right = expression.get_extended_window_size()
+        if not (np.isfinite(left) and np.isfinite(right)):
+            raise Unsupported(f"look-back {left}, look-ahead {right}")
+        return max(0, start - int(left)), end + int(right)
+
+    return blocks(instruments, names, start, end, freq, expression_of=ExpressionD.get_expression_instance,
+                  extent_of=extent_of, read=feature_reader(C.dpm.get_data_uri(freq), freq),
+                  by_qlib=lambda inst, name: ExpressionD.expression(inst, name, start_time, end_time, freq),
+                  size=size)
+
+
 def _subexpressions(expression) -> set:
     """``str`` of the expression and of every expression inside it (the evaluator's memo keys)."""
     found, stack = set(), [expression]

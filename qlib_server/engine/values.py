@@ -34,7 +34,7 @@ class Series:
 
     def float64(self) -> np.ndarray:
         """The data as pandas' window operations take it (``float64``, C-contiguous)."""
-        if self.data.dtype == np.bool_ or self.data.dtype.kind not in "fiub":
+        if self.data.dtype.kind not in "fiub":
             raise Unsupported(f"a window over {self.data.dtype} values")
         return np.ascontiguousarray(self.data, dtype=np.float64)
 

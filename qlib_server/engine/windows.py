@@ -13,7 +13,7 @@ import importlib
 import numpy as np
 from qlib.data import ops
 
-from .values import Series, Unsupported
+from .values import Series, Unsupported, union
 
 _KERNEL_MODULES = ("windows", "pairs", "qlib_windows", "regression", "moments")
 
@@ -100,7 +100,10 @@ def _pair(evaluator, e) -> Series:
     if not (isinstance(left, Series) and isinstance(right, Series)):
         raise Unsupported(f"{type(e).__name__} with a constant operand")
     if not left.same_spans(right):
-        raise Unsupported(f"{type(e).__name__} of series with different indexes")
+        if type(e) is ops.Corr:  # Qlib's mask combines arrays of two lengths: it raises
+            raise Unsupported("Corr of series with different indexes")
+        left, right, lo, hi = union(left, right)  # pandas aligns the pair (then NaN on one side is NaN on both)
+        left, right = Series(left.data, lo, hi), Series(right.data, lo, hi)
     window = _window(e)
     if window == 0:
         raise Unsupported(f"{type(e).__name__} over an expanding window (Qlib's look-back is -inf)")
