@@ -126,6 +126,13 @@ def _idx_extreme(x, lo, hi, window, sign):
                 count -= math.isfinite(row[p - window])
             if count == 0:
                 continue
+            if window == 0 and p > a and out[i, p - 1] == out[i, p - 1]:  # expanding: extend p - 1's answer
+                best = s + int(out[i, p - 1]) - 1
+                if math.isfinite(row[best]) and (
+                        not math.isfinite(row[p]) or sign * row[p] > sign * row[best]):
+                    best = p
+                out[i, p] = float(best - s + 1)
+                continue
             best = s
             for k in range(s, p + 1):
                 v = row[k]
