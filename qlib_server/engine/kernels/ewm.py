@@ -1,10 +1,10 @@
 """Exponentially weighted mean, bit for bit as pandas' Cython ``ewm`` kernel (3.1.1).
 
 pandas turns every parametrisation into a centre of mass first (``span``: ``(span - 1) / 2``; ``alpha``:
-``(1 - alpha) / alpha``) and the kernel then uses ``alpha = 1 / (1 + com)``. That float round trip is not the
-identity: ``ewm(alpha=2 / (N + 1))`` and even ``ewm(alpha=<pandas' own span alpha>)`` differ from
-``ewm(span=N)`` in the last bits for many N (5, 10, 11, 22, ...). Hence :func:`ewm_mean_com` is the kernel and
-:func:`ewm_mean` / :func:`ewm_mean_span` derive ``com`` exactly as pandas does.
+``(1 - alpha) / alpha``) and its kernel then uses ``alpha = 1 / (1 + com)`` and ``1 - alpha``. The alpha of
+``ewm(alpha=a)`` is therefore not always ``a`` to the last bit, but the weights ``1 - alpha`` that the
+recursion multiplies by are: ``ewm(alpha=ewm_span_alpha(N))`` equals ``ewm(span=N)`` bit for bit (tested
+for every N up to 10**5).
 """
 
 import numba
@@ -29,10 +29,7 @@ def ewm_com_from_span(span):
 
 
 def ewm_span_alpha(span):
-    """The smoothing factor pandas' kernel actually uses for ``ewm(span=span)``: ``1 / (1 + (span - 1) / 2)``.
-
-    Not an argument for :func:`ewm_mean` (pandas would round-trip it through ``com`` again): use
-    :func:`ewm_mean_span`."""
+    """The smoothing factor pandas' kernel uses for ``ewm(span=span)``: ``1 / (1 + (span - 1) / 2)``."""
     return 1.0 / (1.0 + ewm_com_from_span(span))
 
 
@@ -78,7 +75,3 @@ def ewm_mean(x, lo, hi, alpha):
     """``Series.ewm(alpha=alpha, min_periods=1).mean()`` (adjust=True, ignore_na=False)."""
     return ewm_mean_com(x, lo, hi, ewm_com_from_alpha(alpha))
 
-
-def ewm_mean_span(x, lo, hi, span):
-    """``Series.ewm(span=span, min_periods=1).mean()`` (adjust=True, ignore_na=False): Qlib's EMA for N >= 1."""
-    return ewm_mean_com(x, lo, hi, ewm_com_from_span(span))
