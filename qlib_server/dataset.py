@@ -35,32 +35,31 @@ def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst
     names = normalize_cache_fields(column_names)
     spans_of = instruments_d if isinstance(instruments_d, dict) else dict.fromkeys(instruments_d)
     times = pd.DatetimeIndex(Cal.calendar(freq=freq)).to_numpy()  # the unit pandas infers, as for Qlib's frames
-    kept, positions, values = [], [], []
+    codes, positions, columns = [], [], [[] for _ in names]
     try:
         for block in features.of_qlib(sorted(spans_of), names, window[0], window[-1], freq):
-            present = np.logical_or.reduce(block.present) if block.present else None
+            rows = np.logical_or.reduce(block.present)  # (instruments, days): where any field has an entry
+            days = times[block.start:block.end + 1]
             for i, inst in enumerate(block.instruments):
-                where = np.flatnonzero(present[i]) + block.start
-                if len(where) and spans_of[inst] is not None:
-                    where = where[_within(times[where], spans_of[inst])]
-                if len(where):
-                    kept.append(inst)
-                    positions.append(where)
-                    values.append([v[i, where - block.start] for v in block.values])
+                if spans_of[inst] is not None:
+                    rows[i] &= _within(days, spans_of[inst])
+            which, day = np.nonzero(rows)  # instrument by instrument, days in order
+            codes.append(np.array(block.instruments, dtype=object)[which])
+            positions.append(day + block.start)
+            for values, column in zip(block.values, columns):
+                column.append(values[rows])
     except Unsupported:
         return by_qlib()
-    if not kept:
+    where = np.concatenate(positions) if positions else np.array([], dtype=np.int64)
+    if not len(where):
         return by_qlib()  # Qlib's own empty frame (it evaluates the expressions again: they gave no rows)
-    where = np.concatenate(positions)
-    index = pd.MultiIndex.from_arrays(
-        [np.repeat(np.array(kept, dtype=object), [len(p) for p in positions]), pd.DatetimeIndex(times[where])],
-        names=["instrument", "datetime"])
+    index = pd.MultiIndex.from_arrays([np.concatenate(codes), pd.DatetimeIndex(times[where])],
+                                      names=["instrument", "datetime"])
     column_of = {name: j for j, name in enumerate(names)}
-    block = np.empty((len(where), len(column_names)), dtype=np.float32)
+    data = np.empty((len(column_names), len(where)), dtype=np.float32)  # pandas keeps a frame's columns so
     for j, column in enumerate(column_names):
-        k = column_of[remove_fields_space(column)]
-        block[:, j] = np.concatenate([arrays[k] for arrays in values])
-    return pd.DataFrame(block, index=index, columns=[str(c) for c in column_names])
+        data[j] = np.concatenate(columns[column_of[remove_fields_space(column)]])
+    return pd.DataFrame(data.T, index=index, columns=[str(c) for c in column_names], copy=False)
 
 
 def _within(times: np.ndarray, spans) -> np.ndarray:

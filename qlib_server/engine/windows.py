@@ -15,7 +15,7 @@ from qlib.data import ops
 
 from .values import Series, Unsupported, union
 
-_KERNEL_MODULES = ("windows", "pairs", "qlib_windows", "regression", "moments")
+_KERNEL_MODULES = ("windows", "moments", "ewm", "pairs", "qlib_windows", "regression")
 
 
 def kernel(name: str):
@@ -62,13 +62,13 @@ def compute(evaluator, e) -> Series:
             return _out(x, kernel("ewm_mean")(x.float64(), x.lo, x.hi, float(e.N)))
         window = _window(e)
         if e.func == "rank":  # Rolling(x, N, "rank"): pandas' rank, not a percentile
-            return _out(x, kernel("rolling_rank")(x.float64(), x.lo, x.hi, window, False))
+            return _out(x, kernel("rolling_rank")(x.float64(), x.lo, x.hi, window))
         if e.func not in _METHOD_KERNEL:
             raise Unsupported(f"rolling {e.func}")
         return _out(x, kernel(_METHOD_KERNEL[e.func])(x.float64(), x.lo, x.hi, window))
     if kind is ops.Rank:
         x = evaluator.series(e.feature)
-        return _out(x, kernel("rolling_rank")(x.float64(), x.lo, x.hi, _window(e), True))
+        return _out(x, kernel("rolling_rank_pct")(x.float64(), x.lo, x.hi, _window(e)))
     if kind is ops.Quantile:
         x = evaluator.series(e.feature)
         return _out(x, kernel("rolling_quantile")(x.float64(), x.lo, x.hi, _window(e), float(e.qscore)))
@@ -88,7 +88,7 @@ def compute(evaluator, e) -> Series:
             return _out(x, kernel("ewm_mean")(x.float64(), x.lo, x.hi, float(e.N)))
         window = _window(e)
         if window == 0:
-            return _out(x, kernel("rolling_ema")(x.float64(), x.lo, x.hi, 0))
+            return _out(x, kernel("expanding_ema")(x.float64(), x.lo, x.hi))
         return _out(x, kernel("ewm_mean")(x.float64(), x.lo, x.hi, kernel("ewm_span_alpha")(window)))
     if kind in (ops.Corr, ops.Cov):
         return _pair(evaluator, e)

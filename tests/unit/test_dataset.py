@@ -94,7 +94,7 @@ def test_a_field_qlib_cannot_evaluate_fails_as_it_does_in_qlib(provider):
         dataset.dataset(provider, ["SH600000"], ["Mean($close)"], None, None, "day")
 
 
-def test_an_expression_whose_values_are_not_float32_is_left_to_qlib(provider, monkeypatch):
+def test_a_field_left_to_qlib_whose_values_are_not_float32_leaves_the_frame_to_qlib(provider, monkeypatch):
     from qlib.data.data import ExpressionD
 
     original = type(ExpressionD._provider).expression
@@ -103,6 +103,7 @@ def test_an_expression_whose_values_are_not_float32_is_left_to_qlib(provider, mo
         return original(self, *args, **kwargs).astype(np.float64)
 
     monkeypatch.setattr(type(ExpressionD._provider), "expression", as_float64)
-    ours, theirs = both(provider, {"market": "csi300", "filter_pipe": []}, FIELDS[:3], None, None, qlib_builds=True)
+    fields = ["Ref($close > $open, 1)"] + FIELDS[:2]  # the engine leaves the first to Qlib (booleans shifted)
+    ours, theirs = both(provider, {"market": "csi300", "filter_pipe": []}, fields, None, None, qlib_builds=True)
     assert set(ours.dtypes) == {np.dtype(np.float64)}
     assert_same_frame(ours, theirs)
