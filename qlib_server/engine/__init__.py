@@ -1,1 +1,31 @@
-"""Qlib's expression language evaluated over many instruments at once, with Qlib's values."""
+"""Qlib's expression language evaluated over many instruments at once, with Qlib's values.
+
+``features`` computes a request's fields by blocks of instruments; ``evaluate`` is the operator-by-operator
+evaluator; ``windows`` maps Qlib's window operators onto the numba ``kernels``; ``values`` holds the block of
+series passed between operators.
+"""
+
+from __future__ import annotations
+
+#: one field per kernel and per kind of operand: evaluating them loads (or compiles) every kernel
+WARM_FIELDS = (
+    "Mean($x, 3)", "Sum($x, 0)", "Std($x, 3)", "Var($x, 3)", "Skew($x, 3)", "Kurt($x, 5)", "Max($x, 3)",
+    "Min($x, 3)", "Med($x, 3)", "Count($x, 3)", "Rolling($x, 3, 'sem')", "Rolling($x, 4, 'rank')", "Rank($x, 3)",
+    "Quantile($x, 3, 0.5)", "IdxMax($x, 3)", "IdxMin($x, 3)", "Mad($x, 3)", "WMA($x, 3)", "EMA($x, 3)",
+    "EMA($x, 0)", "Mean($x, 0.5)", "Slope($x, 3)", "Rsquare($x, 3)", "Resi($x, 3)", "Corr($x, $x * 2, 3)",
+    "Cov($x, $x * 2, 3)",
+)
+
+
+def warm() -> None:
+    """Load every kernel before a request needs one (Qlib must be initialised): numba compiles a kernel on its
+    first call ever and keeps the machine code on disk, so a worker pays that when it starts, not on a request."""
+    import numpy as np
+    from qlib.data.data import ExpressionD
+
+    from .evaluate import Evaluator
+
+    raw = np.concatenate([[0], np.linspace(1, 2, 8)]).astype("<f4")
+    evaluator = Evaluator(["WARM"], 0, 7, lambda instrument, field: raw)
+    for field in WARM_FIELDS:
+        evaluator.series(ExpressionD.get_expression_instance(field))

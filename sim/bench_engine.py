@@ -1,0 +1,134 @@
+"""Benchmark of the compute engine: feature sets computed cold through the server beside local Qlib computing
+the same sets, in one run, on the same generated data.
+
+    python -m sim.bench_engine [--instruments 300] [--days 2500] [--sets alpha158,alpha360,five]
+
+For each set: local Qlib's ``D.features`` (its default config, reading the data directory: the floor, the same
+rows computed the way a user computes them without a server); the same ``D.features`` through
+``qlib_server.client`` against an embedded server with no cache yet (what the user waits for: the server
+computes the set with the engine, writes the dataset cache and streams it), and once more (hot); the worker's
+computation alone (engine and cache write, in this process). Checks ``df.equals`` between the client's frame and
+local Qlib's, prints a table and writes bench-results/engine.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qlib_server.datagen import generate_dataset
+from sim.bench import _free_port, _wait_ready, stop
+
+FIVE = ["Mean($close, 5)/$close", "Std($close, 20)", "Corr($close, Log($volume+1), 10)", "Rank($close, 30)",
+        "Ref($close, -2)/Ref($close, -1) - 1"]
+SETS = {
+    "alpha158": "from qlib.contrib.data.loader import Alpha158DL; FIELDS = Alpha158DL.get_feature_config()[0]",
+    "alpha360": "from qlib.contrib.data.loader import Alpha360DL; FIELDS = Alpha360DL.get_feature_config()[0]",
+    "five": f"FIELDS = {FIVE!r}",
+}
+INIT = {
+    "local": 'qlib.init(provider_uri={data!r}, region="cn", logging_level="ERROR")',
+    "server": ('from qlib_server.client import client_config\n'
+               'qlib.init(**client_config("127.0.0.1", {port}, timeout=1800), provider_uri=tempfile.mkdtemp(), '
+               'region="cn", logging_level="ERROR")'),
+}
+SCRIPT = """
+import pickle, sys, tempfile, time
+import qlib
+from qlib.data import D
+{init}
+{fields}
+times = []
+for _ in range({repeat}):
+    t = time.perf_counter()
+    df = D.features(D.instruments("csi300"), FIELDS, freq="day")
+    times.append(time.perf_counter() - t)
+pickle.dump((times, df), open(sys.argv[1], "wb"))
+"""
+
+
+def timed(kind: str, fields: str, work: Path, data: Path, port: int, repeat: int):
+    out = work / f"{kind}.pkl"
+    script = SCRIPT.format(init=INIT[kind].format(data=str(data), port=port), fields=fields, repeat=repeat)
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True)
+    import pickle
+
+    return pickle.loads(out.read_bytes())
+
+
+def worker_alone(data: Path, fields_code: str) -> dict:
+    """The worker's part in this process: the engine's frame, then the dataset cache written."""
+    script = f"""
+import json, sys, time, tempfile
+from pathlib import Path
+import qlib
+from qlib_server import dataset, datacache, storage
+qlib.init(provider_uri={str(data)!r}, region="cn", logging_level="ERROR",
+          feature_provider={{"class": "LocalFeatureProvider", "kwargs": {{"backend": storage.BACKEND}}}})
+from qlib.data.data import Cal, DatasetD
+from qlib_server.engine import features, kernels
+{fields_code}
+cal = Cal.calendar(freq="day")
+dataset.dataset(DatasetD._provider, ["SH600000"], FIELDS[:3], cal[0], cal[-1], "day")  # kernels loaded
+t = time.perf_counter()
+df = dataset.dataset(DatasetD._provider, {{"market": "csi300", "filter_pipe": []}}, FIELDS, cal[0], cal[-1], "day")
+engine = time.perf_counter() - t
+t = time.perf_counter()
+datacache.write_table(Path(tempfile.mkdtemp()) / "c", df, {{"market": "csi300"}}, "day", str(cal[-1]))
+print(json.dumps({{"engine_s": engine, "write_s": time.perf_counter() - t, "fallbacks": sum(features.FALLBACKS.values())}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instruments", type=int, default=300)
+    parser.add_argument("--days", type=int, default=2500)
+    parser.add_argument("--sets", default="alpha158,alpha360,five")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    data = generate_dataset(work / "data", instruments=args.instruments, days=args.days, start="2012-01-04",
+                            markets={"csi300": args.instruments})
+    rows = []
+    for name in args.sets.split(","):
+        port = _free_port()
+        config = work / f"server-{name}.yaml"
+        config.write_text(json.dumps({"provider_uri": str(data), "flask_port": port, "logging_level": "WARNING"}))
+        server = subprocess.Popen([sys.executable, "-m", "qlib_server", "serve", "-c", str(config), "--embedded"],
+                                  stdout=open(work / f"server-{name}.log", "wb"), stderr=subprocess.STDOUT)
+        try:
+            _wait_ready(f"http://127.0.0.1:{port}")
+            print(f"{name}: local Qlib ...", flush=True)
+            (local_s,), local = timed("local", SETS[name], work, data, port, 1)
+            print(f"{name}: through the server, cold then hot ...", flush=True)
+            (cold_s, hot_s), served = timed("server", SETS[name], work, data, port, 2)
+        finally:
+            stop(server)
+        alone = worker_alone(data, SETS[name])
+        rows.append({"set": name, "rows": len(local), "fields": local.shape[1], "local_qlib_s": round(local_s, 2),
+                     "server_cold_s": round(cold_s, 2), "server_hot_s": round(hot_s, 2),
+                     "speedup_cold": round(local_s / cold_s, 2), "equal": bool(served.equals(local)),
+                     "engine_s": round(alone["engine_s"], 2), "cache_write_s": round(alone["write_s"], 2),
+                     "engine_fallbacks": alone["fallbacks"]})
+    print(f"\n== feature sets over {args.instruments} instruments x {args.days} days, cold through the server beside "
+          "local Qlib (same machine, same data) ==")
+    head = ("set", "rows", "fields", "local Qlib s", "server cold s", "x faster", "hot s", "equal", "engine s",
+            "cache write s", "fallbacks")
+    print("".join(f"{h:>14}" for h in head))
+    for r in rows:
+        print("".join(f"{r[k]!s:>14}" for k in ("set", "rows", "fields", "local_qlib_s", "server_cold_s",
+                                                 "speedup_cold", "server_hot_s", "equal", "engine_s",
+                                                 "cache_write_s", "engine_fallbacks")))
+    Path("bench-results").mkdir(exist_ok=True)
+    Path("bench-results/engine.json").write_text(json.dumps(rows, indent=1))
+    return 0 if all(r["equal"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
