@@ -27,7 +27,7 @@ from qlib.data.cache import DiskDatasetCache
 from clients import WireClient, local_qlib
 from conftest import ServerProcess, free_port, wait_until
 from faults import proxy_to
-from qlib_server import keys
+from qlib_server.state import keys
 from qlib_server.broker.base import dead_letter_queue
 from qlib_server.config import load_config
 from qlib_server.datagen import extend_dataset, generate_dataset

@@ -13,11 +13,12 @@ import pytest
 import redis_lock
 from qlib.data.cache import DiskDatasetCache
 
-from qlib_server import datacache, keys
+from qlib_server.state import keys
+from qlib_server.worker import datacache
 from qlib_server.config import make_config
-from qlib_server.datacache import cache_sources, clear, is_current, references, write_empty, write_sources
+from qlib_server.worker.datacache import cache_sources, clear, is_current, references, write_empty, write_sources
 from qlib_server.datagen import extend_dataset, generate_dataset
-from qlib_server.updater import data_digest, data_stamp, refresh
+from qlib_server.worker.updater import data_digest, data_stamp, refresh
 
 FIELDS = ["$close", "Mean($volume, 5)"]
 

@@ -8,7 +8,7 @@ import pandas.testing as pdt
 import pytest
 import qlib
 
-from qlib_server import dataset, storage
+from qlib_server.worker import dataset, storage
 from qlib_server.datagen import generate_dataset
 
 FIELDS = ["Mean($close, 5)", "Std($close, 20)", "Max( $high, 3 )", "$close > $open", "Ref($volume, 1)", "$late",

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the sim package 
 
 from qlib_server.config import ServerConfig  # noqa: E402
 from qlib_server.datagen import generate_dataset  # noqa: E402
-from qlib_server.handler import make_parser  # noqa: E402
+from qlib_server.front.handler import make_parser  # noqa: E402
 from sim.client import (connect, connect_sync, encode_body, fetch_metrics, metric_by_type, payload,  # noqa: E402
                         request, request_sync)
 from sim.report import Rows, dedup_ratio, latency_table, percentiles, plot, throughput  # noqa: E402

@@ -11,14 +11,14 @@ import fakeredis
 import pytest
 import requests
 
-from qlib_server import keys
+from qlib_server.state import keys
 from qlib_server.admission import Admission, serve_metrics
 from qlib_server.broker.memory import MemoryBroker
 from qlib_server.config import make_config
-from qlib_server.fleet import ProcessorStatus, describe, read, remove, totals, write
-from qlib_server.handler import RequestHandler
+from qlib_server.state.fleet import ProcessorStatus, describe, read, remove, totals, write
+from qlib_server.front.handler import RequestHandler
 from qlib_server.metrics import ProcessorMetrics, samples
-from qlib_server.registry import SessionRegistry
+from qlib_server.state.registry import SessionRegistry
 
 TASK = {"key": "k" * 40, "type": "feature", "args": {"instruments": {"market": "csi300", "filter_pipe": []},
                                                      "fields": ["$close", "Mean($close, 5)"]}}

@@ -20,12 +20,12 @@ import time
 from typing import Callable, Optional
 
 from . import compute
-from .broker import Broker
-from .broker.base import dead_letter_queue, light_queue
-from .config import ServerConfig
-from .errors import BrokerError, QlibServerError
-from .fleet import ProcessorStatus, describe
-from .log import setup_logging
+from ..broker import Broker
+from ..broker.base import dead_letter_queue, light_queue
+from ..config import ServerConfig
+from ..errors import BrokerError, QlibServerError
+from ..state.fleet import ProcessorStatus, describe
+from ..log import setup_logging
 from .updater import DataWatcher, refresh_main
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ BrokerFactory = Callable[[ServerConfig], Broker]
 
 
 def rabbitmq_factory(cfg: ServerConfig, *, heartbeat: Optional[int] = 30) -> Broker:
-    from .broker.rabbitmq import RabbitMQBroker
+    from ..broker.rabbitmq import RabbitMQBroker
 
     return RabbitMQBroker(cfg.amqp_url, heartbeat=heartbeat)
 
@@ -63,7 +63,7 @@ def compute_task(task: dict, expression_cache: bool) -> tuple:
 def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None, stopping=None,
                  run: Callable[[dict, bool], tuple] = compute_task, report: Callable[[tuple], None] = None) -> None:
     """Compute one delivered task (with ``run``), publish its result, then acknowledge it; tell ``report``
-    (see :class:`~qlib_server.fleet.ProcessorStatus`) when it starts and when it is done."""
+    (see :class:`~qlib_server.state.fleet.ProcessorStatus`) when it starts and when it is done."""
     task = delivery.message
     if not isinstance(task.get("key"), str) or task.get("type") not in ("calendar", "instrument", "feature") \
             or not isinstance(task.get("args"), dict):

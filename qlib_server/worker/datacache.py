@@ -35,7 +35,8 @@ from qlib.config import C
 from qlib.data.cache import H, CacheUtils, DatasetCache, DiskDatasetCache
 from qlib.utils import code_to_fname, remove_fields_space
 
-from . import dataset, keys, storage
+from . import dataset, storage
+from ..state import keys
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ import tables
 from flask import Response, request
 from gevent.monkey import get_original
 
-from . import datacache
-from .errors import RequestError
+from ..worker import datacache
+from ..errors import RequestError
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from . import keys
-from .broker import Broker
-from .cache import ResultCache
-from .errors import QlibServerError
-from .metrics import Metrics
-from .protocol import REQUEST_TYPES, Request, response, with_id
-from .registry import SessionRegistry
+from ..state import keys
+from ..broker import Broker
+from ..state.cache import ResultCache
+from ..errors import QlibServerError
+from ..metrics import Metrics
+from ..protocol import REQUEST_TYPES, Request, response, with_id
+from ..state.registry import SessionRegistry
 
 log = logging.getLogger(__name__)
 Emit = Callable[[str, dict, str], None]

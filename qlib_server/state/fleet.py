@@ -21,8 +21,8 @@ from typing import Callable, Optional
 import redis
 
 from . import keys
-from .admission import Admission, serve_metrics
-from .metrics import ProcessorMetrics, samples
+from ..admission import Admission, serve_metrics
+from ..metrics import ProcessorMetrics, samples
 
 log = logging.getLogger(__name__)
 

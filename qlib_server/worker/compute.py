@@ -2,7 +2,7 @@
 
 Qlib runs in server mode: the dataset cache is written under ``<provider_uri>/<dataset_cache_dir_name>``
 where clients read it through their shared mount; it is served only while it is current, and its
-locks die with their holder (see :mod:`qlib_server.datacache`). The expression cache is off by
+locks die with their holder (see :mod:`qlib_server.worker.datacache`). The expression cache is off by
 default: it makes a cold dataset three times slower and pyqlib's default client never reads it; set
 ``expression_cache: DiskExpressionCache`` for clients that do (``disk_cache=0`` then prepares it).
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .config import ServerConfig
-from .errors import ComputeError, RequestError
+from ..config import ServerConfig
+from ..errors import ComputeError, RequestError
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ import threading
 import time
 from typing import Any, Callable
 
-from .broker import Broker
-from .broker.base import light_queue
-from .cache import MISS, ResultCache
-from .errors import QlibServerError, RequestError
-from .metrics import Metrics
-from .protocol import Request, RequestParser, request_id, response, with_id
-from .registry import SessionRegistry
+from ..broker import Broker
+from ..broker.base import light_queue
+from ..state.cache import MISS, ResultCache
+from ..errors import QlibServerError, RequestError
+from ..metrics import Metrics
+from ..protocol import Request, RequestParser, request_id, response, with_id
+from ..state.registry import SessionRegistry
 from .responder import Pending, RequestResponder, waiter
 
 log = logging.getLogger(__name__)

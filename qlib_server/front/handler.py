@@ -1,8 +1,8 @@
 """RequestHandler: the Flask-SocketIO front, wiring the listener and the responder together.
 
-Socket.IO events go to the :class:`~qlib_server.listener.RequestListener`; results come back through
-the :class:`~qlib_server.responder.RequestResponder`. HTTP on the same port serves ``/healthz``,
-``/readyz``, ``/metrics`` and the status page (:mod:`qlib_server.status`). Several handlers may share
+Socket.IO events go to the :class:`~qlib_server.front.listener.RequestListener`; results come back through
+the :class:`~qlib_server.front.responder.RequestResponder`. HTTP on the same port serves ``/healthz``,
+``/readyz``, ``/metrics`` and the status page (:mod:`qlib_server.front.status`). Several handlers may share
 one RabbitMQ and Redis: each is a node with an inbox queue, and an answer taken by one node for another
 node's client is forwarded there, so a client is always answered by the handler holding its connection
 (no Socket.IO message queue).
@@ -21,17 +21,18 @@ from flask import Flask, Response, request
 import socketio
 from flask_socketio import SocketIO
 
-from . import keys, transfer
-from .admission import Admission
-from .broker import Broker
-from .broker.base import light_queue
-from .cache import ResultCache
-from .config import ServerConfig
-from .expressions import check_expression, qlib_operators
+from ..state import keys
+from . import transfer
+from ..admission import Admission
+from ..broker import Broker
+from ..broker.base import light_queue
+from ..state.cache import ResultCache
+from ..config import ServerConfig
+from ..expressions import check_expression, qlib_operators
 from .listener import RequestListener
-from .metrics import Metrics
-from .protocol import REQUEST_TYPES, Limits, RequestParser, response
-from .registry import SessionRegistry
+from ..metrics import Metrics
+from ..protocol import REQUEST_TYPES, Limits, RequestParser, response
+from ..state.registry import SessionRegistry
 from .responder import Pending, RequestResponder, waiter
 from .status import StatusPage
 

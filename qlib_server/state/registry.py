@@ -14,7 +14,7 @@ import redis
 import redis_lock
 
 from . import keys
-from .errors import ConnectionLost
+from ..errors import ConnectionLost
 
 
 class SessionRegistry:
