@@ -38,8 +38,9 @@ import pyarrow as pa
 import tables
 from flask import Response, request
 from gevent.monkey import get_original
+from qlib.data.cache import DatasetCache, DiskDatasetCache
 
-from ..worker import datacache
+from ..state.sources import is_current
 from ..errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,6 @@ GROUP_COLUMNS = 40
 
 def dataset_uri(args: dict) -> str:
     """The file name of the dataset cache a processor computes for these (checked) feature arguments."""
-    from qlib.data.cache import DiskDatasetCache
-
     return DiskDatasetCache._uri(args["instruments"], args["fields"], None, None, args["freq"], 1)
 
 
@@ -96,11 +95,11 @@ def layout(cache_path: Path) -> Layout:
     if version in _layouts:
         _layouts.move_to_end(version)
         return _layouts[version]
-    spans = datacache.DiskDatasetCache.IndexManager(cache_path).get_index()
+    spans = DiskDatasetCache.IndexManager(cache_path).get_index()
     fields = frozenset(pickle.loads(cache_path.with_suffix(".meta").read_bytes())["info"]["fields"])
     blocks, dtypes, date_dtype, table = {}, {}, np.dtype("M8[ns]"), None
     h5 = tables.open_file(cache_path, mode="r")
-    node = f"/{datacache.DatasetCache.HDF_KEY}/table"
+    node = f"/{DatasetCache.HDF_KEY}/table"
     if node in h5:  # a cache of no rows is in pandas' fixed format: no table, no rows to read
         table = h5.get_node(node)
         date_dtype = np.dtype(str(table.attrs.datetime_dtype))
@@ -306,7 +305,7 @@ def register(handler) -> None:
         if not directory.parent.is_dir():
             return refuse(503, 2, "this handler does not see the data directory; ask a handler that does")
         path = directory / dataset_uri(args)
-        if not datacache.is_current(path):
+        if not is_current(path):
             return refuse(409, 2, "the dataset cache of this request is not computed; send it as a feature_request")
         where = layout(path)
         start, stop = where.rows(args["start_time"], args["end_time"])

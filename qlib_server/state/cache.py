@@ -61,7 +61,7 @@ class ResultCache:
         """The cached answer of ``key``, or :data:`MISS`.
 
         A dataset cache file name is only served while the file and the record of its sources (written
-        last, see :mod:`qlib_server.worker.datacache`) exist, when this handler sees the data directory: a
+        last, see :mod:`qlib_server.state.sources`) exist, when this handler sees the data directory: a
         cache deleted by hand or found stale by a processor is never handed out.
         """
         if not self.enabled:

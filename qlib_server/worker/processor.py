@@ -24,7 +24,7 @@ from ..broker import Broker
 from ..broker.base import dead_letter_queue, light_queue
 from ..config import ServerConfig
 from ..errors import BrokerError, QlibServerError
-from ..state.fleet import ProcessorStatus, describe
+from .telemetry import ProcessorStatus, describe
 from ..log import setup_logging
 from .updater import DataWatcher, refresh_main
 
@@ -63,7 +63,7 @@ def compute_task(task: dict, expression_cache: bool) -> tuple:
 def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None, stopping=None,
                  run: Callable[[dict, bool], tuple] = compute_task, report: Callable[[tuple], None] = None) -> None:
     """Compute one delivered task (with ``run``), publish its result, then acknowledge it; tell ``report``
-    (see :class:`~qlib_server.state.fleet.ProcessorStatus`) when it starts and when it is done."""
+    (see :class:`~qlib_server.worker.telemetry.ProcessorStatus`) when it starts and when it is done."""
     task = delivery.message
     if not isinstance(task.get("key"), str) or task.get("type") not in ("calendar", "instrument", "feature") \
             or not isinstance(task.get("args"), dict):
