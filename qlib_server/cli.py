@@ -51,8 +51,8 @@ def _serve(args: argparse.Namespace) -> int:
         handler = server.handler
     else:
         from .front.handler import RequestHandler
-        from .worker.processor import rabbitmq_factory
         from .state.registry import SessionRegistry
+        from .worker.processor import rabbitmq_factory
 
         server = handler = RequestHandler(cfg, SessionRegistry.from_config(cfg), lambda: rabbitmq_factory(cfg))
     handler.shutdown_on(signal.SIGTERM)

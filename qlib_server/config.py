@@ -91,7 +91,7 @@ class ServerConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _transport_holds_a_body(self) -> "ServerConfig":
+    def _transport_holds_a_body(self) -> ServerConfig:
         if self.max_message_bytes < self.max_body_bytes + 4096:
             raise ValueError("max_message_bytes must exceed max_body_bytes (a refused body still needs to arrive)")
         return self

@@ -12,7 +12,6 @@ the queue, exactly as in the distributed mode.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import select
 import signal
@@ -26,8 +25,8 @@ from .config import ServerConfig
 from .errors import QlibServerError
 from .front.handler import RequestHandler
 from .log import setup_logging
-from .worker.processor import DataProcessor, compute_task, die_with_parent, lower_priority, work
 from .state.registry import SessionRegistry
+from .worker.processor import DataProcessor, compute_task, die_with_parent, lower_priority, work
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import keyword
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from .errors import ConfigError, RequestError
 

@@ -34,9 +34,22 @@ from pathlib import Path
 
 from qlib_server.datagen import generate_dataset
 from sim import bench_report
-from sim.bench_measure import (DAYS, HOT, cold_fields, cold_request, identical_cold, light_bodies, light_latency,
-                               light_while_busy, local_compute, paired_latency, paired_throughput, summary_ms,
-                               warm_workers, with_connected)
+from sim.bench_measure import (
+    DAYS,
+    HOT,
+    cold_fields,
+    cold_request,
+    identical_cold,
+    light_bodies,
+    light_latency,
+    light_while_busy,
+    local_compute,
+    paired_latency,
+    paired_throughput,
+    summary_ms,
+    warm_workers,
+    with_connected,
+)
 from sim.client import fetch_metrics, metric_by_type
 
 

@@ -26,7 +26,7 @@ class Rows:
                       (self.kinds == KINDS.index("feature")).astype(np.int8))
 
     @classmethod
-    def concat(cls, parts: list[dict]) -> "Rows":
+    def concat(cls, parts: list[dict]) -> Rows:
         return cls(*(np.concatenate([np.asarray(p[name], dtype=float) for p in parts]) if parts else []
                      for name in ("kinds", "starts", "latencies", "outcomes", "lanes")))
 

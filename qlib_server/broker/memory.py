@@ -11,8 +11,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from itertools import count
-from typing import Iterator, Optional
+from typing import Optional
 
 from ..errors import BrokerError
 from .base import Broker, Delivery, dead_letter_queue, decode, encode, light_queue
@@ -57,7 +58,7 @@ class MemoryBroker(Broker):
         self._closed = False
         self._cancelled = False
 
-    def connect(self) -> "MemoryBroker":
+    def connect(self) -> MemoryBroker:
         return MemoryBroker(self.hub)
 
     def declare(self, task_queue: str, message_queue: str, max_deliveries: int) -> None:

@@ -17,22 +17,22 @@ import time
 import uuid
 from typing import Callable, Optional
 
-from flask import Flask, Response, request
 import socketio
+from flask import Flask, Response, request
 from flask_socketio import SocketIO
 
-from ..state import keys
-from . import transfer
 from ..admission import Admission
 from ..broker import Broker
 from ..broker.base import light_queue
-from ..state.cache import ResultCache
 from ..config import ServerConfig
 from ..expressions import check_expression, qlib_operators
-from .listener import RequestListener
 from ..metrics import Metrics
 from ..protocol import REQUEST_TYPES, Limits, RequestParser, response
+from ..state import keys
+from ..state.cache import ResultCache
 from ..state.registry import SessionRegistry
+from . import transfer
+from .listener import RequestListener
 from .responder import Pending, RequestResponder, waiter
 from .status import StatusPage
 

@@ -14,10 +14,10 @@ from typing import Any, Callable
 
 from ..broker import Broker
 from ..broker.base import light_queue
-from ..state.cache import MISS, ResultCache
 from ..errors import QlibServerError, RequestError
 from ..metrics import Metrics
 from ..protocol import Request, RequestParser, request_id, response, with_id
+from ..state.cache import MISS, ResultCache
 from ..state.registry import SessionRegistry
 from .responder import Pending, RequestResponder, waiter
 

@@ -21,12 +21,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ..state import keys
 from ..broker import Broker
-from ..state.cache import ResultCache
 from ..errors import QlibServerError
 from ..metrics import Metrics
 from ..protocol import REQUEST_TYPES, Request, response, with_id
+from ..state import keys
+from ..state.cache import ResultCache
 from ..state.registry import SessionRegistry
 
 log = logging.getLogger(__name__)

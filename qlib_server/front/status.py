@@ -13,16 +13,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from importlib.resources import files
-from typing import Iterator, Optional
+from typing import Optional
 
 import redis
 from flask import Response, request
 
-from ..state import fleet
 from ..broker.base import dead_letter_queue, light_queue
 from ..errors import QlibServerError
 from ..metrics import samples
+from ..state import fleet
 
 log = logging.getLogger(__name__)
 

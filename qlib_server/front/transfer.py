@@ -40,8 +40,8 @@ from flask import Response, request
 from gevent.monkey import get_original
 from qlib.data.cache import DatasetCache, DiskDatasetCache
 
-from ..state.sources import is_current
 from ..errors import RequestError
+from ..state.sources import is_current
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Layout:
         return int(spans["start"].iloc[0]), int(spans["end"].iloc[-1])
 
 
-_layouts: "OrderedDict[tuple, Layout]" = OrderedDict()
+_layouts: OrderedDict[tuple, Layout] = OrderedDict()
 _os_lock = get_original("threading", "Lock")  # a lock of OS threads, also where gevent patched threading
 
 

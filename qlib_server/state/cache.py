@@ -18,8 +18,8 @@ from typing import Any, Optional
 
 import redis
 
-from . import keys
 from ..errors import ConnectionLost
+from . import keys
 
 _MISS = object()
 

@@ -75,6 +75,6 @@ class ErrorLog(logging.Handler):
         self.counter.inc()
         self.last = (record.created, f"{record.name}: {record.getMessage()}"[:300])
 
-    def attach(self) -> "ErrorLog":
+    def attach(self) -> ErrorLog:
         logging.getLogger("qlib_server").addHandler(self)
         return self

@@ -7,14 +7,15 @@ publishes a task; the waiters are removed only after they have been answered.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import redis
 import redis_lock
 
-from . import keys
 from ..errors import ConnectionLost
+from . import keys
 
 
 class SessionRegistry:
@@ -26,7 +27,7 @@ class SessionRegistry:
         self.probe = probe if probe is not None else client  # answers ping quickly, never retries
 
     @classmethod
-    def from_config(cls, cfg) -> "SessionRegistry":
+    def from_config(cls, cfg) -> SessionRegistry:
         # A burst of requests waits for a free connection instead of failing ("Too many connections").
         pool = redis.BlockingConnectionPool(
             host=cfg.redis_host, port=cfg.redis_port, db=cfg.redis_task_db, password=cfg.redis_password,

@@ -22,14 +22,14 @@ import pickle
 import re
 import stat
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
 import redis_lock
 from qlib.config import C
-from qlib.data.cache import H, CacheUtils, DatasetCache, DiskDatasetCache
+from qlib.data.cache import CacheUtils, DatasetCache, DiskDatasetCache, H
 from qlib.utils import code_to_fname, remove_fields_space
 
 from ..state import keys

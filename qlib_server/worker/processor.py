@@ -19,13 +19,13 @@ import threading
 import time
 from typing import Callable, Optional
 
-from . import compute
 from ..broker import Broker
 from ..broker.base import dead_letter_queue, light_queue
 from ..config import ServerConfig
 from ..errors import BrokerError, QlibServerError
-from .telemetry import ProcessorStatus, describe
 from ..log import setup_logging
+from . import compute
+from .telemetry import ProcessorStatus, describe
 from .updater import DataWatcher, refresh_main
 
 log = logging.getLogger(__name__)

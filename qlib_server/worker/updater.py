@@ -55,9 +55,9 @@ def refresh(cfg: ServerConfig, redis_client=None, force: bool = True) -> dict:
     the last refresh's (or ``force``), drop Qlib's expression cache and invalidate every cached answer."""
     import redis
 
-    from . import datacache
     from ..state import keys
     from ..state.cache import ResultCache
+    from . import datacache
 
     client = redis_client if redis_client is not None else redis.Redis(
         host=cfg.redis_host, port=cfg.redis_port, db=cfg.redis_task_db, password=cfg.redis_password)

@@ -45,7 +45,7 @@ class WireClient:
     def close(self) -> None:
         self.sio.disconnect()
 
-    def __enter__(self) -> "WireClient":
+    def __enter__(self) -> WireClient:
         return self
 
     def __exit__(self, *exc) -> None:

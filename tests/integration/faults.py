@@ -14,15 +14,15 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import pika
 import psutil
 import redis
 import redis_lock
-
 from clients import WireClient
 
 # -- requests ---------------------------------------------------------------------------------------

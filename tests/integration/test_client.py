@@ -12,7 +12,6 @@ import time
 import pandas as pd
 import pandas.testing as pdt
 import pytest
-
 from clients import local_qlib, run_server_client
 from test_embedded import embedded_server
 
@@ -116,6 +115,7 @@ def test_client_against_the_embedded_server_gets_what_local_qlib_gives(local, da
 def qlib_client(tmp_path):
     """Factory: ``qlib.init`` this process with the server client; the connections are closed after."""
     import qlib
+
     from qlib_server.client import connection
 
     def init(port: int, **options):
@@ -170,6 +170,7 @@ def test_a_server_restart_during_a_session_is_survived(start_server, qlib_client
 
 def test_a_request_nobody_answers_times_out_with_a_clear_error(start_server, qlib_client):
     from qlib.data import D
+
     from qlib_server.client import RequestTimeout
 
     server = start_server(modules=("request_handler",))  # no processor: no task is ever computed
@@ -184,6 +185,7 @@ def test_a_request_nobody_answers_times_out_with_a_clear_error(start_server, qli
 
 def test_refused_admission_is_raised_and_the_token_admits(start_server, qlib_client):
     from qlib.data import D
+
     from qlib_server.client import AdmissionRefused, ServerConnection
 
     server = start_server(allowed_networks=["10.0.0.0/8"], auth_token="s3cret")

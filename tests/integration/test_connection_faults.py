@@ -7,16 +7,24 @@ Tests that restart the session's containers leave them running and answering (``
 
 from __future__ import annotations
 
-import pytest
-
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from clients import WireClient
 from conftest import wait_until
-from faults import (CalendarLoad, calendar_body, containers_restored, crowd, feature_body, proxy_to, salt,
-                    trading_days, workers_consuming)
+from faults import (
+    CalendarLoad,
+    calendar_body,
+    containers_restored,
+    crowd,
+    feature_body,
+    proxy_to,
+    salt,
+    trading_days,
+    workers_consuming,
+)
+
 from qlib_server.broker.rabbitmq import RabbitMQBroker
 from qlib_server.errors import ConnectionLost
 

@@ -11,16 +11,15 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pandas.testing as pdt
 import pytest
 import yaml
-
 from clients import WireClient, local_qlib, run_pyqlib
 from conftest import ROOT, ServerProcess, free_port, wait_until
 

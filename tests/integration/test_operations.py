@@ -12,9 +12,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pandas.testing as pdt
@@ -22,16 +22,16 @@ import pika
 import pytest
 import requests
 import yaml
-from qlib.data.cache import DiskDatasetCache
-
 from clients import WireClient, local_qlib
 from conftest import ServerProcess, free_port, wait_until
 from faults import proxy_to
-from qlib_server.state import keys
+from qlib.data.cache import DiskDatasetCache
+
 from qlib_server.broker.base import dead_letter_queue
 from qlib_server.config import load_config
 from qlib_server.datagen import extend_dataset, generate_dataset
 from qlib_server.protocol import Limits, RequestParser
+from qlib_server.state import keys
 
 pytestmark = pytest.mark.integration
 

@@ -10,11 +10,10 @@ import pandas as pd
 import pandas.testing as pdt
 import pytest
 import requests
-from qlib.data.cache import DiskDatasetCache
-from qlib.data.filter import ExpressionDFilter, NameDFilter
-
 from clients import WireClient, local_qlib
 from conftest import wait_until
+from qlib.data.cache import DiskDatasetCache
+from qlib.data.filter import ExpressionDFilter, NameDFilter
 
 pytestmark = pytest.mark.integration
 

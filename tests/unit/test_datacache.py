@@ -13,13 +13,12 @@ import pytest
 import redis_lock
 from qlib.data.cache import DiskDatasetCache
 
-from qlib_server.worker import datacache
-from qlib_server.state import keys
 from qlib_server.config import make_config
-from qlib_server.state import sources
-from qlib_server.state.sources import is_current, write_sources
-from qlib_server.worker.datacache import cache_sources, clear, references, write_empty
 from qlib_server.datagen import extend_dataset, generate_dataset
+from qlib_server.state import keys, sources
+from qlib_server.state.sources import is_current, write_sources
+from qlib_server.worker import datacache
+from qlib_server.worker.datacache import cache_sources, clear, references, write_empty
 from qlib_server.worker.updater import data_digest, data_stamp, refresh
 
 FIELDS = ["$close", "Mean($volume, 5)"]

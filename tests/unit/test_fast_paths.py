@@ -11,12 +11,12 @@ import qlib
 from qlib.data.cache import DiskDatasetCache
 from qlib.data.storage.file_storage import FileFeatureStorage
 
-from qlib_server.state import keys
-from qlib_server.state.cache import MISS, ResultCache
 from qlib_server.config import make_config
-from qlib_server.worker.datacache import write_table
 from qlib_server.datagen import generate_dataset
 from qlib_server.front.handler import Packet, make_parser
+from qlib_server.state import keys
+from qlib_server.state.cache import MISS, ResultCache
+from qlib_server.worker.datacache import write_table
 from qlib_server.worker.storage import FeatureFile
 
 

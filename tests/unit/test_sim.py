@@ -17,8 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the sim package 
 from qlib_server.config import ServerConfig  # noqa: E402
 from qlib_server.datagen import generate_dataset  # noqa: E402
 from qlib_server.front.handler import make_parser  # noqa: E402
-from sim.client import (connect, connect_sync, encode_body, fetch_metrics, metric_by_type, payload,  # noqa: E402
-                        request, request_sync)
+from sim.client import connect, connect_sync, encode_body, fetch_metrics, metric_by_type, payload, request, request_sync  # noqa: E402
 from sim.report import Rows, dedup_ratio, latency_table, percentiles, plot, throughput  # noqa: E402
 from sim.universe import KINDS, Dataset, Sampler, Universe, parse_mix, parse_overlap, server_key  # noqa: E402
 from sim.verify import Verifier, compare_frames  # noqa: E402

@@ -11,13 +11,13 @@ import fakeredis
 import pytest
 import requests
 
-from qlib_server.state import keys
 from qlib_server.admission import Admission
 from qlib_server.broker.memory import MemoryBroker
 from qlib_server.config import make_config
-from qlib_server.state.fleet import read, remove, totals, write
 from qlib_server.front.handler import RequestHandler
 from qlib_server.metrics import ProcessorMetrics, samples
+from qlib_server.state import keys
+from qlib_server.state.fleet import read, remove, totals, write
 from qlib_server.state.registry import SessionRegistry
 from qlib_server.worker.telemetry import ProcessorStatus, describe, serve_metrics
 
