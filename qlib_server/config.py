@@ -64,7 +64,8 @@ class ServerConfig(BaseModel):
     allowed_networks: list[str] = Field(default_factory=list)
     auth_token: Optional[str] = None
     max_body_bytes: int = Field(1 << 20, ge=1024, description="a larger request body is answered with status 1")
-    max_message_bytes: int = Field(16 << 20, ge=1 << 16, description="transport limit: a larger message closes the connection")
+    max_message_bytes: int = Field(16 << 20, ge=1 << 16,
+                                   description="transport limit: a larger message closes the connection")
     max_fields: int = Field(256, ge=1)
     max_instruments: int = Field(20000, ge=1)
     max_expression_length: int = Field(2000, ge=16)

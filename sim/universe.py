@@ -200,7 +200,8 @@ class Sampler:
         self.rng = random.Random(seed * 1_000_003 + shard)
         self.shard, self.shards = shard, shards
         self.seen: set[str] = set()
-        self.cum = {kind: _cumulative([1 / (i + 1) ** exponent if self.mode == "zipf" else 1.0 for i in range(len(reqs))])
+        self.cum = {kind: _cumulative([1 / (i + 1) ** exponent if self.mode == "zipf" else 1.0
+                                       for i in range(len(reqs))])
                     for kind, reqs in universe.requests.items()}
 
     def kind(self) -> str:

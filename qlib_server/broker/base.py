@@ -71,6 +71,7 @@ class Broker(ABC):
     def consume(self, queue: str, prefetch: int, idle: float = 1.0) -> Iterator[Optional[Delivery]]:
         """Yield deliveries from ``queue``; yield None after ``idle`` seconds without one."""
 
+    @abstractmethod
     def cancel(self) -> None:
         """Stop receiving new deliveries on this connection; those in hand can still be acked."""
 

@@ -126,7 +126,7 @@ class ServerConnection:
         if not self._slots.acquire(timeout=limit):
             raise RequestTimeout(f"no free request slot within {limit:g}s (max_inflight)")
         try:
-            for attempt in range(self.retries + 1):
+            for _attempt in range(self.retries + 1):
                 self._connect(deadline)
                 answer = self._send(kind, body, deadline)
                 if answer is not None:
@@ -171,13 +171,15 @@ class ServerConnection:
             if left <= 0:
                 raise RequestTimeout(f"no feature data from qlib-server at {self.url} within {self.timeout:g}s")
             try:
-                with self._session().post(f"{self.url}/features", json=payload, params={"compression": self.compression},
-                                          headers=self._headers(), stream=True, timeout=(self.connect_timeout, left)) as reply:
+                with self._session().post(f"{self.url}/features", json=payload,
+                                          params={"compression": self.compression}, headers=self._headers(),
+                                          stream=True, timeout=(self.connect_timeout, left)) as reply:
                     if reply.status_code == 200:
                         reply.raw.decode_content = True
                         return read_frame(reply.raw, fields)
                     answer = _json(reply)
-            except (requests.RequestException, urllib3.exceptions.HTTPError, pa.ArrowInvalid, ConnectionError, OSError) as exc:
+            except (requests.RequestException, urllib3.exceptions.HTTPError, pa.ArrowInvalid, ConnectionError,
+                    OSError) as exc:
                 if isinstance(exc, requests.Timeout) and deadline - time.monotonic() <= 0:
                     raise RequestTimeout(f"no feature data from {self.url} within {self.timeout:g}s") from None
                 failures += 1

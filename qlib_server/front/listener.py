@@ -63,8 +63,8 @@ class RequestListener:
         except Exception:  # a bug in checking must not leave the client waiting
             log.exception("could not check a %s request from %s", request_type, sid)
             self.metrics.responses.labels(request_type, "2").inc()
-            self.emit(f"{request_type}_response", with_id(response(None, 2, "the server could not check this request"), rid),
-                      sid)
+            refusal = response(None, 2, "the server could not check this request")
+            self.emit(f"{request_type}_response", with_id(refusal, rid), sid)
             return
         self.serve(sid, request)
 

@@ -234,8 +234,8 @@ def stream(where: Layout, columns: list[str], start: int, stop: int, compression
     else:  # no rows: a stream of no batches
         instruments, groups, schema = [], [], pa.schema([], metadata={"rows": "0", "instruments": "[]"})
     chunks = _Chunks()
-    writer = pa.ipc.new_stream(pa.PythonFile(chunks, mode="w"), schema,
-                               options=pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression))
+    options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
+    writer = pa.ipc.new_stream(pa.PythonFile(chunks, mode="w"), schema, options=options)
     index_of = {code: i for i, (code, _) in enumerate(instruments)}
     for first, last in _ranges(start, stop, rows):
         with where.lock:

@@ -76,7 +76,8 @@ def instrument(args: dict):
     from qlib.data import D
 
     _check_market(args["instruments"], args["freq"])
-    result = D.list_instruments(args["instruments"], args["start_time"], args["end_time"], args["freq"], args["as_list"])
+    result = D.list_instruments(args["instruments"], args["start_time"], args["end_time"], args["freq"],
+                                args["as_list"])
     if isinstance(result, dict):
         return {code: [[str(s), str(e)] for s, e in spans] for code, spans in result.items()}
     return list(result)

@@ -198,7 +198,8 @@ class ServerDatasetCache(DiskDatasetCache):
         clear(Path(cache_path))
 
     def _dataset_uri(self, instruments, fields, start_time=None, end_time=None, freq="day", disk_cache=0,
-                     inst_processors=[]):
+                     inst_processors=None):
+        inst_processors = [] if inst_processors is None else inst_processors  # Qlib's default, not shared
         if disk_cache == 0 or inst_processors:  # Qlib prepares the expression cache, or refuses
             return super()._dataset_uri(instruments, fields, start_time, end_time, freq, disk_cache, inst_processors)
         uri = self._uri(instruments, fields, None, None, freq, disk_cache)
@@ -209,9 +210,10 @@ class ServerDatasetCache(DiskDatasetCache):
                     self.gen_dataset_cache(path, instruments, fields, freq)
         return uri
 
-    def gen_dataset_cache(self, cache_path, instruments, fields, freq, inst_processors=[]):
+    def gen_dataset_cache(self, cache_path, instruments, fields, freq, inst_processors=None):
         """Qlib's generation, with the sources recorded before computing and written last, the cache
         written in one pass (:func:`write_table`), and an empty result written as a cache of no rows."""
+        inst_processors = [] if inst_processors is None else inst_processors  # Qlib's default, not shared
         from qlib.data.data import Cal
 
         cache_path = Path(cache_path)

@@ -191,7 +191,8 @@ class DataProcessor:
         self.stops[i] = self.ctx.Event()
         reports, report_writer = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=worker_main, name=f"qlib-server-worker-{i}",
-                                args=(self.cfg.model_dump(), self.busy[i], self.stops[i], self.queues[i], report_writer),
+                                args=(self.cfg.model_dump(), self.busy[i], self.stops[i], self.queues[i],
+                                      report_writer),
                                 daemon=True)
         proc.start()
         report_writer.close()  # the worker holds the only writer: its death ends the pipe
@@ -262,7 +263,8 @@ class DataProcessor:
         join_process(check)  # caches computed from other data are gone, and answers of older data invalidated
         for i in range(len(self.queues)):
             self._start_worker(i)
-        threading.Thread(target=self.status.collect, args=(self.stop_event,), name="worker-reports", daemon=True).start()
+        threading.Thread(target=self.status.collect, args=(self.stop_event,), name="worker-reports",
+                         daemon=True).start()
         threading.Thread(target=self.status.run, args=(self.stop_event, self._worker_states), name="status",
                          daemon=True).start()
         dead_letters = None

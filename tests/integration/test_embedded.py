@@ -201,8 +201,8 @@ def test_sigterm_stops_the_embedded_server_cleanly(tmp_path, dataset):
                        what="the feature request received")
             server.proc.send_signal(signal.SIGTERM)
             in_flight = client.receive("feature", 30)
-        assert in_flight["status"] == 0 or (in_flight["status"] == 2 and "shutting down" in in_flight["detailed_info"]), \
-            in_flight
+        shut_down = in_flight["status"] == 2 and "shutting down" in in_flight["detailed_info"]
+        assert in_flight["status"] == 0 or shut_down, in_flight
         try:
             code = server.proc.wait(30)
         except subprocess.TimeoutExpired:

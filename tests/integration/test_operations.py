@@ -311,7 +311,8 @@ def test_the_compose_stack_and_its_config_agree():
     services = compose["services"]
     rabbit_env = services["rabbitmq"]["environment"]
     assert services["rabbitmq"]["image"].startswith("rabbitmq:3.13") and services["redis"]["image"] == "redis:7"
-    assert (cfg.queue_host, cfg.redis_host, cfg.provider_uri, cfg.flask_server) == ("rabbitmq", "redis", "/data", "0.0.0.0")
+    assert (cfg.queue_host, cfg.redis_host, cfg.provider_uri, cfg.flask_server) == ("rabbitmq", "redis", "/data",
+                                                                                    "0.0.0.0")
     assert (cfg.queue_user, cfg.queue_pwd) == (rabbit_env["RABBITMQ_DEFAULT_USER"], rabbit_env["RABBITMQ_DEFAULT_PASS"])
     assert cfg.socketio_message_queue is None  # handlers forward answers themselves
 

@@ -295,7 +295,8 @@ def test_verifier_reads_the_dataset_cache_and_refuses_wrong_data(dataset, verifi
 
 
 def test_compare_frames_treats_nan_as_equal_and_aligns_columns():
-    index = pd.MultiIndex.from_product([["A"], pd.date_range("2020-01-01", periods=3)], names=["instrument", "datetime"])
+    index = pd.MultiIndex.from_product([["A"], pd.date_range("2020-01-01", periods=3)], names=["instrument",
+                                                                                               "datetime"])
     want = pd.DataFrame({"x": [1.0, np.nan, 3.0], "y": [4.0, 5.0, 6.0]}, index=index)
     assert compare_frames(want[["y", "x"]].astype("float32"), want) is None
     assert compare_frames(want.assign(x=[1.0, 2.0, 3.0]), want) is not None

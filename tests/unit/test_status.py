@@ -47,8 +47,10 @@ def test_a_snapshot_is_read_back_until_it_expires_or_its_process_removes_it(redi
 
 
 def test_samples_add_up_over_the_fleet_but_queue_depths_are_not_summed():
-    fleet = [{"samples": {'qlib_server_requests_total{type="calendar"}': 2.0, 'qlib_server_queue_messages{queue="light"}': 3.0}},
-             {"samples": {'qlib_server_requests_total{type="calendar"}': 5.0, 'qlib_server_queue_messages{queue="light"}': 3.0}}]
+    fleet = [{"samples": {'qlib_server_requests_total{type="calendar"}': 2.0,
+                          'qlib_server_queue_messages{queue="light"}': 3.0}},
+             {"samples": {'qlib_server_requests_total{type="calendar"}': 5.0,
+                          'qlib_server_queue_messages{queue="light"}': 3.0}}]
     assert totals(fleet) == {'qlib_server_requests_total{type="calendar"}': 7.0}
 
 
