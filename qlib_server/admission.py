@@ -27,8 +27,8 @@ class Admission:
         except ValueError:
             ip = None
         by_network = ip is not None and any(ip in n for n in self.networks)
-        by_token = bool(self.token) and isinstance(token, str) and hmac.compare_digest(token.encode(),
-                                                                                       self.token.encode())
+        by_token = bool(self.token and isinstance(token, str)
+                        and hmac.compare_digest(token.encode(), self.token.encode()))
         return by_network or by_token or (not self.networks and not self.token)
 
     def admits_http(self, address: Optional[str], authorization: Optional[str], query: str) -> bool:
@@ -37,5 +37,6 @@ class Admission:
         scheme, _, credentials = (authorization or "").partition(" ")
         token = credentials.strip() if scheme.lower() == "bearer" else None
         if token is None:
-            token = (parse_qs(query).get("token") or [None])[0]
+            tokens = parse_qs(query).get("token")
+            token = tokens[0] if tokens else None
         return self.admits(address, token)

@@ -48,16 +48,17 @@ def _serve(args: argparse.Namespace) -> int:
         from .embedded import EmbeddedServer
 
         server = EmbeddedServer(cfg)
-        handler = server.handler
+        handler, serve = server.handler, server.serve
     else:
         from .front.handler import RequestHandler
         from .state.registry import SessionRegistry
         from .worker.processor import rabbitmq_factory
 
-        server = handler = RequestHandler(cfg, SessionRegistry.from_config(cfg), lambda: rabbitmq_factory(cfg))
+        handler = RequestHandler(cfg, SessionRegistry.from_config(cfg), lambda: rabbitmq_factory(cfg))
+        serve = handler.serve
     handler.shutdown_on(signal.SIGTERM)
     try:
-        server.serve()
+        serve()
     except KeyboardInterrupt:
         pass
     finally:

@@ -8,6 +8,7 @@ has been delivered ``max_deliveries`` times, like a RabbitMQ quorum queue with a
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
@@ -135,8 +136,8 @@ class MemoryBroker(Broker):
                 message = decode(body)
             except BrokerError as exc:
                 message = {"undecodable": str(exc)}
-            yield Delivery(message, deliveries, lambda tag=tag: self._settle(tag, None),
-                           lambda requeue, tag=tag: self._settle(tag, requeue))
+            yield Delivery(message, deliveries, functools.partial(self._settle, tag, None),
+                           functools.partial(self._settle, tag))
 
     def close(self) -> None:
         """Close this connection: its unacknowledged deliveries return to their queues."""

@@ -40,7 +40,7 @@ class AdmissionRefused(ConnectionError):
     """The server refused this client (``allowed_networks`` / ``auth_token``)."""
 
 
-def bad_response(status: int, info: Any) -> ValueError:
+def bad_response(status: Any, info: Any) -> ValueError:
     """The exception pyqlib's client raises for an error answer."""
     return ValueError(f"Bad response(status=={status}), detailed info: {info}")
 
@@ -80,7 +80,7 @@ class ServerConnection:
     def _on_answer(self, message: Any = None, *_) -> None:
         rid = message.get("id") if isinstance(message, dict) else None
         with self._lock:
-            waiter = self._waiting.get(rid)
+            waiter = self._waiting.get(rid) if isinstance(rid, str) else None
         if waiter is not None:
             waiter.answer = message
             waiter.event.set()
@@ -164,7 +164,7 @@ class ServerConnection:
         """The frame of a feature request, streamed from the server's dataset cache (computed first,
         through the pipeline, when the server has no current cache of it)."""
         deadline = time.monotonic() + self.timeout
-        payload = {"head": {"version": self._version}, "body": json.dumps(body, default=str)}
+        payload: dict[str, Any] = {"head": {"version": self._version}, "body": json.dumps(body, default=str)}
         computed, failures = False, 0
         while True:
             left = deadline - time.monotonic()

@@ -152,9 +152,10 @@ class RequestHandler:
         @sio.on("disconnect")
         def disconnect(*_):
             self.metrics.connected.dec()
-            for key in self.pending.drop(request.sid):
+            sid = request.sid  # type: ignore[attr-defined]  # Flask-SocketIO sets it; Flask's types lack it
+            for key in self.pending.drop(sid):
                 try:
-                    self.registry.discard(key, waiter(self.node, request.sid))
+                    self.registry.discard(key, waiter(self.node, sid))
                 except Exception:  # the waiting list expires by itself
                     pass
 
@@ -165,8 +166,9 @@ class RequestHandler:
         def unknown(event, *_):
             name = event if isinstance(event, str) and event.isidentifier() and len(event) < 40 else "unknown"
             name = name[:-8] if name.endswith("_request") else name
+            sid = request.sid  # type: ignore[attr-defined]  # Flask-SocketIO sets it; Flask's types lack it
             sio.emit(f"{name}_response", response(None, 1, f"unknown event {str(event)[:40]!r}; expected one of "
-                                                  + ", ".join(f"{t}_request" for t in REQUEST_TYPES)), to=request.sid)
+                                                  + ", ".join(f"{t}_request" for t in REQUEST_TYPES)), to=sid)
 
         @app.get("/healthz")
         def healthz():
@@ -186,7 +188,8 @@ class RequestHandler:
 
     def _handler_for(self, request_type: str):
         def handle(payload=None, *_):
-            self.listener.on_request(request_type, request.sid, payload)
+            sid = request.sid  # type: ignore[attr-defined]  # Flask-SocketIO sets it; Flask's types lack it
+            self.listener.on_request(request_type, sid, payload)
 
         handle.__name__ = f"on_{request_type}_request"
         return handle

@@ -87,7 +87,7 @@ class Pending:
         with self._lock:
             waiting = self._by_sid.get(sid)
             entry = waiting.get(key) if waiting else None
-            if entry is None:
+            if waiting is None or entry is None:
                 return None
             if not every and entry.count > 1:
                 entry.count -= 1

@@ -31,6 +31,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -72,9 +73,9 @@ class Layout:
     dtypes: dict  # column → numpy dtype
     date_dtype: np.dtype
     fields: frozenset  # the cache's columns, from its meta
-    table: object  # the open HDF5 table (read-only; closed when this layout leaves the cache)
-    lock: object  # one reader of the table at a time (pytables is not thread-safe); an OS lock
-    counts: dict  # (start, stop) → ``[code, rows]`` of each instrument in those rows (the windows sent last)
+    table: Any  # the open HDF5 table (read-only; closed when this layout leaves the cache); None: no rows
+    lock: contextlib.AbstractContextManager  # one reader of the table at a time (pytables: not thread-safe); OS lock
+    counts: OrderedDict  # (start, stop) → ``[code, rows]`` of each instrument in those rows (the windows sent last)
 
     def rows(self, start_time, end_time) -> tuple[int, int]:
         """Rows ``[start, stop)`` holding the dates from ``start_time`` to ``end_time``."""
@@ -248,33 +249,27 @@ def stream(where: Layout, columns: list[str], start: int, stop: int, compression
 
 def ahead(pieces, spawn):
     """Yield what the generator ``pieces`` yields, making each next piece in an OS thread
-    (``spawn(call, *args)`` returns a handle whose ``get()`` waits for it) while the one before is sent."""
+    (``spawn(call, *args)`` returns a handle whose ``result()`` waits for it) while the one before is sent."""
     pending = spawn(next, pieces, None)
     try:
-        while (piece := pending.get()) is not None:
+        while (piece := pending.result()) is not None:
             pending = spawn(next, pieces, None)
             yield piece
     finally:  # also when the client went away: the thread is done with ``pieces`` before they close
         with contextlib.suppress(Exception):
-            pending.get()
+            pending.result()
         pieces.close()
 
 
 def _spawner(async_mode: str):
     """``spawn(call, *args)`` running ``call`` in an OS thread; waiting on its handle lets the handler's
-    other clients go on (gevent's thread pool, or a plain one in threading mode)."""
+    other clients go on (gevent's thread pool, or a plain one in threading mode; either handle, an AsyncResult
+    or a Future, has ``result()``)."""
     if async_mode == "gevent":
         import gevent
 
         return lambda call, *args: gevent.get_hub().threadpool.spawn(call, *args)
-    pool = ThreadPoolExecutor(8, thread_name_prefix="feature-transfer")
-
-    def spawn(call, *args):
-        future = pool.submit(call, *args)
-        future.get = future.result
-        return future
-
-    return spawn
+    return ThreadPoolExecutor(8, thread_name_prefix="feature-transfer").submit
 
 
 def register(handler) -> None:

@@ -35,7 +35,10 @@ def write(client: redis.Redis, kind: str, ident: str, snapshot: dict) -> None:
 
 def remove(client: redis.Redis, kind: str, ident: str) -> None:
     key = keys.fleet(kind, ident)
-    client.pipeline(transaction=False).delete(key).srem(keys.FLEET_INDEX, key).execute()
+    pipe = client.pipeline(transaction=False)
+    pipe.delete(key)
+    pipe.srem(keys.FLEET_INDEX, key)
+    pipe.execute()
 
 
 def read(client: redis.Redis) -> list[dict]:

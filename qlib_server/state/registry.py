@@ -18,6 +18,10 @@ from ..errors import ConnectionLost
 from . import keys
 
 
+def _texts(values) -> list[str]:
+    """Redis list items as text (this client does not decode its replies)."""
+    return [v.decode() if isinstance(v, bytes) else v for v in values]
+
 class SessionRegistry:
     """Waiting session ids per request key, in Redis, each operation under the key's lock."""
 
@@ -72,7 +76,7 @@ class SessionRegistry:
         """Yield the waiters of ``key``; remove them only when the block finishes without error."""
         try:
             with self._locked(key):
-                sids = [s.decode() for s in self.redis.lrange(keys.waiters(key), 0, -1)]
+                sids = _texts(self.redis.lrange(keys.waiters(key), 0, -1))
                 yield sids
                 if sids:
                     self.redis.ltrim(keys.waiters(key), len(sids), -1)
@@ -100,7 +104,7 @@ class SessionRegistry:
 
     def waiting(self, key: str) -> list[str]:
         """The waiters of ``key``, for tests and diagnostics."""
-        return [s.decode() for s in self.redis.lrange(keys.waiters(key), 0, -1)]
+        return _texts(self.redis.lrange(keys.waiters(key), 0, -1))
 
     def ping(self) -> bool:
         try:

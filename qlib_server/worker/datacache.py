@@ -77,7 +77,9 @@ def lock_name(cache_path: Path) -> str:
 
 def references(expressions: Iterable[str]) -> tuple[set, set, set]:
     """The raw fields, point-in-time fields and string literals (possible instrument codes) named."""
-    fields, pit, literals = set(), set(), set()
+    fields: set[str] = set()
+    pit: set[str] = set()
+    literals: set[str] = set()
     for expression in expressions:
         for match in _REFERENCE.finditer(expression):
             dollars, name, p, quoted, literal = match.groups()

@@ -61,7 +61,8 @@ def compute_task(task: dict, expression_cache: bool) -> tuple:
 
 
 def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None, stopping=None,
-                 run: Callable[[dict, bool], tuple] = compute_task, report: Callable[[tuple], None] = None) -> None:
+                 run: Callable[[dict, bool], tuple] = compute_task,
+                 report: Optional[Callable[[tuple], None]] = None) -> None:
     """Compute one delivered task (with ``run``), publish its result, then acknowledge it; tell ``report``
     (see :class:`~qlib_server.worker.telemetry.ProcessorStatus`) when it starts and when it is done."""
     task = delivery.message

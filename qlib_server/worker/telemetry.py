@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from socketserver import ThreadingMixIn
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import redis
@@ -144,7 +144,8 @@ class ProcessorStatus:
             if not slots:
                 stop.wait(0.5)
                 continue
-            for reader in wait(list(slots), 0.5):
+            for ready in wait(list(slots), 0.5):
+                reader = cast(Connection, ready)  # wait() returns some of the pipes it was given
                 try:
                     event = reader.recv()
                 except (EOFError, OSError):  # its worker is gone; the supervisor starts another
