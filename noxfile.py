@@ -1,16 +1,28 @@
-"""Sessions: ``unit``, ``integration`` (the README's test command runs both), ``fuzz``, ``load``, ``bench``."""
+"""Sessions: ``lint``, ``unit``, ``integration`` (the README's test command runs both), ``fuzz``, ``load``,
+``bench``, ``demo``."""
 
 import os
 
 import nox
 
-nox.options.sessions = ["unit", "integration"]
+nox.options.sessions = ["lint", "unit", "integration"]
 nox.options.reuse_existing_virtualenvs = True
 PYTHON = os.environ.get("NOX_PYTHON", "3.11")
+#: the linters, pinned: a new release's new rules land in a commit of their own
+LINTERS = ("ruff==0.17.6", "mypy==2.4.1")
 
 
 def install(session, *extras):
     session.install("-e", f".[{','.join(('test',) + extras)}]")
+
+
+@nox.session(python=PYTHON)
+def lint(session):
+    """ruff (lint and import order) on the code and tests, mypy on the package (config in pyproject.toml)."""
+    install(session)  # mypy reads the installed libraries' own types (pydantic, redis, requests, ...)
+    session.install(*LINTERS)
+    session.run("ruff", "check", "qlib_server", "tests", "sim", "loadtests", "noxfile.py")
+    session.run("mypy", "qlib_server")
 
 
 @nox.session(python=PYTHON)

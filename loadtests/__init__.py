@@ -1,1 +1,2 @@
-"""Load tests: Locust scenarios (``locust -f loadtests/``) and a runner that starts a server (``python -m loadtests``)."""
+"""Load tests: Locust scenarios (``locust -f loadtests/``) and a runner that starts a server
+(``python -m loadtests``)."""

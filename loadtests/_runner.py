@@ -47,7 +47,7 @@ class Services:
     redis_db: int
 
     @classmethod
-    def from_env(cls) -> "Services":
+    def from_env(cls) -> Services:
         env = os.environ.get
         return cls(env("QLIB_LOAD_AMQP_HOST", "127.0.0.1"), int(env("QLIB_LOAD_AMQP_PORT", "5672")),
                    env("QLIB_LOAD_AMQP_USER", "guest"), env("QLIB_LOAD_AMQP_PASSWORD", "guest"),

@@ -10,16 +10,8 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import logging
-import threading
-from socketserver import ThreadingMixIn
 from typing import Optional
 from urllib.parse import parse_qs
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-from prometheus_client import CollectorRegistry, make_wsgi_app
-
-log = logging.getLogger(__name__)
 
 
 class Admission:
@@ -35,8 +27,8 @@ class Admission:
         except ValueError:
             ip = None
         by_network = ip is not None and any(ip in n for n in self.networks)
-        by_token = bool(self.token) and isinstance(token, str) and hmac.compare_digest(token.encode(),
-                                                                                       self.token.encode())
+        by_token = bool(self.token and isinstance(token, str)
+                        and hmac.compare_digest(token.encode(), self.token.encode()))
         return by_network or by_token or (not self.networks and not self.token)
 
     def admits_http(self, address: Optional[str], authorization: Optional[str], query: str) -> bool:
@@ -45,43 +37,6 @@ class Admission:
         scheme, _, credentials = (authorization or "").partition(" ")
         token = credentials.strip() if scheme.lower() == "bearer" else None
         if token is None:
-            token = (parse_qs(query).get("token") or [None])[0]
+            tokens = parse_qs(query).get("token")
+            token = tokens[0] if tokens else None
         return self.admits(address, token)
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, *_) -> None:  # one line per scrape would drown the processor's log
-        pass
-
-
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-def serve_metrics(registry: CollectorRegistry, host: str, port: int, admission: Admission) -> Optional[int]:
-    """Serve ``registry`` in Prometheus format on ``host:port`` (any path) from a daemon thread, to the
-    clients ``admission`` admits. When ``port`` is taken (several processors on one host), a free port
-    is used instead; return the port served, or None when none could be bound (logged)."""
-    metrics_app = make_wsgi_app(registry)
-
-    def app(environ, start_response):
-        if not admission.admits_http(environ.get("REMOTE_ADDR"), environ.get("HTTP_AUTHORIZATION"),
-                                     environ.get("QUERY_STRING", "")):
-            log.warning("refused connection from %s", environ.get("REMOTE_ADDR"))
-            start_response("403 Forbidden", [("Content-Type", "text/plain")])
-            return [b"forbidden: not in allowed_networks and no valid auth_token\n"]
-        return metrics_app(environ, start_response)
-
-    for candidate in (port, 0):
-        try:
-            server = make_server(host, candidate, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
-            break
-        except OSError as exc:
-            error = exc
-    else:
-        log.warning("cannot serve metrics on %s (%s)", host, error)
-        return None
-    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-    bound = server.server_address[1]
-    log.info("processor metrics on http://%s:%d/%s", host, bound, "" if bound == port else f" ({port} was taken)")
-    return bound

@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
     if "data_processor" in args.module and not args.embedded:
         import multiprocessing as mp
 
-        from .processor import run_processor
+        from .worker.processor import run_processor
 
         if "request_handler" not in args.module:
             run_processor(cfg.model_dump())
@@ -48,16 +48,17 @@ def _serve(args: argparse.Namespace) -> int:
         from .embedded import EmbeddedServer
 
         server = EmbeddedServer(cfg)
-        handler = server.handler
+        handler, serve = server.handler, server.serve
     else:
-        from .handler import RequestHandler
-        from .processor import rabbitmq_factory
-        from .registry import SessionRegistry
+        from .front.handler import RequestHandler
+        from .state.registry import SessionRegistry
+        from .worker.processor import rabbitmq_factory
 
-        server = handler = RequestHandler(cfg, SessionRegistry.from_config(cfg), lambda: rabbitmq_factory(cfg))
+        handler = RequestHandler(cfg, SessionRegistry.from_config(cfg), lambda: rabbitmq_factory(cfg))
+        serve = handler.serve
     handler.shutdown_on(signal.SIGTERM)
     try:
-        server.serve()
+        serve()
     except KeyboardInterrupt:
         pass
     finally:
@@ -70,7 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _refresh(args: argparse.Namespace) -> int:
     from .config import load_config
     from .errors import ConfigError
-    from .updater import refresh_main
+    from .worker.updater import refresh_main
 
     try:
         cfg = load_config(args.config)

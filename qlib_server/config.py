@@ -64,7 +64,8 @@ class ServerConfig(BaseModel):
     allowed_networks: list[str] = Field(default_factory=list)
     auth_token: Optional[str] = None
     max_body_bytes: int = Field(1 << 20, ge=1024, description="a larger request body is answered with status 1")
-    max_message_bytes: int = Field(16 << 20, ge=1 << 16, description="transport limit: a larger message closes the connection")
+    max_message_bytes: int = Field(16 << 20, ge=1 << 16,
+                                   description="transport limit: a larger message closes the connection")
     max_fields: int = Field(256, ge=1)
     max_instruments: int = Field(20000, ge=1)
     max_expression_length: int = Field(2000, ge=16)
@@ -91,7 +92,7 @@ class ServerConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _transport_holds_a_body(self) -> "ServerConfig":
+    def _transport_holds_a_body(self) -> ServerConfig:
         if self.max_message_bytes < self.max_body_bytes + 4096:
             raise ValueError("max_message_bytes must exceed max_body_bytes (a refused body still needs to arrive)")
         return self

@@ -42,7 +42,8 @@ def generate_dataset(
     root = Path(root)
     rng = np.random.default_rng(seed)
     calendar = pd.bdate_range(start=start, periods=days)
-    markets = markets if markets is not None else {"csi300": max(1, instruments * 3 // 4), "csi100": max(1, instruments // 4)}
+    markets = markets if markets is not None else {"csi300": max(1, instruments * 3 // 4),
+                                                   "csi100": max(1, instruments // 4)}
 
     (root / "calendars").mkdir(parents=True, exist_ok=True)
     (root / "instruments").mkdir(parents=True, exist_ok=True)

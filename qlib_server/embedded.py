@@ -12,7 +12,6 @@ the queue, exactly as in the distributed mode.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import select
 import signal
@@ -24,10 +23,10 @@ from fakeredis import FakeConnection, TcpFakeServer
 from .broker.memory import MemoryBroker
 from .config import ServerConfig
 from .errors import QlibServerError
-from .handler import RequestHandler
+from .front.handler import RequestHandler
 from .log import setup_logging
-from .processor import DataProcessor, compute_task, die_with_parent, lower_priority, work
-from .registry import SessionRegistry
+from .state.registry import SessionRegistry
+from .worker.processor import DataProcessor, compute_task, die_with_parent, lower_priority, work
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ class WorkerLost(QlibServerError):
 
 def compute_main(cfg_values: dict, tasks, results, nice: int = 0) -> None:
     """Entry point of one compute process: answer each task read from ``tasks`` on ``results``."""
-    from . import compute
+    from .worker import compute
 
     die_with_parent()
     lower_priority(nice)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import keyword
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from .errors import ConfigError, RequestError
 
@@ -71,7 +71,9 @@ class _Parser:
     """Recursive-descent checker over the token list; depth is checked before every recursion."""
 
     def __init__(self, text: str, operators: frozenset[str], max_depth: int):
-        self.tokens = [(m.lastgroup, m.group(), m.start()) for m in _TOKEN.finditer(text) if m.lastgroup != "space"]
+        # every alternative of _TOKEN is a named group: lastgroup is never None
+        self.tokens = [(m.lastgroup or "bad", m.group(), m.start()) for m in _TOKEN.finditer(text)
+                       if m.lastgroup != "space"]
         self.tokens.append(("end", "", len(text)))
         self.i = 0
         self.operators = operators

@@ -14,23 +14,33 @@ class Metrics:
         self.requests = Counter("qlib_server_requests", "Requests received", ["type"], registry=r)
         self.responses = Counter("qlib_server_responses", "Responses emitted", ["type", "status"], registry=r)
         self.tasks_published = Counter("qlib_server_tasks_published", "Tasks published", ["type"], registry=r)
-        self.tasks_processed = Counter("qlib_server_tasks_processed", "Task results received", ["type", "status"], registry=r)
-        self.tasks_redelivered = Counter("qlib_server_tasks_redelivered", "Results of tasks delivered more than once", ["type"], registry=r)
-        self.tasks_dead_lettered = Counter("qlib_server_tasks_dead_lettered", "Tasks given up after max_deliveries", ["type"], registry=r)
-        self.cache_hits = Counter("qlib_server_cache_hits", "Requests answered from the result cache", ["type"], registry=r)
+        self.tasks_processed = Counter("qlib_server_tasks_processed", "Task results received", ["type", "status"],
+                                       registry=r)
+        self.tasks_redelivered = Counter("qlib_server_tasks_redelivered", "Results of tasks delivered more than once",
+                                         ["type"], registry=r)
+        self.tasks_dead_lettered = Counter("qlib_server_tasks_dead_lettered", "Tasks given up after max_deliveries",
+                                           ["type"], registry=r)
+        self.cache_hits = Counter("qlib_server_cache_hits", "Requests answered from the result cache", ["type"],
+                                  registry=r)
         self.dedup_hits = Counter("qlib_server_dedup_hits", "Requests joined to a task in flight", ["type"], registry=r)
-        self.request_timeouts = Counter("qlib_server_request_timeouts", "Requests answered by timeout", ["type"], registry=r)
-        self.answers_forwarded = Counter("qlib_server_answers_forwarded", "Answers sent to the handler holding the client", registry=r)
-        self.requests_recovered = Counter("qlib_server_requests_recovered", "Requests served again after their waiter entry vanished", ["type"], registry=r)
+        self.request_timeouts = Counter("qlib_server_request_timeouts", "Requests answered by timeout", ["type"],
+                                        registry=r)
+        self.answers_forwarded = Counter("qlib_server_answers_forwarded",
+                                         "Answers sent to the handler holding the client", registry=r)
+        self.requests_recovered = Counter("qlib_server_requests_recovered",
+                                          "Requests served again after their waiter entry vanished", ["type"],
+                                          registry=r)
         self.refused_connections = Counter("qlib_server_refused_connections", "Connections refused", registry=r)
         self.reconnects = Counter("qlib_server_reconnects", "Reconnections to a service", ["service"], registry=r)
         self.errors = Counter("qlib_server_errors", "Errors logged by this process", registry=r)
-        self.queue_messages = Gauge("qlib_server_queue_messages", "Messages ready in a task queue (sampled each second)",
+        self.queue_messages = Gauge("qlib_server_queue_messages",
+                                    "Messages ready in a task queue (sampled each second)",
                                     ["queue"], registry=r)
         self.connected = Gauge("qlib_server_connected_clients", "Connected Socket.IO clients", registry=r)
         self.pending = Gauge("qlib_server_requests_pending", "Requests waiting for their answer", registry=r)
         self.latency = Histogram("qlib_server_request_seconds", "Request to response", ["type"], registry=r,
-                                 buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+                                 buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                                          30, 60))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -49,7 +49,8 @@ class _AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _PICKLE_ALLOWED:
             return super().find_class(module, name)
-        raise RequestError(f"pickled body refers to {str(module)[:60]}.{str(name)[:60]}, which a request may not contain")
+        raise RequestError(f"pickled body refers to {str(module)[:60]}.{str(name)[:60]}, "
+                           "which a request may not contain")
 
 
 def _show(value: Any, limit: int = 40) -> str:
@@ -221,7 +222,8 @@ class RequestParser:
             return safe_unpickle(bytes(body), limit)
         if isinstance(body, str):
             if len(body) > limit:
-                raise RequestError(f"request body is {len(body)} characters, over the limit of {limit} (max_body_bytes)")
+                raise RequestError(f"request body is {len(body)} characters, "
+                                   f"over the limit of {limit} (max_body_bytes)")
             try:
                 return json.loads(body)
             except (ValueError, RecursionError) as exc:
@@ -250,7 +252,8 @@ class RequestParser:
         return {"market": _name(conf["market"], "market").lower(), "filter_pipe": [self._filter(f) for f in pipe]}
 
     def _filter(self, item: Any) -> dict:
-        if not isinstance(item, dict) or not isinstance(item.get("filter_type"), str) or item["filter_type"] not in _FILTERS:
+        if (not isinstance(item, dict) or not isinstance(item.get("filter_type"), str)
+                or item["filter_type"] not in _FILTERS):
             raise RequestError(f"a filter must be a dict with filter_type in {sorted(_FILTERS)}")
         kind = item["filter_type"]
         allowed = {"filter_type", "filter_start_time", "filter_end_time", *_FILTERS[kind]}
@@ -330,7 +333,8 @@ def request_key(request_type: str, args: dict) -> str:
     whole history and sorts its fields, so its key ignores the dates and the order of the fields.
     """
     if request_type == "feature":
-        args = {**args, "start_time": None, "end_time": None, "fields": sorted(set(f.replace(" ", "") for f in args["fields"]))}
+        args = {**args, "start_time": None, "end_time": None,
+                "fields": sorted(set(f.replace(" ", "") for f in args["fields"]))}
     text = json.dumps([request_type, args], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 

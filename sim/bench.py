@@ -34,9 +34,22 @@ from pathlib import Path
 
 from qlib_server.datagen import generate_dataset
 from sim import bench_report
-from sim.bench_measure import (DAYS, HOT, cold_fields, cold_request, identical_cold, light_bodies, light_latency,
-                               light_while_busy, local_compute, paired_latency, paired_throughput, summary_ms,
-                               warm_workers, with_connected)
+from sim.bench_measure import (
+    DAYS,
+    HOT,
+    cold_fields,
+    cold_request,
+    identical_cold,
+    light_bodies,
+    light_latency,
+    light_while_busy,
+    local_compute,
+    paired_latency,
+    paired_throughput,
+    summary_ms,
+    warm_workers,
+    with_connected,
+)
 from sim.client import fetch_metrics, metric_by_type
 
 
@@ -230,12 +243,14 @@ def report(r: dict) -> None:
         for c in r["cold_feature"]:
             print(f"server {c['server_s']:.3f} s   local Qlib {c['local_s']:.3f} s   ratio {c['ratio']:.2f}")
         c = r["cold_identical"]
-        print(f"{c['clients']} identical at once: {c['seconds']:.3f} s (local {c['local_s']:.3f} s), {c['ok']} answered, "
+        print(f"{c['clients']} identical at once: {c['seconds']:.3f} s (local {c['local_s']:.3f} s), "
+              f"{c['ok']} answered, "
               f"{c['tasks_published']} task(s) published, {c['distinct_answers']} distinct answer(s)")
     if r.get("light_lane"):
         i, b = r["light_lane"]["idle"], r["light_lane"]["busy"]
         print("\n== light lane (calendars and instrument lists never asked before) ==")
-        print(f"idle server:               p50 {i['p50_ms']:.2f} ms  p90 {i['p90_ms']:.2f}  p99 {i['p99_ms']:.2f}  (n={i['n']})")
+        print(f"idle server:               p50 {i['p50_ms']:.2f} ms  p90 {i['p90_ms']:.2f}  p99 {i['p99_ms']:.2f}  "
+              f"(n={i['n']})")
         print(f"both feature workers busy: p50 {b['p50_ms']:.2f} ms  p90 {b['p90_ms']:.2f}  p99 {b['p99_ms']:.2f}  "
               f"(n={b['n']}, {b['heavy_requests']} cold sets meanwhile)")
     if r.get("connected_clients"):

@@ -52,7 +52,8 @@ if "hot" in {parts!r}:
     result["hot_s"], frame = timed(lambda: D.features(D.instruments("csi300"), hot, "2019-01-01", "2019-12-31"), {n})
     result["hot_shape"] = list(frame.shape)
 if "cold" in {parts!r}:
-    result["cold_s"], frame = timed(lambda: D.features(D.instruments("csi300"), {cold!r}, "2019-01-01", "2019-12-31"), 1)
+    result["cold_s"], frame = timed(lambda: D.features(D.instruments("csi300"), {cold!r}, "2019-01-01",
+                                                       "2019-12-31"), 1)
 if "large" in {parts!r}:
     fields = Alpha158DL.get_feature_config()[0]
     D.features(D.instruments("all"), fields[:1], "2019-01-01", "2019-01-31")  # connect, calendar
@@ -105,7 +106,8 @@ def run(args, start_server, stop) -> int:
     work = Path(tempfile.mkdtemp(prefix="qlib-bench-client-"))
     instruments, days = (60, 500) if args.quick else (args.instruments, args.days)
     print(f"generating {instruments} instruments x {days} days ...", flush=True)
-    data = generate_dataset(work / "data", instruments=instruments, days=days, markets={"csi300": min(instruments, 100)})
+    data = generate_dataset(work / "data", instruments=instruments, days=days, markets={"csi300": min(instruments,
+                                                                                                      100)})
     from sim.bench import _free_port
 
     port = _free_port()
@@ -116,8 +118,10 @@ def run(args, start_server, stop) -> int:
         new = client_run("new", port, data, work, ("hot",), n_new, [])
         stock = client_run("stock", port, data, work, ("hot",), n_stock, [])
         print("cold D.features, each client ...", flush=True)
-        cold_new = client_run("new", port, data, work, ("cold",), 1, ["Mean($close, 7)", "Std($high, 7)", "Max($low, 7)"])
-        cold_stock = client_run("stock", port, data, work, ("cold",), 1, ["Mean($close, 8)", "Std($high, 8)", "Max($low, 8)"])
+        cold_new = client_run("new", port, data, work, ("cold",), 1, ["Mean($close, 7)", "Std($high, 7)",
+                                                                      "Max($low, 7)"])
+        cold_stock = client_run("stock", port, data, work, ("cold",), 1, ["Mean($close, 8)", "Std($high, 8)",
+                                                                          "Max($low, 8)"])
         print("large cached feature set (Alpha158 fields, all instruments, all days): computing once ...", flush=True)
         client_run("new", port, data, work, ("large",), 1, [])  # computes the cache
         print("large cached feature set: transfers (the default, then lz4), local reads ...", flush=True)
@@ -128,7 +132,8 @@ def run(args, start_server, stop) -> int:
         stop(server)
     hot_new, hot_stock = statistics.median(new["hot_s"]), statistics.median(stock["hot_s"])
     rows, cols = large["large_shape"]
-    print(f"\n== qlib_server.client vs pyqlib's stock client ({instruments} instruments x {days} days, 2 processors) ==")
+    print(f"\n== qlib_server.client vs pyqlib's stock client ({instruments} instruments x {days} days, "
+          "2 processors) ==")
     print(f"{'measure':58}{'new client':>14}{'baseline':>14}{'ratio':>9}{'goal':>8}")
     print(f"{'hot D.features csi300 x 3 fields x 1y, median (ms)':58}{hot_new * 1000:>14.1f}{hot_stock * 1000:>14.1f}"
           f"{hot_stock / hot_new:>8.1f}x{'>=20x':>8}")
@@ -140,7 +145,8 @@ def run(args, start_server, stop) -> int:
     print(f"  (median of 3; default: uncompressed, the server is on this host; baseline: pd.read_hdf of the"
           f" cache file ({local['file_mb']:.0f} MB) on local disk, median of 3; Qlib's read_data_from_cache"
           f" {local['read_cache_s']:.2f} s)")
-    print(f"{'client peak RSS (MB), before the request':58}{large['peak_rss_mb']:>14.0f}{large['rss_before_mb']:>14.0f}")
+    print(f"{'client peak RSS (MB), before the request':58}{large['peak_rss_mb']:>14.0f}"
+          f"{large['rss_before_mb']:>14.0f}")
     print(f"{'cold D.features csi300 x 3 new fields x 1y (s)':58}{cold_new['cold_s'][0]:>14.2f}"
           f"{cold_stock['cold_s'][0]:>14.2f}{cold_stock['cold_s'][0] / cold_new['cold_s'][0]:>8.2f}x{'>=1x':>8}")
     out = Path(args.out).with_name("bench-client.json")

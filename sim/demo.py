@@ -190,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             same, new_same = _same(value, expected), _same(new_value, expected)
             different += (not same) + (not new_same)
             print(f"   {name:<48} {seconds * 1000:7.1f} ms {new_seconds * 1000:7.1f} ms  {size}  {same}, {new_same}")
-        print("   (pyqlib's own Socket.IO client waits ~1 s per request in its wait loop; the server's part is the rest)")
-        print(f"== 4. simulator: {args.clients} fake clients for {args.duration:g}s, every answer checked against local Qlib")
+        print("   (pyqlib's own Socket.IO client waits ~1 s per request in its wait loop; "
+              "the server's part is the rest)")
+        print(f"== 4. simulator: {args.clients} fake clients for {args.duration:g}s, "
+              "every answer checked against local Qlib")
         sim = subprocess.run([sys.executable, "-m", "sim", "--server", url, "--data", str(data), "--clients",
                               str(args.clients), "--duration", str(args.duration), "--json", str(work / "sim.json"),
                               "--plot", str(work / "sim.png")])

@@ -26,7 +26,7 @@ class Rows:
                       (self.kinds == KINDS.index("feature")).astype(np.int8))
 
     @classmethod
-    def concat(cls, parts: list[dict]) -> "Rows":
+    def concat(cls, parts: list[dict]) -> Rows:
         return cls(*(np.concatenate([np.asarray(p[name], dtype=float) for p in parts]) if parts else []
                      for name in ("kinds", "starts", "latencies", "outcomes", "lanes")))
 
@@ -126,9 +126,11 @@ def print_table(summary: dict) -> None:
             ("clients", summary["clients"]), ("duration (s)", summary["duration"]),
             ("verified distinct answers", summary["verified_answers"])]
     columns = ["type", "count", "p50 ms", "p90 ms", "p99 ms", "mean ms", "max ms"]
-    lines = [[k, v["count"], v["p50"], v["p90"], v["p99"], v["mean"], v["max"]] for k, v in summary["latency_ms"].items()]
+    lines = [[k, v["count"], v["p50"], v["p90"], v["p99"], v["mean"], v["max"]] for k,
+             v in summary["latency_ms"].items()]
     for name, stats in (summary.get("pyqlib") or {}).get("latency_ms", {}).items():
-        lines.append([f"pyqlib {name}", stats["count"], stats["p50"], stats["p90"], stats["p99"], stats["mean"], stats["max"]])
+        lines.append([f"pyqlib {name}", stats["count"], stats["p50"], stats["p90"], stats["p99"], stats["mean"],
+                      stats["max"]])
     try:
         from rich.console import Console
         from rich.table import Table

@@ -45,7 +45,7 @@ class Dataset:
     codes: list[str]
 
     @classmethod
-    def load(cls, root: str | Path) -> "Dataset":
+    def load(cls, root: str | Path) -> Dataset:
         """Read ``calendars/day.txt`` and ``instruments/*.txt`` under ``root``."""
         root = Path(root)
         calendar = [line.strip() for line in (root / "calendars" / "day.txt").read_text().splitlines() if line.strip()]
@@ -84,7 +84,7 @@ class Request:
     work: str = field(compare=False)
 
     @classmethod
-    def make(cls, kind: str, body: dict) -> "Request":
+    def make(cls, kind: str, body: dict) -> Request:
         return cls(kind, body, request_id(kind, body), server_key(kind, body))
 
     @property
@@ -200,7 +200,8 @@ class Sampler:
         self.rng = random.Random(seed * 1_000_003 + shard)
         self.shard, self.shards = shard, shards
         self.seen: set[str] = set()
-        self.cum = {kind: _cumulative([1 / (i + 1) ** exponent if self.mode == "zipf" else 1.0 for i in range(len(reqs))])
+        self.cum = {kind: _cumulative([1 / (i + 1) ** exponent if self.mode == "zipf" else 1.0
+                                       for i in range(len(reqs))])
                     for kind, reqs in universe.requests.items()}
 
     def kind(self) -> str:

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .universe import request_id
 
-_VERIFIER: "Verifier | None" = None
+_VERIFIER: Verifier | None = None
 
 
 def init_local_qlib(data_dir: str | Path) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 from ..errors import BrokerError
 
@@ -70,6 +71,7 @@ class Broker(ABC):
     def consume(self, queue: str, prefetch: int, idle: float = 1.0) -> Iterator[Optional[Delivery]]:
         """Yield deliveries from ``queue``; yield None after ``idle`` seconds without one."""
 
+    @abstractmethod
     def cancel(self) -> None:
         """Stop receiving new deliveries on this connection; those in hand can still be acked."""
 

@@ -8,11 +8,13 @@ has been delivered ``max_deliveries`` times, like a RabbitMQ quorum queue with a
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from itertools import count
-from typing import Iterator, Optional
+from typing import Optional
 
 from ..errors import BrokerError
 from .base import Broker, Delivery, dead_letter_queue, decode, encode, light_queue
@@ -57,7 +59,7 @@ class MemoryBroker(Broker):
         self._closed = False
         self._cancelled = False
 
-    def connect(self) -> "MemoryBroker":
+    def connect(self) -> MemoryBroker:
         return MemoryBroker(self.hub)
 
     def declare(self, task_queue: str, message_queue: str, max_deliveries: int) -> None:
@@ -134,8 +136,8 @@ class MemoryBroker(Broker):
                 message = decode(body)
             except BrokerError as exc:
                 message = {"undecodable": str(exc)}
-            yield Delivery(message, deliveries, lambda tag=tag: self._settle(tag, None),
-                           lambda requeue, tag=tag: self._settle(tag, requeue))
+            yield Delivery(message, deliveries, functools.partial(self._settle, tag, None),
+                           functools.partial(self._settle, tag))
 
     def close(self) -> None:
         """Close this connection: its unacknowledged deliveries return to their queues."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import pika
 import pika.exceptions as pe
@@ -57,9 +58,9 @@ class RabbitMQBroker(Broker):
                     channel.confirm_delivery()
                 self._channel = channel
                 if self._declared:
-                    self._declare(*self._declared)
+                    self._declare(channel, *self._declared)
                 for queue, expires in self._inboxes.items():
-                    self._declare_inbox(queue, expires)
+                    self._declare_inbox(channel, queue, expires)
                 if attempt and self.on_reconnect:
                     self.on_reconnect()
                 return channel
@@ -86,8 +87,7 @@ class RabbitMQBroker(Broker):
     def ping(self) -> bool:
         with self._lock:
             try:
-                self._open()
-                self._connection.process_data_events(0)
+                self._open().connection.process_data_events(0)
                 return True
             except (BrokerError, *_TRANSPORT_ERRORS):
                 self._drop()
@@ -111,8 +111,7 @@ class RabbitMQBroker(Broker):
         return method.message_count if method is not None else None
 
     # -- broker interface -------------------------------------------------------------------
-    def _declare(self, task_queue: str, message_queue: str, max_deliveries: int) -> None:
-        channel = self._channel
+    def _declare(self, channel, task_queue: str, message_queue: str, max_deliveries: int) -> None:
         dead = dead_letter_queue(task_queue)
         channel.queue_declare(dead, durable=True)
         for lane in (task_queue, light_queue(task_queue)):
@@ -128,21 +127,19 @@ class RabbitMQBroker(Broker):
         with self._lock:
             self._declared = (task_queue, message_queue, max_deliveries)
             try:
-                self._open()
-                self._declare(task_queue, message_queue, max_deliveries)
+                self._declare(self._open(), task_queue, message_queue, max_deliveries)
             except pe.ChannelClosedByBroker as exc:
                 self._drop()
                 raise BrokerError(f"cannot declare queues {task_queue!r}/{message_queue!r}: {exc.reply_text}") from None
 
-    def _declare_inbox(self, queue: str, expires: float) -> None:
-        self._channel.queue_declare(queue, durable=False, arguments={"x-expires": int(expires * 1000)})
+    def _declare_inbox(self, channel, queue: str, expires: float) -> None:
+        channel.queue_declare(queue, durable=False, arguments={"x-expires": int(expires * 1000)})
 
     def declare_inbox(self, queue: str, expires: float) -> None:
         with self._lock:
             self._inboxes[queue] = expires
             try:
-                self._open()
-                self._declare_inbox(queue, expires)
+                self._declare_inbox(self._open(), queue, expires)
             except pe.ChannelClosedByBroker as exc:
                 self._drop()
                 raise BrokerError(f"cannot declare queue {queue!r}: {exc.reply_text}") from None

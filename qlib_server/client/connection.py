@@ -40,7 +40,7 @@ class AdmissionRefused(ConnectionError):
     """The server refused this client (``allowed_networks`` / ``auth_token``)."""
 
 
-def bad_response(status: int, info: Any) -> ValueError:
+def bad_response(status: Any, info: Any) -> ValueError:
     """The exception pyqlib's client raises for an error answer."""
     return ValueError(f"Bad response(status=={status}), detailed info: {info}")
 
@@ -80,7 +80,7 @@ class ServerConnection:
     def _on_answer(self, message: Any = None, *_) -> None:
         rid = message.get("id") if isinstance(message, dict) else None
         with self._lock:
-            waiter = self._waiting.get(rid)
+            waiter = self._waiting.get(rid) if isinstance(rid, str) else None
         if waiter is not None:
             waiter.answer = message
             waiter.event.set()
@@ -126,7 +126,7 @@ class ServerConnection:
         if not self._slots.acquire(timeout=limit):
             raise RequestTimeout(f"no free request slot within {limit:g}s (max_inflight)")
         try:
-            for attempt in range(self.retries + 1):
+            for _attempt in range(self.retries + 1):
                 self._connect(deadline)
                 answer = self._send(kind, body, deadline)
                 if answer is not None:
@@ -164,20 +164,22 @@ class ServerConnection:
         """The frame of a feature request, streamed from the server's dataset cache (computed first,
         through the pipeline, when the server has no current cache of it)."""
         deadline = time.monotonic() + self.timeout
-        payload = {"head": {"version": self._version}, "body": json.dumps(body, default=str)}
+        payload: dict[str, Any] = {"head": {"version": self._version}, "body": json.dumps(body, default=str)}
         computed, failures = False, 0
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RequestTimeout(f"no feature data from qlib-server at {self.url} within {self.timeout:g}s")
             try:
-                with self._session().post(f"{self.url}/features", json=payload, params={"compression": self.compression},
-                                          headers=self._headers(), stream=True, timeout=(self.connect_timeout, left)) as reply:
+                with self._session().post(f"{self.url}/features", json=payload,
+                                          params={"compression": self.compression}, headers=self._headers(),
+                                          stream=True, timeout=(self.connect_timeout, left)) as reply:
                     if reply.status_code == 200:
                         reply.raw.decode_content = True
                         return read_frame(reply.raw, fields)
                     answer = _json(reply)
-            except (requests.RequestException, urllib3.exceptions.HTTPError, pa.ArrowInvalid, ConnectionError, OSError) as exc:
+            except (requests.RequestException, urllib3.exceptions.HTTPError, pa.ArrowInvalid, ConnectionError,
+                    OSError) as exc:
                 if isinstance(exc, requests.Timeout) and deadline - time.monotonic() <= 0:
                     raise RequestTimeout(f"no feature data from {self.url} within {self.timeout:g}s") from None
                 failures += 1

@@ -1,4 +1,4 @@
-"""An Arrow IPC stream of feature rows (see :mod:`qlib_server.transfer`) → the frame Qlib gives.
+"""An Arrow IPC stream of feature rows (see :mod:`qlib_server.front.transfer`) → the frame Qlib gives.
 
 The frame is sorted by instrument, then date. The rows come sorted by date, and the schema says how
 many rows each instrument has, so each row of a batch is copied once, straight to its place in

@@ -46,7 +46,7 @@ class ServerDatasetProvider(_Remote, DatasetProvider):
     the client has no data to compute from)."""
 
     def dataset(self, instruments, fields, start_time=None, end_time=None, freq="day", disk_cache=1,
-                return_uri=False, inst_processors=[]):
+                return_uri=False, inst_processors=None):
         if inst_processors:
             raise ValueError(f"{self.__class__.__name__} does not support inst_processor: the server computes "
                              "features without them")

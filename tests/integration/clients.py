@@ -45,7 +45,7 @@ class WireClient:
     def close(self) -> None:
         self.sio.disconnect()
 
-    def __enter__(self) -> "WireClient":
+    def __enter__(self) -> WireClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -71,7 +71,8 @@ def run_pyqlib(script: str, port: int, provider_uri: Path, timeout: float = 180.
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=timeout)
     marker = done.stdout.find(b"RESULT:")
     if done.returncode != 0 or marker < 0:
-        raise AssertionError(f"pyqlib client failed ({done.returncode}):\n{done.stderr.decode(errors='replace')[-3000:]}")
+        raise AssertionError(f"pyqlib client failed ({done.returncode}):\n"
+                             f"{done.stderr.decode(errors='replace')[-3000:]}")
     return pickle.loads(done.stdout[marker + len(b"RESULT:"):])
 
 
@@ -110,5 +111,6 @@ def run_server_client(script: str, port: int, provider_uri: Path | None, timeout
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=timeout)
     marker = done.stdout.find(b"RESULT:")
     if done.returncode != 0 or marker < 0:
-        raise AssertionError(f"qlib_server.client failed ({done.returncode}):\n{done.stderr.decode(errors='replace')[-3000:]}")
+        raise AssertionError(f"qlib_server.client failed ({done.returncode}):\n"
+                             f"{done.stderr.decode(errors='replace')[-3000:]}")
     return pickle.loads(done.stdout[marker + len(b"RESULT:"):])

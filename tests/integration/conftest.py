@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 from urllib.parse import urlparse
 
 import pytest
@@ -209,7 +209,8 @@ def start_server(services, dataset, tmp_path):
         config_path.write_text(yaml.safe_dump(config))
         log_path = tmp_path / f"server{n}.log"
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "qlib_server", "serve", "-c", str(config_path), "-m", *modules],
+            proc = subprocess.Popen([sys.executable, "-m", "qlib_server", "serve", "-c", str(config_path), "-m",
+                                     *modules],
                                     stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
         server = ServerProcess(config, config_path, log_path, proc)
         started.append(server)

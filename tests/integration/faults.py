@@ -14,15 +14,15 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import pika
 import psutil
 import redis
 import redis_lock
-
 from clients import WireClient
 
 # -- requests ---------------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ def busy_workers(workers: Sequence[psutil.Process], baseline: Sequence[float], c
 
 def hold_lock_forever(host: str, port: int, db: int, lock_name: str, ready) -> None:
     """Subprocess body: take the python-redis-lock ``lock_name`` the way the registry does, then hang."""
-    from qlib_server import keys
+    from qlib_server.state import keys
 
     lock = redis_lock.Lock(redis.Redis(host=host, port=port, db=db), lock_name, expire=keys.LOCK_EXPIRE)
     lock.acquire()
@@ -306,7 +306,7 @@ def hold_lock_forever(host: str, port: int, db: int, lock_name: str, ready) -> N
 def server_registry(host: str, port: int, db: int, request_timeout: float = 60):
     """A SessionRegistry built the way a request handler builds its own (same pool and timeouts)."""
     from qlib_server.config import make_config
-    from qlib_server.registry import SessionRegistry
+    from qlib_server.state.registry import SessionRegistry
 
     return SessionRegistry.from_config(make_config(provider_uri="/nonexistent", redis_host=host, redis_port=port,
                                                    redis_task_db=db, request_timeout=request_timeout))

@@ -12,7 +12,6 @@ import time
 import pandas as pd
 import pandas.testing as pdt
 import pytest
-
 from clients import local_qlib, run_server_client
 from test_embedded import embedded_server
 
@@ -37,7 +36,8 @@ result = {{
     "spans": D.list_instruments(csi300, START, END),
     "spans_all_time": D.list_instruments(D.instruments("all")),
     "name_filter": D.list_instruments(D.instruments("csi300", filter_pipe=[NAME]), START, END),
-    "expression_filter": D.list_instruments(D.instruments("csi300", filter_pipe=[NAME, RULE]), START, END, as_list=True),
+    "expression_filter": D.list_instruments(D.instruments("csi300", filter_pipe=[NAME, RULE]), START, END,
+                                            as_list=True),
     "features_codes_1": D.features(CODES, FIELDS, START, END, disk_cache=1),
     "features_codes_0": D.features(CODES, FIELDS, START, END, disk_cache=0),
     "features_market": D.features(csi300, FIELDS, START, END),
@@ -116,6 +116,7 @@ def test_client_against_the_embedded_server_gets_what_local_qlib_gives(local, da
 def qlib_client(tmp_path):
     """Factory: ``qlib.init`` this process with the server client; the connections are closed after."""
     import qlib
+
     from qlib_server.client import connection
 
     def init(port: int, **options):
@@ -170,6 +171,7 @@ def test_a_server_restart_during_a_session_is_survived(start_server, qlib_client
 
 def test_a_request_nobody_answers_times_out_with_a_clear_error(start_server, qlib_client):
     from qlib.data import D
+
     from qlib_server.client import RequestTimeout
 
     server = start_server(modules=("request_handler",))  # no processor: no task is ever computed
@@ -184,6 +186,7 @@ def test_a_request_nobody_answers_times_out_with_a_clear_error(start_server, qli
 
 def test_refused_admission_is_raised_and_the_token_admits(start_server, qlib_client):
     from qlib.data import D
+
     from qlib_server.client import AdmissionRefused, ServerConnection
 
     server = start_server(allowed_networks=["10.0.0.0/8"], auth_token="s3cret")

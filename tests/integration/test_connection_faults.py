@@ -7,16 +7,24 @@ Tests that restart the session's containers leave them running and answering (``
 
 from __future__ import annotations
 
-import pytest
-
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from clients import WireClient
 from conftest import wait_until
-from faults import (CalendarLoad, calendar_body, containers_restored, crowd, feature_body, proxy_to, salt,
-                    trading_days, workers_consuming)
+from faults import (
+    CalendarLoad,
+    calendar_body,
+    containers_restored,
+    crowd,
+    feature_body,
+    proxy_to,
+    salt,
+    trading_days,
+    workers_consuming,
+)
+
 from qlib_server.broker.rabbitmq import RabbitMQBroker
 from qlib_server.errors import ConnectionLost
 
@@ -130,8 +138,9 @@ def test_connections_cut_mid_load_are_reopened(start_server, services, dataset):
                 wait_until(lambda: len(load.records) >= 10, 60, what="load running")
                 cut_at, cut = time.monotonic(), proxy.cut()
                 print(f"\ncut {cut} {name} connections")
-                wait_until(lambda: [r for r in load.records if r["sent"] > cut_at + 0.5 and r["status"] == 0], 90,
-                           what=f"answers again after the {name} cut")
+                wait_until(lambda cut_at=cut_at: [r for r in load.records
+                                                  if r["sent"] > cut_at + 0.5 and r["status"] == 0],
+                           90, what=f"answers again after the {name} cut")
             with rabbit.down() as cut_rabbit, red.down() as cut_redis:
                 print(f"both services unreachable for 3s ({cut_rabbit}+{cut_redis} connections cut)")
                 time.sleep(3.0)  # the outage itself

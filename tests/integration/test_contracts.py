@@ -8,18 +8,19 @@ the embedded mode behaves like a deployment.
 from __future__ import annotations
 
 import uuid
-from typing import Callable, Iterator, Optional
+from collections.abc import Iterator
+from typing import Callable, Optional
 
 import fakeredis
 import pika
 import pytest
 import redis
 
-from qlib_server import keys
 from qlib_server.broker import Broker, Delivery
 from qlib_server.broker.base import dead_letter_queue, light_queue
 from qlib_server.broker.memory import MemoryBroker
-from qlib_server.registry import SessionRegistry
+from qlib_server.state import keys
+from qlib_server.state.registry import SessionRegistry
 
 pytestmark = pytest.mark.integration
 IDLE = 0.2  # seconds a consumer waits before yielding None

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pandas.testing as pdt
 import pytest
-from qlib.data.cache import DiskDatasetCache
-
 from clients import WireClient, local_qlib, run_pyqlib
 from conftest import wait_until
+from qlib.data.cache import DiskDatasetCache
+
 from qlib_server.datagen import extend_dataset
 
 pytestmark = pytest.mark.integration

@@ -6,13 +6,11 @@ Tasks are kept in flight by starting the data processor only after every request
 
 from __future__ import annotations
 
-import pytest
-
 import pandas as pd
-
 from clients import WireClient
 from conftest import wait_until
 from faults import calendar_body, crowd, feature_body, metric_sum, queue_depth, salt, trading_days
+
 from qlib_server.broker.base import light_queue
 
 CROWD = 200

@@ -11,16 +11,15 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pandas.testing as pdt
 import pytest
 import yaml
-
 from clients import WireClient, local_qlib, run_pyqlib
 from conftest import ROOT, ServerProcess, free_port, wait_until
 
@@ -202,8 +201,8 @@ def test_sigterm_stops_the_embedded_server_cleanly(tmp_path, dataset):
                        what="the feature request received")
             server.proc.send_signal(signal.SIGTERM)
             in_flight = client.receive("feature", 30)
-        assert in_flight["status"] == 0 or (in_flight["status"] == 2 and "shutting down" in in_flight["detailed_info"]), \
-            in_flight
+        shut_down = in_flight["status"] == 2 and "shutting down" in in_flight["detailed_info"]
+        assert in_flight["status"] == 0 or shut_down, in_flight
         try:
             code = server.proc.wait(30)
         except subprocess.TimeoutExpired:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pandas as pd
 import pandas.testing as pdt
 import pytest
-
 from clients import WireClient, local_qlib, run_pyqlib
 
 pytestmark = pytest.mark.integration

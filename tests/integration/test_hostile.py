@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import requests
 import socketio
-
 from clients import WireClient, run_pyqlib
 from conftest import wait_until
 

@@ -13,10 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pandas.testing as pdt
 import pytest
-from qlib.data.cache import DiskDatasetCache
-
 from clients import WireClient, local_qlib
 from conftest import wait_until
+from qlib.data.cache import DiskDatasetCache
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pandas.testing as pdt
@@ -22,16 +22,16 @@ import pika
 import pytest
 import requests
 import yaml
-from qlib.data.cache import DiskDatasetCache
-
 from clients import WireClient, local_qlib
 from conftest import ServerProcess, free_port, wait_until
 from faults import proxy_to
-from qlib_server import keys
+from qlib.data.cache import DiskDatasetCache
+
 from qlib_server.broker.base import dead_letter_queue
 from qlib_server.config import load_config
 from qlib_server.datagen import extend_dataset, generate_dataset
 from qlib_server.protocol import Limits, RequestParser
+from qlib_server.state import keys
 
 pytestmark = pytest.mark.integration
 
@@ -311,7 +311,8 @@ def test_the_compose_stack_and_its_config_agree():
     services = compose["services"]
     rabbit_env = services["rabbitmq"]["environment"]
     assert services["rabbitmq"]["image"].startswith("rabbitmq:3.13") and services["redis"]["image"] == "redis:7"
-    assert (cfg.queue_host, cfg.redis_host, cfg.provider_uri, cfg.flask_server) == ("rabbitmq", "redis", "/data", "0.0.0.0")
+    assert (cfg.queue_host, cfg.redis_host, cfg.provider_uri, cfg.flask_server) == ("rabbitmq", "redis", "/data",
+                                                                                    "0.0.0.0")
     assert (cfg.queue_user, cfg.queue_pwd) == (rabbit_env["RABBITMQ_DEFAULT_USER"], rabbit_env["RABBITMQ_DEFAULT_PASS"])
     assert cfg.socketio_message_queue is None  # handlers forward answers themselves
 

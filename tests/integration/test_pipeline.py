@@ -10,11 +10,10 @@ import pandas as pd
 import pandas.testing as pdt
 import pytest
 import requests
-from qlib.data.cache import DiskDatasetCache
-from qlib.data.filter import ExpressionDFilter, NameDFilter
-
 from clients import WireClient, local_qlib
 from conftest import wait_until
+from qlib.data.cache import DiskDatasetCache
+from qlib.data.filter import ExpressionDFilter, NameDFilter
 
 pytestmark = pytest.mark.integration
 
@@ -263,7 +262,8 @@ def test_health_and_metrics_add_up(server, client, local):
         assert metric(server, "tasks_published", type=kind) == n + extra_feature, kind
         assert metric(server, "tasks_processed", type=kind, status="0") == n, kind
         assert metric(server, "tasks_processed", type=kind, status="2") == extra_feature, kind
-        wait_until(lambda: metric(server, "responses", type=kind, status="0") == n, 10, what=f"{kind} responses")
+        wait_until(lambda kind=kind, n=n: metric(server, "responses", type=kind, status="0") == n, 10,
+                   what=f"{kind} responses")
         assert metric(server, "responses", type=kind, status="1") == extra_calendar, kind
 
     # the same requests again are answered without new tasks
@@ -275,7 +275,8 @@ def test_health_and_metrics_add_up(server, client, local):
         assert metric(server, "tasks_published", type=kind) == n + (kind == "feature"), kind
         assert metric(server, "cache_hits", type=kind) == n, kind
         assert metric(server, "requests", type=kind) == 2 * n + 1 - (kind == "instrument"), kind
-        wait_until(lambda: metric(server, "responses", type=kind, status="0") == 2 * n, 10, what=f"{kind} responses")
+        wait_until(lambda kind=kind, n=n: metric(server, "responses", type=kind, status="0") == 2 * n, 10,
+                   what=f"{kind} responses")
     assert metric(server, "responses", type="feature", status="2") == 1
     assert metric(server, "tasks_dead_lettered", type="feature") == 0
 

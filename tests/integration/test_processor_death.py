@@ -8,11 +8,11 @@ import time
 import pandas.testing as pdt
 import psutil
 import pytest
-from qlib.data.cache import DiskDatasetCache
-
 from clients import local_qlib, run_pyqlib
 from conftest import wait_until
 from faults import busy_workers, consumers, cpu_seconds, crowd, feature_body, salt, slow_terms, worker_processes
+from qlib.data.cache import DiskDatasetCache
+
 from qlib_server.broker.base import light_queue
 
 pytestmark = pytest.mark.integration

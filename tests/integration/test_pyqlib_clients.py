@@ -10,7 +10,6 @@ import json
 import pandas as pd
 import pandas.testing as pdt
 import pytest
-
 from clients import local_qlib, run_pyqlib
 
 pytestmark = pytest.mark.integration

@@ -9,11 +9,24 @@ import statistics
 import time
 
 import pandas as pd
-
 from clients import WireClient
 from conftest import wait_until
-from faults import (busy_workers, calendar_body, cpu_seconds, crowd, feature_body, proxy_to, queue_depth, salt,
-                    slow_instrument_body, slow_terms, trading_days, worker_processes, workers_consuming)
+from faults import (
+    busy_workers,
+    calendar_body,
+    cpu_seconds,
+    crowd,
+    feature_body,
+    proxy_to,
+    queue_depth,
+    salt,
+    slow_instrument_body,
+    slow_terms,
+    trading_days,
+    worker_processes,
+    workers_consuming,
+)
+
 from qlib_server.broker.base import light_queue
 
 PROCESSED = "qlib_server_tasks_processed_total"

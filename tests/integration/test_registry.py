@@ -1,6 +1,6 @@
 """The session registry under contention, against a model, and with its lock holders dying.
 
-Most tests drive :class:`qlib_server.registry.SessionRegistry` directly on the test Redis; the last
+Most tests drive :class:`qlib_server.state.registry.SessionRegistry` directly on the test Redis; the last
 one loses a task on a running server and checks its waiters are freed.
 """
 
@@ -14,15 +14,23 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import hypothesis.strategies as st
+from clients import WireClient
+from conftest import wait_until
+from faults import (
+    calendar_body,
+    consumers,
+    hold_lock_forever,
+    purge_queue,
+    queue_depth,
+    registry_churn,
+    server_registry,
+    trading_days,
+)
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from clients import WireClient
-from conftest import wait_until
-from faults import (calendar_body, consumers, hold_lock_forever, purge_queue, queue_depth, registry_churn,
-                    server_registry, trading_days)
-from qlib_server import keys
 from qlib_server.broker.base import light_queue
+from qlib_server.state import keys
 
 KEY = "contended"
 

@@ -8,16 +8,17 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import pika
 import pytest
 import requests
-
 from clients import WireClient
 from conftest import ROOT, free_port, wait_until
 from faults import calendar_body, salt, slow_instrument_body
+
 from qlib_server.broker.base import dead_letter_queue, light_queue
 
 pytestmark = pytest.mark.integration

@@ -17,13 +17,13 @@ from hypothesis import HealthCheck, Phase, settings
 
 from qlib_server.broker.base import light_queue
 from qlib_server.broker.memory import MemoryBroker
-from qlib_server.cache import ResultCache
 from qlib_server.config import make_config
-from qlib_server.handler import make_parser
-from qlib_server.listener import RequestListener
+from qlib_server.front.handler import make_parser
+from qlib_server.front.listener import RequestListener
+from qlib_server.front.responder import Pending, RequestResponder, waiter
 from qlib_server.metrics import Metrics
-from qlib_server.registry import SessionRegistry
-from qlib_server.responder import Pending, RequestResponder, waiter
+from qlib_server.state.cache import ResultCache
+from qlib_server.state.registry import SessionRegistry
 
 _RELAXED = dict(deadline=None, print_blob=True, phases=[p for p in Phase if p is not Phase.explain],
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

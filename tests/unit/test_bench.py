@@ -18,7 +18,8 @@ from sim.universe import KINDS, Request  # noqa: E402
 
 def results(scale=1.0):
     """A run's results as :func:`sim.bench.run_all` writes them."""
-    lat = {k: {"p50_ms": 1.0 * scale, "p90_ms": 2.0, "p99_ms": 3.0, "n": 10} for k in ("calendar", "instrument", "feature")}
+    lat = {k: {"p50_ms": 1.0 * scale, "p90_ms": 2.0, "p99_ms": 3.0, "n": 10} for k in ("calendar", "instrument",
+                                                                                       "feature")}
     return {
         "machine": {"cores": 2, "instruments": 200, "days": 1500},
         "echo": {**{k: {**v, "p50_ms": 1.0} for k, v in lat.items()}, "throughput_50": {"rps": 1000.0}},
@@ -57,7 +58,8 @@ def test_a_figure_on_the_wrong_side_of_its_goal_is_not_met():
 def test_a_run_that_measured_only_the_hot_requests_has_only_their_goals():
     hot_only = {k: v for k, v in results().items() if k in ("machine", "echo", "server")}
     assert [r["name"] for r in goals(hot_only)] == [f"hot {k} p50, 1 client" for k in
-                                                    ("calendar", "instrument", "feature")] + ["hot throughput, 50 clients"]
+                                                    ("calendar", "instrument",
+                                                     "feature")] + ["hot throughput, 50 clients"]
 
 
 def test_the_comparison_pairs_each_figure_of_two_runs_by_name_and_keeps_ones_only_one_run_has():

@@ -5,6 +5,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 
@@ -220,7 +221,7 @@ def test_missing_file_is_refused(tmp_path):
 
 def test_config_is_frozen():
     cfg = make_config(provider_uri="/data/qlib")
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError):
         cfg.flask_port = 1
 
 

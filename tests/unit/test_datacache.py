@@ -13,11 +13,13 @@ import pytest
 import redis_lock
 from qlib.data.cache import DiskDatasetCache
 
-from qlib_server import datacache, keys
 from qlib_server.config import make_config
-from qlib_server.datacache import cache_sources, clear, is_current, references, write_empty, write_sources
 from qlib_server.datagen import extend_dataset, generate_dataset
-from qlib_server.updater import data_digest, data_stamp, refresh
+from qlib_server.state import keys, sources
+from qlib_server.state.sources import is_current, write_sources
+from qlib_server.worker import datacache
+from qlib_server.worker.datacache import cache_sources, clear, references, write_empty
+from qlib_server.worker.updater import data_digest, data_stamp, refresh
 
 FIELDS = ["$close", "Mean($volume, 5)"]
 
@@ -92,7 +94,7 @@ def test_a_cache_is_stale_once_a_file_it_read_is_removed_or_the_calendar_grows(d
 
 def test_a_cache_without_its_record_or_with_a_half_written_one_is_not_current(data):
     path = make_cache(data, "a", ["SH600000"])
-    record = path.with_suffix(datacache.SOURCES)
+    record = path.with_suffix(sources.SOURCES)
     text = record.read_text()
     record.unlink()
     assert not is_current(path)

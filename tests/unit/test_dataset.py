@@ -3,13 +3,12 @@ same values, index (levels and their dtypes), columns and dtypes, for markets wi
 lists, any fields and windows, fields that start on different days, and no rows at all."""
 
 import numpy as np
-import pandas as pd
 import pandas.testing as pdt
 import pytest
 import qlib
 
-from qlib_server import dataset, storage
 from qlib_server.datagen import generate_dataset
+from qlib_server.worker import dataset, storage
 
 FIELDS = ["Mean($close, 5)", "Std($close, 20)", "Max( $high, 3 )", "$close > $open", "Ref($volume, 1)", "$late",
           "Mean($close, 5)", "$late + $close", "Greater($late, $open)"]

@@ -243,7 +243,8 @@ LANGUAGE_ALPHABET = "$()+-*/<>=!&|~,.'\" \t\n_[]{}:;@%eEx0159MeanRfAbsIfCorclos"
     st.one_of(
         st.text(max_size=300),
         st.text(alphabet=LANGUAGE_ALPHABET, max_size=300),
-        st.tuples(st.sampled_from(alpha_expressions()), st.integers(0, 200), st.text(LANGUAGE_ALPHABET, max_size=8)).map(
+        st.tuples(st.sampled_from(alpha_expressions()), st.integers(0, 200), st.text(LANGUAGE_ALPHABET,
+                                                                                     max_size=8)).map(
             lambda t: t[0][: t[1]] + t[2] + t[0][t[1] :]
         ),
     )

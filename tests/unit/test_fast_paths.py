@@ -11,13 +11,14 @@ import qlib
 from qlib.data.cache import DiskDatasetCache
 from qlib.data.storage.file_storage import FileFeatureStorage
 
-from qlib_server import keys
-from qlib_server.cache import MISS, ResultCache
 from qlib_server.config import make_config
-from qlib_server.datacache import write_table
 from qlib_server.datagen import generate_dataset
-from qlib_server.handler import Packet, make_parser
-from qlib_server.storage import FeatureFile
+from qlib_server.errors import RequestError
+from qlib_server.front.handler import Packet, make_parser
+from qlib_server.state import keys
+from qlib_server.state.cache import MISS, ResultCache
+from qlib_server.worker.datacache import write_table
+from qlib_server.worker.storage import FeatureFile
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +75,9 @@ def test_a_parser_gives_the_same_request_for_a_body_it_checked_before_and_still_
     body = '{"start_time": null, "end_time": null, "freq": "day", "future": false}'
     first = parser.parse("calendar", {"head": {"version": "0.9.7"}, "body": body})
     assert parser.parse("calendar", {"head": {"version": "0.9.7"}, "body": body}) is first
-    with pytest.raises(Exception):
+    with pytest.raises(RequestError):
         parser.parse("calendar", {"head": {"version": "0.1.0"}, "body": body})  # another version: checked again
-    with pytest.raises(Exception):
+    with pytest.raises(RequestError):
         parser.parse("feature", {"head": {"version": "0.9.7"}, "body": body})  # another type: checked again
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from qlib_server.config import make_config
 from qlib_server.errors import RequestError
-from qlib_server.handler import make_parser
+from qlib_server.front.handler import make_parser
 from qlib_server.protocol import Limits, RequestParser, check_version, request_key, response, safe_unpickle
 
 PARSER = make_parser(make_config(provider_uri="/tmp/x"))

@@ -10,15 +10,15 @@ from collections import defaultdict
 import fakeredis
 import pytest
 
-from qlib_server import keys
 from qlib_server.broker.memory import MemoryBroker
-from qlib_server.cache import ResultCache
 from qlib_server.config import make_config
-from qlib_server.handler import make_parser
-from qlib_server.listener import RequestListener
+from qlib_server.front.handler import make_parser
+from qlib_server.front.listener import RequestListener
+from qlib_server.front.responder import Pending, RequestResponder
 from qlib_server.metrics import Metrics
-from qlib_server.registry import SessionRegistry
-from qlib_server.responder import Pending, RequestResponder
+from qlib_server.state import keys
+from qlib_server.state.cache import ResultCache
+from qlib_server.state.registry import SessionRegistry
 
 CALENDAR = {"head": {"version": "0.9.7"}, "body": {"start_time": "2019-01-01", "end_time": "2019-01-31",
                                                       "freq": "day", "future": False}}

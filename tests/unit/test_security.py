@@ -21,10 +21,10 @@ import tracemalloc
 import pytest
 from pandas._libs.tslibs.timestamps import _unpickle_timestamp
 
-from qlib_server.cache import ResultCache
 from qlib_server.config import make_config
 from qlib_server.errors import RequestError
-from qlib_server.handler import make_parser
+from qlib_server.front.handler import make_parser
+from qlib_server.state.cache import ResultCache
 
 PARSER = make_parser(make_config(provider_uri="/nonexistent/qlib-data"))
 HEAD = {"version": "0.9.7"}

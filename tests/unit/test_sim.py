@@ -16,9 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the sim package 
 
 from qlib_server.config import ServerConfig  # noqa: E402
 from qlib_server.datagen import generate_dataset  # noqa: E402
-from qlib_server.handler import make_parser  # noqa: E402
-from sim.client import (connect, connect_sync, encode_body, fetch_metrics, metric_by_type, payload,  # noqa: E402
-                        request, request_sync)
+from qlib_server.front.handler import make_parser  # noqa: E402
+from sim.client import connect, connect_sync, encode_body, fetch_metrics, metric_by_type, payload, request, request_sync  # noqa: E402
 from sim.report import Rows, dedup_ratio, latency_table, percentiles, plot, throughput  # noqa: E402
 from sim.universe import KINDS, Dataset, Sampler, Universe, parse_mix, parse_overlap, server_key  # noqa: E402
 from sim.verify import Verifier, compare_frames  # noqa: E402
@@ -296,7 +295,8 @@ def test_verifier_reads_the_dataset_cache_and_refuses_wrong_data(dataset, verifi
 
 
 def test_compare_frames_treats_nan_as_equal_and_aligns_columns():
-    index = pd.MultiIndex.from_product([["A"], pd.date_range("2020-01-01", periods=3)], names=["instrument", "datetime"])
+    index = pd.MultiIndex.from_product([["A"], pd.date_range("2020-01-01", periods=3)], names=["instrument",
+                                                                                               "datetime"])
     want = pd.DataFrame({"x": [1.0, np.nan, 3.0], "y": [4.0, 5.0, 6.0]}, index=index)
     assert compare_frames(want[["y", "x"]].astype("float32"), want) is None
     assert compare_frames(want.assign(x=[1.0, 2.0, 3.0]), want) is not None

@@ -11,14 +11,15 @@ import fakeredis
 import pytest
 import requests
 
-from qlib_server import keys
-from qlib_server.admission import Admission, serve_metrics
+from qlib_server.admission import Admission
 from qlib_server.broker.memory import MemoryBroker
 from qlib_server.config import make_config
-from qlib_server.fleet import ProcessorStatus, describe, read, remove, totals, write
-from qlib_server.handler import RequestHandler
+from qlib_server.front.handler import RequestHandler
 from qlib_server.metrics import ProcessorMetrics, samples
-from qlib_server.registry import SessionRegistry
+from qlib_server.state import keys
+from qlib_server.state.fleet import read, remove, totals, write
+from qlib_server.state.registry import SessionRegistry
+from qlib_server.worker.telemetry import ProcessorStatus, describe, serve_metrics
 
 TASK = {"key": "k" * 40, "type": "feature", "args": {"instruments": {"market": "csi300", "filter_pipe": []},
                                                      "fields": ["$close", "Mean($close, 5)"]}}
@@ -46,8 +47,10 @@ def test_a_snapshot_is_read_back_until_it_expires_or_its_process_removes_it(redi
 
 
 def test_samples_add_up_over_the_fleet_but_queue_depths_are_not_summed():
-    fleet = [{"samples": {'qlib_server_requests_total{type="calendar"}': 2.0, 'qlib_server_queue_messages{queue="light"}': 3.0}},
-             {"samples": {'qlib_server_requests_total{type="calendar"}': 5.0, 'qlib_server_queue_messages{queue="light"}': 3.0}}]
+    fleet = [{"samples": {'qlib_server_requests_total{type="calendar"}': 2.0,
+                          'qlib_server_queue_messages{queue="light"}': 3.0}},
+             {"samples": {'qlib_server_requests_total{type="calendar"}': 5.0,
+                          'qlib_server_queue_messages{queue="light"}': 3.0}}]
     assert totals(fleet) == {'qlib_server_requests_total{type="calendar"}': 7.0}
 
 

@@ -1,4 +1,4 @@
-"""Feature rows inline: a dataset cache streamed by ``qlib_server.transfer`` and read by the client
+"""Feature rows inline: a dataset cache streamed by ``qlib_server.front.transfer`` and read by the client
 gives the frame Qlib reads from the same file; only the asked dates and fields travel."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 from qlib.data.cache import DiskDatasetCache
 
-from qlib_server import transfer
 from qlib_server.client.connection import ServerConnection, same_host
 from qlib_server.client.frames import read_frame
+from qlib_server.front import transfer
 from qlib_server.protocol import request_id
 
 FIELDS = ["$close", "Mean($close,5)", "Ref($close,1)/$close-1"]

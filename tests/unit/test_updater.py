@@ -8,7 +8,7 @@ import pytest
 
 from qlib_server.config import make_config
 from qlib_server.datagen import FIELDS, extend_dataset, generate_dataset
-from qlib_server.updater import DataWatcher, data_stamp
+from qlib_server.worker.updater import DataWatcher, data_stamp
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Qlib runs in server mode: the dataset cache is written under ``<provider_uri>/<dataset_cache_dir_name>``
 where clients read it through their shared mount; it is served only while it is current, and its
-locks die with their holder (see :mod:`qlib_server.datacache`). The expression cache is off by
+locks die with their holder (see :mod:`qlib_server.worker.datacache`). The expression cache is off by
 default: it makes a cold dataset three times slower and pyqlib's default client never reads it; set
 ``expression_cache: DiskExpressionCache`` for clients that do (``disk_cache=0`` then prepares it).
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .config import ServerConfig
-from .errors import ComputeError, RequestError
+from ..config import ServerConfig
+from ..errors import ComputeError, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def instrument(args: dict):
     from qlib.data import D
 
     _check_market(args["instruments"], args["freq"])
-    result = D.list_instruments(args["instruments"], args["start_time"], args["end_time"], args["freq"], args["as_list"])
+    result = D.list_instruments(args["instruments"], args["start_time"], args["end_time"], args["freq"],
+                                args["as_list"])
     if isinstance(result, dict):
         return {code: [[str(s), str(e)] for s, e in spans] for code, spans in result.items()}
     return list(result)

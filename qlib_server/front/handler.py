@@ -1,8 +1,8 @@
 """RequestHandler: the Flask-SocketIO front, wiring the listener and the responder together.
 
-Socket.IO events go to the :class:`~qlib_server.listener.RequestListener`; results come back through
-the :class:`~qlib_server.responder.RequestResponder`. HTTP on the same port serves ``/healthz``,
-``/readyz``, ``/metrics`` and the status page (:mod:`qlib_server.status`). Several handlers may share
+Socket.IO events go to the :class:`~qlib_server.front.listener.RequestListener`; results come back through
+the :class:`~qlib_server.front.responder.RequestResponder`. HTTP on the same port serves ``/healthz``,
+``/readyz``, ``/metrics`` and the status page (:mod:`qlib_server.front.status`). Several handlers may share
 one RabbitMQ and Redis: each is a node with an inbox queue, and an answer taken by one node for another
 node's client is forwarded there, so a client is always answered by the handler holding its connection
 (no Socket.IO message queue).
@@ -17,21 +17,22 @@ import time
 import uuid
 from typing import Callable, Optional
 
-from flask import Flask, Response, request
 import socketio
+from flask import Flask, Response, request
 from flask_socketio import SocketIO
 
-from . import keys, transfer
-from .admission import Admission
-from .broker import Broker
-from .broker.base import light_queue
-from .cache import ResultCache
-from .config import ServerConfig
-from .expressions import check_expression, qlib_operators
+from ..admission import Admission
+from ..broker import Broker
+from ..broker.base import light_queue
+from ..config import ServerConfig
+from ..expressions import check_expression, qlib_operators
+from ..metrics import Metrics
+from ..protocol import REQUEST_TYPES, Limits, RequestParser, response
+from ..state import keys
+from ..state.cache import ResultCache
+from ..state.registry import SessionRegistry
+from . import transfer
 from .listener import RequestListener
-from .metrics import Metrics
-from .protocol import REQUEST_TYPES, Limits, RequestParser, response
-from .registry import SessionRegistry
 from .responder import Pending, RequestResponder, waiter
 from .status import StatusPage
 
@@ -151,9 +152,10 @@ class RequestHandler:
         @sio.on("disconnect")
         def disconnect(*_):
             self.metrics.connected.dec()
-            for key in self.pending.drop(request.sid):
+            sid = request.sid  # type: ignore[attr-defined]  # Flask-SocketIO sets it; Flask's types lack it
+            for key in self.pending.drop(sid):
                 try:
-                    self.registry.discard(key, waiter(self.node, request.sid))
+                    self.registry.discard(key, waiter(self.node, sid))
                 except Exception:  # the waiting list expires by itself
                     pass
 
@@ -164,8 +166,9 @@ class RequestHandler:
         def unknown(event, *_):
             name = event if isinstance(event, str) and event.isidentifier() and len(event) < 40 else "unknown"
             name = name[:-8] if name.endswith("_request") else name
+            sid = request.sid  # type: ignore[attr-defined]  # Flask-SocketIO sets it; Flask's types lack it
             sio.emit(f"{name}_response", response(None, 1, f"unknown event {str(event)[:40]!r}; expected one of "
-                                                  + ", ".join(f"{t}_request" for t in REQUEST_TYPES)), to=request.sid)
+                                                  + ", ".join(f"{t}_request" for t in REQUEST_TYPES)), to=sid)
 
         @app.get("/healthz")
         def healthz():
@@ -185,7 +188,8 @@ class RequestHandler:
 
     def _handler_for(self, request_type: str):
         def handle(payload=None, *_):
-            self.listener.on_request(request_type, request.sid, payload)
+            sid = request.sid  # type: ignore[attr-defined]  # Flask-SocketIO sets it; Flask's types lack it
+            self.listener.on_request(request_type, sid, payload)
 
         handle.__name__ = f"on_{request_type}_request"
         return handle

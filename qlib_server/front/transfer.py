@@ -31,6 +31,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,9 +39,10 @@ import pyarrow as pa
 import tables
 from flask import Response, request
 from gevent.monkey import get_original
+from qlib.data.cache import DatasetCache, DiskDatasetCache
 
-from . import datacache
-from .errors import RequestError
+from ..errors import RequestError
+from ..state.sources import is_current
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,6 @@ GROUP_COLUMNS = 40
 
 def dataset_uri(args: dict) -> str:
     """The file name of the dataset cache a processor computes for these (checked) feature arguments."""
-    from qlib.data.cache import DiskDatasetCache
-
     return DiskDatasetCache._uri(args["instruments"], args["fields"], None, None, args["freq"], 1)
 
 
@@ -73,9 +73,9 @@ class Layout:
     dtypes: dict  # column → numpy dtype
     date_dtype: np.dtype
     fields: frozenset  # the cache's columns, from its meta
-    table: object  # the open HDF5 table (read-only; closed when this layout leaves the cache)
-    lock: object  # one reader of the table at a time (pytables is not thread-safe); an OS lock
-    counts: dict  # (start, stop) → ``[code, rows]`` of each instrument in those rows (the windows sent last)
+    table: Any  # the open HDF5 table (read-only; closed when this layout leaves the cache); None: no rows
+    lock: contextlib.AbstractContextManager  # one reader of the table at a time (pytables: not thread-safe); OS lock
+    counts: OrderedDict  # (start, stop) → ``[code, rows]`` of each instrument in those rows (the windows sent last)
 
     def rows(self, start_time, end_time) -> tuple[int, int]:
         """Rows ``[start, stop)`` holding the dates from ``start_time`` to ``end_time``."""
@@ -85,7 +85,7 @@ class Layout:
         return int(spans["start"].iloc[0]), int(spans["end"].iloc[-1])
 
 
-_layouts: "OrderedDict[tuple, Layout]" = OrderedDict()
+_layouts: OrderedDict[tuple, Layout] = OrderedDict()
 _os_lock = get_original("threading", "Lock")  # a lock of OS threads, also where gevent patched threading
 
 
@@ -96,11 +96,11 @@ def layout(cache_path: Path) -> Layout:
     if version in _layouts:
         _layouts.move_to_end(version)
         return _layouts[version]
-    spans = datacache.DiskDatasetCache.IndexManager(cache_path).get_index()
+    spans = DiskDatasetCache.IndexManager(cache_path).get_index()
     fields = frozenset(pickle.loads(cache_path.with_suffix(".meta").read_bytes())["info"]["fields"])
     blocks, dtypes, date_dtype, table = {}, {}, np.dtype("M8[ns]"), None
     h5 = tables.open_file(cache_path, mode="r")
-    node = f"/{datacache.DatasetCache.HDF_KEY}/table"
+    node = f"/{DatasetCache.HDF_KEY}/table"
     if node in h5:  # a cache of no rows is in pandas' fixed format: no table, no rows to read
         table = h5.get_node(node)
         date_dtype = np.dtype(str(table.attrs.datetime_dtype))
@@ -235,8 +235,8 @@ def stream(where: Layout, columns: list[str], start: int, stop: int, compression
     else:  # no rows: a stream of no batches
         instruments, groups, schema = [], [], pa.schema([], metadata={"rows": "0", "instruments": "[]"})
     chunks = _Chunks()
-    writer = pa.ipc.new_stream(pa.PythonFile(chunks, mode="w"), schema,
-                               options=pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression))
+    options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
+    writer = pa.ipc.new_stream(pa.PythonFile(chunks, mode="w"), schema, options=options)
     index_of = {code: i for i, (code, _) in enumerate(instruments)}
     for first, last in _ranges(start, stop, rows):
         with where.lock:
@@ -249,33 +249,27 @@ def stream(where: Layout, columns: list[str], start: int, stop: int, compression
 
 def ahead(pieces, spawn):
     """Yield what the generator ``pieces`` yields, making each next piece in an OS thread
-    (``spawn(call, *args)`` returns a handle whose ``get()`` waits for it) while the one before is sent."""
+    (``spawn(call, *args)`` returns a handle whose ``result()`` waits for it) while the one before is sent."""
     pending = spawn(next, pieces, None)
     try:
-        while (piece := pending.get()) is not None:
+        while (piece := pending.result()) is not None:
             pending = spawn(next, pieces, None)
             yield piece
     finally:  # also when the client went away: the thread is done with ``pieces`` before they close
         with contextlib.suppress(Exception):
-            pending.get()
+            pending.result()
         pieces.close()
 
 
 def _spawner(async_mode: str):
     """``spawn(call, *args)`` running ``call`` in an OS thread; waiting on its handle lets the handler's
-    other clients go on (gevent's thread pool, or a plain one in threading mode)."""
+    other clients go on (gevent's thread pool, or a plain one in threading mode; either handle, an AsyncResult
+    or a Future, has ``result()``)."""
     if async_mode == "gevent":
         import gevent
 
         return lambda call, *args: gevent.get_hub().threadpool.spawn(call, *args)
-    pool = ThreadPoolExecutor(8, thread_name_prefix="feature-transfer")
-
-    def spawn(call, *args):
-        future = pool.submit(call, *args)
-        future.get = future.result
-        return future
-
-    return spawn
+    return ThreadPoolExecutor(8, thread_name_prefix="feature-transfer").submit
 
 
 def register(handler) -> None:
@@ -306,7 +300,7 @@ def register(handler) -> None:
         if not directory.parent.is_dir():
             return refuse(503, 2, "this handler does not see the data directory; ask a handler that does")
         path = directory / dataset_uri(args)
-        if not datacache.is_current(path):
+        if not is_current(path):
             return refuse(409, 2, "the dataset cache of this request is not computed; send it as a feature_request")
         where = layout(path)
         start, stop = where.rows(args["start_time"], args["end_time"])

@@ -18,8 +18,8 @@ from typing import Any, Optional
 
 import redis
 
+from ..errors import ConnectionLost
 from . import keys
-from .errors import ConnectionLost
 
 _MISS = object()
 
@@ -61,7 +61,7 @@ class ResultCache:
         """The cached answer of ``key``, or :data:`MISS`.
 
         A dataset cache file name is only served while the file and the record of its sources (written
-        last, see :mod:`qlib_server.datacache`) exist, when this handler sees the data directory: a
+        last, see :mod:`qlib_server.state.sources`) exist, when this handler sees the data directory: a
         cache deleted by hand or found stale by a processor is never handed out.
         """
         if not self.enabled:

@@ -21,13 +21,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from . import keys
-from .broker import Broker
-from .cache import ResultCache
-from .errors import QlibServerError
-from .metrics import Metrics
-from .protocol import REQUEST_TYPES, Request, response, with_id
-from .registry import SessionRegistry
+from ..broker import Broker
+from ..errors import QlibServerError
+from ..metrics import Metrics
+from ..protocol import REQUEST_TYPES, Request, response, with_id
+from ..state import keys
+from ..state.cache import ResultCache
+from ..state.registry import SessionRegistry
 
 log = logging.getLogger(__name__)
 Emit = Callable[[str, dict, str], None]
@@ -87,7 +87,7 @@ class Pending:
         with self._lock:
             waiting = self._by_sid.get(sid)
             entry = waiting.get(key) if waiting else None
-            if entry is None:
+            if waiting is None or entry is None:
                 return None
             if not every and entry.count > 1:
                 entry.count -= 1

@@ -3,7 +3,7 @@ elsewhere), fed each second by the server-sent events of ``GET /status/events``;
 is one such view.
 
 A view is the whole fleet: the snapshots every handler and data processor keeps in Redis (see
-:mod:`qlib_server.fleet`), their Prometheus samples summed, plus the depths of the task queues that
+:mod:`qlib_server.state.fleet`), their Prometheus samples summed, plus the depths of the task queues that
 this handler samples from RabbitMQ each second. The page, the events and ``/metrics`` are admitted
 like Socket.IO clients (``allowed_networks`` / ``auth_token``).
 """
@@ -13,16 +13,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from importlib.resources import files
-from typing import Iterator, Optional
+from typing import Optional
 
 import redis
 from flask import Response, request
 
-from . import fleet
-from .broker.base import dead_letter_queue, light_queue
-from .errors import QlibServerError
-from .metrics import samples
+from ..broker.base import dead_letter_queue, light_queue
+from ..errors import QlibServerError
+from ..metrics import samples
+from ..state import fleet
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class StatusPage:
         handler.metrics.pending.set_function(lambda: len(handler.pending))
         self.queues = {"task_queue": cfg.task_queue, "light": light_queue(cfg.task_queue),
                        "dead": dead_letter_queue(cfg.task_queue)}
-        self.page = (files("qlib_server") / "static" / "status.html").read_bytes()
+        self.page = (files("qlib_server.front") / "static" / "status.html").read_bytes()
         self._register(handler.app)
 
     def refusal(self) -> Optional[Response]:

@@ -1,7 +1,7 @@
 """Data updates: when the data directory changes, caches follow and no stale answer is served.
 
 Every dataset cache records the data files it was computed from, and a worker serves one only while
-they are unchanged (see :mod:`qlib_server.datacache`). On top of that, a refresh deletes the caches
+they are unchanged (see :mod:`qlib_server.worker.datacache`). On top of that, a refresh deletes the caches
 that are no longer current and, when the data directory differs from the one the caches were last
 checked against (its digest is kept in Redis), drops Qlib's expression cache and bumps the data
 generation: the handlers never serve an answer computed from older data again, and workers drop
@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from .config import ServerConfig
+from ..config import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ def refresh(cfg: ServerConfig, redis_client=None, force: bool = True) -> dict:
     the last refresh's (or ``force``), drop Qlib's expression cache and invalidate every cached answer."""
     import redis
 
-    from . import datacache, keys
-    from .cache import ResultCache
+    from ..state import keys
+    from ..state.cache import ResultCache
+    from . import datacache
 
     client = redis_client if redis_client is not None else redis.Redis(
         host=cfg.redis_host, port=cfg.redis_port, db=cfg.redis_task_db, password=cfg.redis_password)
@@ -73,7 +74,7 @@ def refresh(cfg: ServerConfig, redis_client=None, force: bool = True) -> dict:
 
 def refresh_main(cfg_values: dict, force: bool = True) -> None:
     """Process entry point: refresh (see :func:`refresh`)."""
-    from .log import setup_logging
+    from ..log import setup_logging
 
     cfg = ServerConfig(**cfg_values)
     setup_logging(cfg)

@@ -12,13 +12,13 @@ import threading
 import time
 from typing import Any, Callable
 
-from .broker import Broker
-from .broker.base import light_queue
-from .cache import MISS, ResultCache
-from .errors import QlibServerError, RequestError
-from .metrics import Metrics
-from .protocol import Request, RequestParser, request_id, response, with_id
-from .registry import SessionRegistry
+from ..broker import Broker
+from ..broker.base import light_queue
+from ..errors import QlibServerError, RequestError
+from ..metrics import Metrics
+from ..protocol import Request, RequestParser, request_id, response, with_id
+from ..state.cache import MISS, ResultCache
+from ..state.registry import SessionRegistry
 from .responder import Pending, RequestResponder, waiter
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,8 @@ class RequestListener:
         except Exception:  # a bug in checking must not leave the client waiting
             log.exception("could not check a %s request from %s", request_type, sid)
             self.metrics.responses.labels(request_type, "2").inc()
-            self.emit(f"{request_type}_response", with_id(response(None, 2, "the server could not check this request"), rid),
-                      sid)
+            refusal = response(None, 2, "the server could not check this request")
+            self.emit(f"{request_type}_response", with_id(refusal, rid), sid)
             return
         self.serve(sid, request)
 

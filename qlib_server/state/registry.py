@@ -7,15 +7,20 @@ publishes a task; the waiters are removed only after they have been answered.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import redis
 import redis_lock
 
+from ..errors import ConnectionLost
 from . import keys
-from .errors import ConnectionLost
 
+
+def _texts(values) -> list[str]:
+    """Redis list items as text (this client does not decode its replies)."""
+    return [v.decode() if isinstance(v, bytes) else v for v in values]
 
 class SessionRegistry:
     """Waiting session ids per request key, in Redis, each operation under the key's lock."""
@@ -26,7 +31,7 @@ class SessionRegistry:
         self.probe = probe if probe is not None else client  # answers ping quickly, never retries
 
     @classmethod
-    def from_config(cls, cfg) -> "SessionRegistry":
+    def from_config(cls, cfg) -> SessionRegistry:
         # A burst of requests waits for a free connection instead of failing ("Too many connections").
         pool = redis.BlockingConnectionPool(
             host=cfg.redis_host, port=cfg.redis_port, db=cfg.redis_task_db, password=cfg.redis_password,
@@ -71,7 +76,7 @@ class SessionRegistry:
         """Yield the waiters of ``key``; remove them only when the block finishes without error."""
         try:
             with self._locked(key):
-                sids = [s.decode() for s in self.redis.lrange(keys.waiters(key), 0, -1)]
+                sids = _texts(self.redis.lrange(keys.waiters(key), 0, -1))
                 yield sids
                 if sids:
                     self.redis.ltrim(keys.waiters(key), len(sids), -1)
@@ -99,7 +104,7 @@ class SessionRegistry:
 
     def waiting(self, key: str) -> list[str]:
         """The waiters of ``key``, for tests and diagnostics."""
-        return [s.decode() for s in self.redis.lrange(keys.waiters(key), 0, -1)]
+        return _texts(self.redis.lrange(keys.waiters(key), 0, -1))
 
     def ping(self) -> bool:
         try:

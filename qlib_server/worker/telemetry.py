@@ -1,91 +1,66 @@
-"""The fleet: what every handler and data processor tells the status page about itself, through Redis.
-
-Each process writes a JSON snapshot of itself (its Prometheus samples, and for a processor what each
-worker computes) to ``keys.fleet(kind, id)`` every second, expiring after ``keys.FLEET_TTL``: a process
-that dies leaves the page within seconds, one that stops removes its own. Any handler's page reads
-them all and sums their samples, so one page shows the whole fleet.
-"""
+"""What a data processor shows of itself: its metrics on ``processor_metrics_port``, and the snapshot it
+writes to the fleet (:mod:`qlib_server.state.fleet`) each second for the status page, with what each
+worker computes."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
-from multiprocessing.connection import wait
-from typing import Callable, Optional
+from multiprocessing.connection import Connection, wait
+from socketserver import ThreadingMixIn
+from typing import Callable, Optional, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import redis
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from . import keys
-from .admission import Admission, serve_metrics
-from .metrics import ProcessorMetrics, samples
+from ..admission import Admission
+from ..metrics import ProcessorMetrics, samples
+from ..state.fleet import ErrorLog, identity, remove, write
 
 log = logging.getLogger(__name__)
 
-#: gauges that every handler samples from the same queues: shown from one handler, never summed
-SAMPLED_ONCE = ("qlib_server_queue_messages",)
 #: a task's outcome by the status of its result
 OUTCOMES = {0: "ok", 1: "refused", 2: "failed"}
 
 
-def write(client: redis.Redis, kind: str, ident: str, snapshot: dict) -> None:
-    key = keys.fleet(kind, ident)
-    pipe = client.pipeline(transaction=False)
-    pipe.set(key, json.dumps(snapshot, default=str), ex=keys.FLEET_TTL)
-    pipe.sadd(keys.FLEET_INDEX, key)
-    pipe.expire(keys.FLEET_INDEX, keys.FLEET_INDEX_TTL)
-    pipe.execute()
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *_) -> None:  # one line per scrape would drown the processor's log
+        pass
 
 
-def remove(client: redis.Redis, kind: str, ident: str) -> None:
-    key = keys.fleet(kind, ident)
-    client.pipeline(transaction=False).delete(key).srem(keys.FLEET_INDEX, key).execute()
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
 
 
-def read(client: redis.Redis) -> list[dict]:
-    """The snapshots of every live process (those whose snapshot has expired are dropped from the index)."""
-    members = sorted(client.smembers(keys.FLEET_INDEX))
-    values = client.mget(members) if members else []
-    gone = [m for m, v in zip(members, values) if v is None]
-    if gone:
-        client.srem(keys.FLEET_INDEX, *gone)
-    return [json.loads(v) for v in values if v is not None]
+def serve_metrics(registry: CollectorRegistry, host: str, port: int, admission: Admission) -> Optional[int]:
+    """Serve ``registry`` in Prometheus format on ``host:port`` (any path) from a daemon thread, to the
+    clients ``admission`` admits. When ``port`` is taken (several processors on one host), a free port
+    is used instead; return the port served, or None when none could be bound (logged)."""
+    metrics_app = make_wsgi_app(registry)
 
+    def app(environ, start_response):
+        if not admission.admits_http(environ.get("REMOTE_ADDR"), environ.get("HTTP_AUTHORIZATION"),
+                                     environ.get("QUERY_STRING", "")):
+            log.warning("refused connection from %s", environ.get("REMOTE_ADDR"))
+            start_response("403 Forbidden", [("Content-Type", "text/plain")])
+            return [b"forbidden: not in allowed_networks and no valid auth_token\n"]
+        return metrics_app(environ, start_response)
 
-def totals(snapshots: list[dict]) -> dict[str, float]:
-    """Each sample summed over ``snapshots`` (counters, gauges and histogram buckets all add up)."""
-    out: dict[str, float] = {}
-    for snapshot in snapshots:
-        for name, value in snapshot.get("samples", {}).items():
-            if not name.startswith(SAMPLED_ONCE):
-                out[name] = out.get(name, 0.0) + value
-    return out
-
-
-def identity(kind: str) -> dict:
-    return {"kind": kind, "id": uuid.uuid4().hex[:12], "host": socket.gethostname(), "pid": os.getpid(),
-            "started": time.time()}
-
-
-class ErrorLog(logging.Handler):
-    """Counts the ERROR records of this process's ``qlib_server`` loggers and keeps the last one."""
-
-    def __init__(self, counter):
-        super().__init__(logging.ERROR)
-        self.counter = counter
-        self.last: Optional[tuple[float, str]] = None  # (when, message)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.counter.inc()
-        self.last = (record.created, f"{record.name}: {record.getMessage()}"[:300])
-
-    def attach(self) -> "ErrorLog":
-        logging.getLogger("qlib_server").addHandler(self)
-        return self
+    for candidate in (port, 0):
+        try:
+            server = make_server(host, candidate, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+            break
+        except OSError as exc:
+            error = exc
+    else:
+        log.warning("cannot serve metrics on %s (%s)", host, error)
+        return None
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    bound = server.server_address[1]
+    log.info("processor metrics on http://%s:%d/%s", host, bound, "" if bound == port else f" ({port} was taken)")
+    return bound
 
 
 def describe(task: dict) -> str:
@@ -169,7 +144,8 @@ class ProcessorStatus:
             if not slots:
                 stop.wait(0.5)
                 continue
-            for reader in wait(list(slots), 0.5):
+            for ready in wait(list(slots), 0.5):
+                reader = cast(Connection, ready)  # wait() returns some of the pipes it was given
                 try:
                     event = reader.recv()
                 except (EOFError, OSError):  # its worker is gone; the supervisor starts another

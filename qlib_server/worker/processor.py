@@ -19,13 +19,13 @@ import threading
 import time
 from typing import Callable, Optional
 
+from ..broker import Broker
+from ..broker.base import dead_letter_queue, light_queue
+from ..config import ServerConfig
+from ..errors import BrokerError, QlibServerError
+from ..log import setup_logging
 from . import compute
-from .broker import Broker
-from .broker.base import dead_letter_queue, light_queue
-from .config import ServerConfig
-from .errors import BrokerError, QlibServerError
-from .fleet import ProcessorStatus, describe
-from .log import setup_logging
+from .telemetry import ProcessorStatus, describe
 from .updater import DataWatcher, refresh_main
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ BrokerFactory = Callable[[ServerConfig], Broker]
 
 
 def rabbitmq_factory(cfg: ServerConfig, *, heartbeat: Optional[int] = 30) -> Broker:
-    from .broker.rabbitmq import RabbitMQBroker
+    from ..broker.rabbitmq import RabbitMQBroker
 
     return RabbitMQBroker(cfg.amqp_url, heartbeat=heartbeat)
 
@@ -61,9 +61,10 @@ def compute_task(task: dict, expression_cache: bool) -> tuple:
 
 
 def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None, stopping=None,
-                 run: Callable[[dict, bool], tuple] = compute_task, report: Callable[[tuple], None] = None) -> None:
+                 run: Callable[[dict, bool], tuple] = compute_task,
+                 report: Optional[Callable[[tuple], None]] = None) -> None:
     """Compute one delivered task (with ``run``), publish its result, then acknowledge it; tell ``report``
-    (see :class:`~qlib_server.fleet.ProcessorStatus`) when it starts and when it is done."""
+    (see :class:`~qlib_server.worker.telemetry.ProcessorStatus`) when it starts and when it is done."""
     task = delivery.message
     if not isinstance(task.get("key"), str) or task.get("type") not in ("calendar", "instrument", "feature") \
             or not isinstance(task.get("args"), dict):
@@ -191,7 +192,8 @@ class DataProcessor:
         self.stops[i] = self.ctx.Event()
         reports, report_writer = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=worker_main, name=f"qlib-server-worker-{i}",
-                                args=(self.cfg.model_dump(), self.busy[i], self.stops[i], self.queues[i], report_writer),
+                                args=(self.cfg.model_dump(), self.busy[i], self.stops[i], self.queues[i],
+                                      report_writer),
                                 daemon=True)
         proc.start()
         report_writer.close()  # the worker holds the only writer: its death ends the pipe
@@ -262,7 +264,8 @@ class DataProcessor:
         join_process(check)  # caches computed from other data are gone, and answers of older data invalidated
         for i in range(len(self.queues)):
             self._start_worker(i)
-        threading.Thread(target=self.status.collect, args=(self.stop_event,), name="worker-reports", daemon=True).start()
+        threading.Thread(target=self.status.collect, args=(self.stop_event,), name="worker-reports",
+                         daemon=True).start()
         threading.Thread(target=self.status.run, args=(self.stop_event, self._worker_states), name="status",
                          daemon=True).start()
         dead_letters = None

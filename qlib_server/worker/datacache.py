@@ -7,39 +7,37 @@ exclusive lock per cache that a thread of the holder renews, and that expires
 ``keys.QLIB_CACHE_LOCK_EXPIRE`` seconds after a dead holder's last renewal. Taking it waits for a
 live holder.
 
-Sources. Qlib keys a dataset cache by the request, not by the data it was computed from. Before a
-worker computes one, it records the stat (size and mtime, or missing) of every file the cache
-depends on; it writes that record last, atomically, as ``<uri>.sources`` beside Qlib's ``<uri>``,
-``<uri>.index`` and ``<uri>.meta``. A cache is served only while its record matches the disk:
-otherwise it is stale (or was never completed), and it is deleted and computed again.
+Sources. Before a worker computes a cache, it records the stat of every file the cache depends on
+(:func:`cache_sources`) and writes that record last (:mod:`qlib_server.state.sources`, which the front
+reads too). A cache is served only while its record matches the disk: otherwise it is stale (or was
+never completed), and it is deleted and computed again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
-import os
 import pickle
 import re
 import stat
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import numpy as np
 import pandas as pd
 import redis_lock
 from qlib.config import C
-from qlib.data.cache import H, CacheUtils, DatasetCache, DiskDatasetCache
+from qlib.data.cache import CacheUtils, DatasetCache, DiskDatasetCache, H
 from qlib.utils import code_to_fname, remove_fields_space
 
-from . import dataset, keys, storage
+from ..state import keys
+from ..state.sources import is_current, sources_path, stat_of, write_sources
+from . import dataset, storage
 
 log = logging.getLogger(__name__)
 
-SOURCES = ".sources"
 #: seconds of one wait for a held lock (a blocking read on Redis: under any client's socket timeout)
 WAIT_SLICE = 1
 # In an expression: $field or $$pit_field, Feature('field') or PFeature('pit_field'), or another
@@ -77,18 +75,11 @@ def lock_name(cache_path: Path) -> str:
 
 # -- sources ----------------------------------------------------------------------------------------
 
-def stat_of(path: Path) -> Optional[list]:
-    """``[size, mtime_ns]`` of a file, or None when it is missing."""
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
 def references(expressions: Iterable[str]) -> tuple[set, set, set]:
     """The raw fields, point-in-time fields and string literals (possible instrument codes) named."""
-    fields, pit, literals = set(), set(), set()
+    fields: set[str] = set()
+    pit: set[str] = set()
+    literals: set[str] = set()
     for expression in expressions:
         for match in _REFERENCE.finditer(expression):
             dollars, name, p, quoted, literal = match.groups()
@@ -121,29 +112,6 @@ def cache_sources(root: Path, instruments, fields: Iterable[str], freq: str) -> 
         names += [f"features/{directory}/{field}.{freq.lower()}.bin" for field in sorted(raw)]
         names += [f"financial/{directory}/{field}.{ext}" for field in sorted(pit) for ext in ("data", "index")]
     return {name: stat_of(root / name) for name in names}
-
-
-def sources_path(cache_path: Path) -> Path:
-    return cache_path.with_suffix(SOURCES)
-
-
-def write_sources(cache_path: Path, sources: dict) -> None:
-    """Write the record of a cache's sources atomically (a temporary file renamed into place)."""
-    target = sources_path(cache_path)
-    temporary = target.with_name(target.name + ".tmp")
-    temporary.write_text(json.dumps({"files": sources}, separators=(",", ":")))
-    os.replace(temporary, target)
-
-
-def is_current(cache_path: Path, stat: Callable[[Path], Optional[list]] = stat_of) -> bool:
-    """Whether the cache is complete (Qlib's three files and the record of its sources) and computed
-    from the data on disk now (every recorded stat still holds)."""
-    try:
-        files = json.loads(sources_path(cache_path).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    root = cache_path.parent.parent
-    return DiskDatasetCache.check_cache_exists(cache_path) and all(stat(root / n) == v for n, v in files.items())
 
 
 def clear(cache_path: Path) -> None:
@@ -232,7 +200,8 @@ class ServerDatasetCache(DiskDatasetCache):
         clear(Path(cache_path))
 
     def _dataset_uri(self, instruments, fields, start_time=None, end_time=None, freq="day", disk_cache=0,
-                     inst_processors=[]):
+                     inst_processors=None):
+        inst_processors = [] if inst_processors is None else inst_processors  # Qlib's default, not shared
         if disk_cache == 0 or inst_processors:  # Qlib prepares the expression cache, or refuses
             return super()._dataset_uri(instruments, fields, start_time, end_time, freq, disk_cache, inst_processors)
         uri = self._uri(instruments, fields, None, None, freq, disk_cache)
@@ -243,9 +212,10 @@ class ServerDatasetCache(DiskDatasetCache):
                     self.gen_dataset_cache(path, instruments, fields, freq)
         return uri
 
-    def gen_dataset_cache(self, cache_path, instruments, fields, freq, inst_processors=[]):
+    def gen_dataset_cache(self, cache_path, instruments, fields, freq, inst_processors=None):
         """Qlib's generation, with the sources recorded before computing and written last, the cache
         written in one pass (:func:`write_table`), and an empty result written as a cache of no rows."""
+        inst_processors = [] if inst_processors is None else inst_processors  # Qlib's default, not shared
         from qlib.data.data import Cal
 
         cache_path = Path(cache_path)
