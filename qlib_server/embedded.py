@@ -44,7 +44,7 @@ def compute_main(cfg_values: dict, tasks, results, nice: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cfg = ServerConfig(**cfg_values)
     setup_logging(cfg)
-    compute.init_qlib(cfg)
+    compute.init_qlib(cfg, warm=True)
     while True:
         try:
             task, expression_cache = tasks.recv()

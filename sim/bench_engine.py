@@ -18,7 +18,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from qlib_server.datagen import generate_dataset
@@ -67,7 +66,7 @@ def worker_alone(data: Path, fields_code: str) -> dict:
 import json, sys, time, tempfile
 from pathlib import Path
 import qlib
-from qlib_server import dataset, datacache, storage
+from qlib_server.worker import dataset, datacache, storage
 qlib.init(provider_uri={str(data)!r}, region="cn", logging_level="ERROR",
           feature_provider={{"class": "LocalFeatureProvider", "kwargs": {{"backend": storage.BACKEND}}}})
 from qlib.data.data import Cal, DatasetD
@@ -80,7 +79,8 @@ df = dataset.dataset(DatasetD._provider, {{"market": "csi300", "filter_pipe": []
 engine = time.perf_counter() - t
 t = time.perf_counter()
 datacache.write_table(Path(tempfile.mkdtemp()) / "c", df, {{"market": "csi300"}}, "day", str(cal[-1]))
-print(json.dumps({{"engine_s": engine, "write_s": time.perf_counter() - t, "fallbacks": sum(features.FALLBACKS.values())}}))
+write = time.perf_counter() - t
+print(json.dumps({{"engine_s": engine, "write_s": write, "fallbacks": sum(features.FALLBACKS.values())}}))
 """
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

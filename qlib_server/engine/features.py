@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 from qlib.data import base
@@ -62,14 +63,7 @@ def blocks(instruments: list, names: list, start: int, end: int, freq: str, *, e
     uses = [_subexpressions(e) for e in expressions]
     for first in range(0, len(instruments), size):
         chunk = instruments[first:first + size]
-        files: dict = {}
-
-        def cached_read(instrument, field):
-            key = (instrument, field)
-            if key not in files:
-                files[key] = read(instrument, field)
-            return files[key]
-
+        cached_read = _memo(read)
         evaluators: dict = {}
         values, present = [], []
         for c, (name, expression, extent) in enumerate(zip(names, expressions, extents)):
@@ -92,6 +86,18 @@ def blocks(instruments: list, names: list, start: int, end: int, freq: str, *, e
                 for key in [k for k in evaluator.memo if k not in later]:
                     del evaluator.memo[key]
         yield Block(chunk, start, end, values, present)
+
+
+def _memo(read: Callable) -> Callable:
+    """``read`` remembering what it read (one block's files, shared by the block's query ranges)."""
+    files: dict = {}
+
+    def cached_read(instrument, field):
+        if (instrument, field) not in files:
+            files[instrument, field] = read(instrument, field)
+        return files[instrument, field]
+
+    return cached_read
 
 
 def of_qlib(instruments: list, names: list, start_time, end_time, freq: str, size: int = BLOCK) -> Iterator[Block]:

@@ -18,8 +18,9 @@ from ..errors import ComputeError, RequestError
 log = logging.getLogger(__name__)
 
 
-def init_qlib(cfg: ServerConfig) -> None:
-    """Initialise Qlib in server mode for this process (its cache locks in the Redis of ``cfg``)."""
+def init_qlib(cfg: ServerConfig, warm: bool = False) -> None:
+    """Initialise Qlib in server mode for this process (its cache locks in the Redis of ``cfg``); with
+    ``warm``, load the engine's kernels too (a feature worker), so that no request waits for them."""
     import qlib
 
     from . import datacache, storage
@@ -44,6 +45,10 @@ def init_qlib(cfg: ServerConfig) -> None:
 
     C["region"] = cfg.region  # passed to init, Qlib's server config would warn "Unrecognized config region"
     C.set_region(cfg.region)
+    if warm:
+        from .. import engine
+
+        engine.warm()
 
 
 def forget_data() -> None:

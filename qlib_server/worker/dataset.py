@@ -20,8 +20,8 @@ def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst
     from qlib.data.data import Cal, ExpressionD, LocalExpressionProvider
     from qlib.utils import normalize_cache_fields, remove_fields_space
 
-    from .engine import features
-    from .engine.values import Unsupported
+    from ..engine import features
+    from ..engine.values import Unsupported
 
     def by_qlib():
         return provider.dataset(instruments, fields, start_time, end_time, freq, inst_processors=list(inst_processors))
@@ -35,7 +35,9 @@ def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst
     names = normalize_cache_fields(column_names)
     spans_of = instruments_d if isinstance(instruments_d, dict) else dict.fromkeys(instruments_d)
     times = pd.DatetimeIndex(Cal.calendar(freq=freq)).to_numpy()  # the unit pandas infers, as for Qlib's frames
-    codes, positions, columns = [], [], [[] for _ in names]
+    codes: list[np.ndarray] = []
+    positions: list[np.ndarray] = []
+    columns: list[list[np.ndarray]] = [[] for _ in names]
     try:
         for block in features.of_qlib(sorted(spans_of), names, window[0], window[-1], freq):
             rows = np.logical_or.reduce(block.present)  # (instruments, days): where any field has an entry

@@ -141,7 +141,7 @@ def worker_main(cfg_values: dict, busy_since, stop, queue: str, reports) -> None
     stopping = _Stopping(stop)
     signal.signal(signal.SIGTERM, stopping.request)  # finish the task in hand, then leave
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    compute.init_qlib(cfg)
+    compute.init_qlib(cfg, warm=queue == cfg.task_queue)
     # No heartbeat: a long computation blocks this thread; the supervisor enforces the time limit.
     work(cfg, rabbitmq_factory(cfg, heartbeat=0), busy_since, stopping, queue, report=reports.send)
 

@@ -2,6 +2,7 @@
 
     cli, embedded, __main__       entry points: assemble front and workers, may import anything
     front/        worker/         the Socket.IO front; the processes computing with Qlib (never each other)
+                  engine/         Qlib's expressions over blocks of instruments (numpy, numba, Qlib only)
     state/        broker/         what the processes share: Redis and the dataset cache records; transports
     top-level modules             protocol, expressions, config, errors, metrics, admission, log, datagen
     client/                       Qlib providers for clients: nothing of the server at all
@@ -38,6 +39,7 @@ LAYERS = {
     "qlib_server.state": "state",
     "qlib_server.front": "front",
     "qlib_server.worker": "worker",
+    "qlib_server.engine": "engine",
     "qlib_server.client": "client",
 }
 
@@ -49,8 +51,9 @@ ALLOWED = {
     "broker": {"top", "broker"},
     "state": {"top", "state"},
     "front": {"top", "broker", "state", "front"},
-    "worker": {"top", "broker", "state", "worker"},
-    "entry": {"top", "broker", "state", "front", "worker", "client", "entry", "root"},
+    "engine": {"top", "engine"},
+    "worker": {"top", "broker", "state", "engine", "worker"},
+    "entry": {"top", "broker", "state", "front", "worker", "engine", "client", "entry", "root"},
 }
 
 

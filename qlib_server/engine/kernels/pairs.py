@@ -6,6 +6,8 @@ roll_corr: origin-anchored online co-moments, rebuilt from the window whenever c
 Window bounds and the rebuild-on-non-overlap rule are those of :mod:`.windows`.
 """
 
+from typing import Any
+
 import numba
 import numpy as np
 from numba import types
@@ -15,7 +17,7 @@ from .windows import JIT, nan_output, window_start
 
 # pandas' calc_corr takes ``(ssqdm_x * ssqdm_y) ** 0.5`` through C's pow(), which is not always the correctly
 # rounded sqrt (e.g. 5.902893458566169); numba would rewrite ``** 0.5`` into sqrt, so call libm's pow.
-c_pow = types.ExternalFunction("pow", types.float64(types.float64, types.float64))
+c_pow: Any = types.ExternalFunction("pow", types.float64(types.float64, types.float64))  # numba stubs type it as a Type
 
 # state: nobs, mean_x, mean_y, origin_x, origin_y, ssqdm_xy, ssqdm_x, ssqdm_y, peak_x, peak_y, unstable
 _N, _MX, _MY, _OX, _OY, _SXY, _SXX, _SYY, _PX, _PY, _UNST = range(11)

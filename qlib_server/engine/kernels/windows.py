@@ -9,10 +9,12 @@ the new window does not overlap the previous one (only ``window == 1``), exactly
 Like pandas' ``_prep_values``, +-inf is NaN for every kernel but ``count`` (``notna`` counts inf).
 """
 
+from typing import Any
+
 import numba
 import numpy as np
 
-JIT = dict(cache=True, nogil=True, error_model="numpy")  # IEEE division by zero, no fastmath (no FMA)
+JIT: dict[str, Any] = dict(cache=True, nogil=True, error_model="numpy")  # IEEE division by zero, no fastmath (no FMA)
 
 
 @numba.njit(**JIT)

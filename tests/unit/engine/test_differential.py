@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from .conftest import by_engine, by_qlib, ulps
 
-#: operator -> [fields, values compared, values 1 ulp off]
-TABLE: dict = collections.defaultdict(lambda: [0, 0, 0])
+#: operator -> [fields, values compared, values 1 ulp off, (field, block) pairs the engine left to Qlib]
+TABLE: dict = collections.defaultdict(lambda: [0, 0, 0, 0])
 # Operators allowed to be 1 float32 ulp off Qlib: none (the kernels reproduce pandas' and Qlib's arithmetic,
 # down to libm's pow(v, 0.5) where pandas calls it instead of sqrt).
 ONE_ULP: set = set()
@@ -34,6 +34,7 @@ def assert_same_as_qlib(names, codes, start_time=None, end_time=None, label=None
         op = label or operator_of(name)
         row = TABLE[op]
         row[0] += 1
+        row[3] += fallbacks // len(names)
         for code in codes:
             theirs = by_qlib(name, code, start_time, end_time)
             mine = ours[name][code]
@@ -44,7 +45,8 @@ def assert_same_as_qlib(names, codes, start_time=None, end_time=None, label=None
             off = ulps(a, b)
             allowed = 1 if op in ONE_ULP else 0
             assert off.max(initial=0) <= allowed, (
-                f"{name} of {code}: {int((off > allowed).sum())} values differ, e.g. at {np.flatnonzero(off > allowed)[:3]}"
+                f"{name} of {code}: {int((off > allowed).sum())} values differ, "
+                f"e.g. at {np.flatnonzero(off > allowed)[:3]}"
                 f" ours {a[off > allowed][:3]} Qlib's {b[off > allowed][:3]}")
             row[1] += len(a)
             row[2] += int((off == 1).sum())
@@ -173,4 +175,6 @@ def test_random_expressions_equal_qlibs_or_are_refused_as_qlib_refuses_them(code
         with pytest.raises(type(refusal)):
             by_engine([name], codes[:6])
         return
-    assert_same_as_qlib([name], codes[:6], label="random trees")
+    # A tree may align a boolean with a series of another range (pandas makes objects of them): the engine
+    # leaves that field to Qlib, counted in the table; every value is still compared with Qlib's.
+    assert_same_as_qlib([name], codes[:6], label="random trees", allow_fallback=True)

@@ -10,8 +10,9 @@ from qlib_server.engine.kernels import ewm, moments, pairs, qlib_windows, regres
 def test_warming_up_compiles_every_kernel_the_evaluator_calls(qlib_data):
     engine.warm()
     modules = (windows, moments, ewm, pairs, qlib_windows, regression)
+    entry = ("rolling_", "expanding_", "ewm_")
     dispatchers = {f"{m.__name__}.{name}": f for m in modules for name, f in vars(m).items()
-                   if isinstance(f, numba.core.registry.CPUDispatcher) and name.startswith(("rolling_", "expanding_", "ewm_"))}
+                   if isinstance(f, numba.core.registry.CPUDispatcher) and name.startswith(entry)}
     assert dispatchers
     cold = [name for name, f in dispatchers.items() if not f.signatures]
     assert not cold, f"not compiled by warm(): {cold}"
