@@ -111,8 +111,9 @@ def discover(url: str, markets: Optional[str | Sequence[str]] = None, start: Opt
         calendar = _checked(connection.request("calendar", whole, timeout), "calendar_request")
         days = cut_calendar(calendar, start, end)
         if not days:
+            runs = f"{calendar[0][:10]} .. {calendar[-1][:10]}" if calendar else "empty"
             raise DataProfileError(f"no trading day in {start or '(first)'} .. {end or '(last)'}: the calendar "
-                                   f"runs {calendar[0][:10] if calendar else '-'} .. {calendar[-1][:10] if calendar else '-'}")
+                                   f"runs {runs}")
         given = split_list(markets)
         found: list[tuple[int, str, str]] = []
         for market in given or CANDIDATE_MARKETS:

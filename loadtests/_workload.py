@@ -19,15 +19,16 @@ try:  # imported as part of the loadtests package
 except ImportError:  # imported by a locustfile that locust loaded as a top-level module
     from _profile import DataProfile
 
-HOT_SPAN = (0.056, 0.868)
+Span = tuple[Optional[float], Optional[float]]
+HOT_SPAN: tuple[float, float] = (0.056, 0.868)
 # Calendar ranges as fractions of the calendar; None: an open end (the range's end when it was cut).
-_CALENDAR_RANGES = [(None, None), (0.0, 0.33), (0.33, 0.67), (0.67, 0.87), HOT_SPAN, (0.2, 0.5), (0.5, None),
-                    (None, 0.42)]
+_CALENDAR_RANGES: list[Span] = [(None, None), (0.0, 0.33), (0.33, 0.67), (0.67, 0.87), HOT_SPAN, (0.2, 0.5),
+                                (0.5, None), (None, 0.42)]
 # Instrument-list ranges, one set per use of a market: a profile with fewer than three markets uses its
 # markets again with other ranges, so the universe keeps its size and its mix of kinds.
-_INSTRUMENT_RANGES = [[(None, None), (0.33, 0.67), HOT_SPAN], [(0.0, 0.5), (0.5, None), (0.1, 0.6)],
+_INSTRUMENT_RANGES: list[list[Span]] = [[(None, None), (0.33, 0.67), HOT_SPAN], [(0.0, 0.5), (0.5, None), (0.1, 0.6)],
                       [(0.25, 0.75), (None, 0.33), (0.67, None)]]
-_FEATURE_RANGES = [HOT_SPAN, (0.1, 0.6), (0.4, 0.9)]
+_FEATURE_RANGES: list[Span] = [HOT_SPAN, (0.1, 0.6), (0.4, 0.9)]
 _MARKET_SLOTS = 3
 _FIELD_SETS = [
     ["$close"], ["$open", "$close"], ["$close", "$volume"], ["$high", "$low"], ["Mean($close, 5)"],
@@ -78,7 +79,7 @@ class Workload:
         self.windows, self.shifts = min(240, max(2, third - 1)), min(250, third)
         self._cold_counter = itertools.count(random.SystemRandom().randrange(self.windows * self.shifts))
 
-    def _range(self, span) -> tuple[Optional[str], Optional[str]]:
+    def _range(self, span: Span) -> tuple[Optional[str], Optional[str]]:
         """Dates of a (start, end) pair of fractions; an open end stays open unless the range was cut."""
         lo, hi = span
         if lo is None:
