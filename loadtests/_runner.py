@@ -1,10 +1,12 @@
 """Runner behind ``python -m loadtests``: a dataset, a server, a headless Locust run, a summary, clean-up.
 
-RabbitMQ and Redis come from ``QLIB_LOAD_AMQP_HOST``/``_PORT``/``_USER``/``_PASSWORD`` and
+Distributed (the default): RabbitMQ and Redis come from ``QLIB_LOAD_AMQP_HOST``/``_PORT``/``_USER``/``_PASSWORD`` and
 ``QLIB_LOAD_REDIS_HOST``/``_PORT``/``_DB`` (defaults: 127.0.0.1:5672 guest/guest, 127.0.0.1:6379 db 6).
 The server gets queues of its own (deleted afterwards); the Redis database is reserved for load runs: the
 runner clears this server's keys (``qlib_server:*``) in it before and after the run. Exit status 1 when
-any request failed or none was made.
+any request failed or none was made. ``--embedded`` runs ``qlib-server serve --embedded`` instead (no
+RabbitMQ, no Redis). ``--start`` and ``--markets`` shape the generated dataset (e.g. ``--start 2012-01-02
+--markets all``: dates in 2012-2015 and no market but ``all``); the scenarios find out what it holds.
 """
 
 from __future__ import annotations
@@ -29,9 +31,20 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = ("HotUser", "ColdUser", "MixUser")
-# One calendar (light workers) and one feature request (feature workers) that no scenario makes.
-WARM_UP = [("calendar", {"start_time": "2018-01-02", "end_time": "2018-01-31", "freq": "day", "future": False}),
-           ("feature", {"instruments": {"market": "all", "filter_pipe": []}, "fields": ["$close"], "disk_cache": 0})]
+
+
+def warm_up_requests(days: list[str]) -> list[tuple[str, dict]]:
+    """One calendar (light workers) and one feature request (feature workers) that no scenario makes."""
+    return [("calendar", {"start_time": days[0], "end_time": days[min(len(days), 20) - 1], "freq": "day",
+                          "future": False}),
+            ("feature", {"instruments": {"market": "all", "filter_pipe": []}, "fields": ["$close"], "disk_cache": 0})]
+
+
+def dataset_markets(names: str, instruments: int) -> dict[str, int]:
+    """``--markets csi300,csi100`` → the markets besides ``all`` (always written) and their sizes."""
+    sizes = (max(1, instruments * 3 // 4), max(1, instruments // 4))
+    extra = [name for name in names.replace(",", " ").split() if name != "all"]
+    return {name: sizes[i] if i < len(sizes) else max(1, instruments // 2) for i, name in enumerate(extra)}
 
 
 @dataclass
@@ -73,6 +86,10 @@ def server_config(services: Services, provider_uri: Path, port: int, args: argpa
     """A config with queues of its own; the server answers a stuck request before the client gives up."""
     suffix = uuid.uuid4().hex[:8]
     client_timeout = float(os.environ.get("QLIB_LOAD_TIMEOUT", "60"))
+    if args.embedded:
+        return {"provider_uri": str(provider_uri), "region": "cn", "flask_server": "127.0.0.1", "flask_port": port,
+                "max_process": args.max_process, "request_timeout": max(5.0, client_timeout - 10),
+                "task_timeout": 120.0, "logging_level": "WARNING"}
     return {
         "provider_uri": str(provider_uri), "region": "cn", "flask_server": "127.0.0.1", "flask_port": port,
         "queue_host": services.amqp_host, "queue_port": services.amqp_port, "queue_user": services.amqp_user,
@@ -114,11 +131,12 @@ def delete_queues(services: Services, config: dict) -> None:
 class Server:
     """A ``qlib-server serve`` subprocess, in a process group of its own with its processor and workers."""
 
-    def __init__(self, config_path: Path, log_path: Path, url: str):
+    def __init__(self, config_path: Path, log_path: Path, url: str, embedded: bool = False):
         self.url = url
         self.log_path = log_path
+        command = [sys.executable, "-m", "qlib_server", "serve", "-c", str(config_path)] + ["--embedded"] * embedded
         with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "qlib_server", "serve", "-c", str(config_path)],
+            self.proc = subprocess.Popen(command,
                                          stdout=log, stderr=subprocess.STDOUT, cwd=config_path.parent,
                                          start_new_session=True)
 
@@ -160,13 +178,13 @@ class Server:
         self.proc.wait(10)
 
 
-def warm_up(url: str, timeout: float = 120.0) -> None:
+def warm_up(url: str, days: list[str], timeout: float = 120.0) -> None:
     """Wait for one answer through each kind of worker, so the run does not time the workers' start-up."""
     from ._connection import QlibConnection
 
     connection = QlibConnection(url, 10.0)
     try:
-        for kind, body in WARM_UP:
+        for kind, body in warm_up_requests(days):
             answer = connection.request(kind, body, timeout)
             if answer["status"] != 0:
                 raise RuntimeError(f"warm-up {kind} request: status {answer['status']}: {answer['detailed_info']}")
@@ -181,6 +199,13 @@ def run_locust(url: str, csv_prefix: Path, args: argparse.Namespace, log_path: P
     print("$", " ".join(command), flush=True)
     with open(log_path, "wb") as log:
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent).returncode
+
+
+def print_choices(log_path: Path) -> None:
+    """Print the lines in which the scenarios said what they chose from the server's data."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if line.startswith("qlib load:") or "qlib load: cannot" in line:
+            print(line)
 
 
 def read_stats(csv_prefix: Path) -> list[dict]:
@@ -256,6 +281,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="User classes to run (default: all, by weight)")
     parser.add_argument("--instruments", type=int, default=30, help="instruments of the generated dataset")
     parser.add_argument("--days", type=int, default=750, help="trading days of the generated dataset")
+    parser.add_argument("--start", default="2018-01-02", help="first day of the generated dataset")
+    parser.add_argument("--markets", default="csi300,csi100",
+                        help="markets of the generated dataset besides all (comma-separated; 'all' for none)")
+    parser.add_argument("--embedded", action="store_true",
+                        help="run the server embedded (no RabbitMQ, no Redis)")
     parser.add_argument("--max-process", type=int, default=2, help="the server's data-processor workers")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (kept anyway on failure)")
     return parser.parse_args(argv)
@@ -267,30 +297,34 @@ def main(argv: list[str] | None = None) -> int:
 
     services = Services.from_env()
     workdir = Path(tempfile.mkdtemp(prefix="qlib-load-"))
-    provider_uri = generate_dataset(workdir / "data", instruments=args.instruments, days=args.days)
+    provider_uri = generate_dataset(workdir / "data", instruments=args.instruments, days=args.days, start=args.start,
+                                    markets=dataset_markets(args.markets, args.instruments))
+    days = (provider_uri / "calendars" / "day.txt").read_text().split()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     config = server_config(services, provider_uri, port, args)
     config_path = workdir / "server.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    stale = clear_server_keys(services)
+    stale = 0 if args.embedded else clear_server_keys(services)
     if stale:
         print(f"cleared {stale} stale qlib_server keys from redis db {services.redis_db}")
 
     ok = False
-    server = Server(config_path, workdir / "server.log", url)
+    server = Server(config_path, workdir / "server.log", url, args.embedded)
     try:
         if not server.wait_ready():
             print(f"the server did not become ready; its log:\n{server.log_tail()}", file=sys.stderr)
             return 1
         started = time.monotonic()
         try:
-            warm_up(url)
+            warm_up(url, days)
         except Exception as exc:  # no answer, refused, or an error status
             print(f"the server does not answer: {exc}\n{server.log_tail()}", file=sys.stderr)
             return 1
-        print(f"server ready at {url} (queues {config['task_queue']}/{config['message_queue']}, "
-              f"redis db {services.redis_db}, {args.max_process} workers); warm-up took "
+        where = ("embedded" if args.embedded else
+                 f"queues {config['task_queue']}/{config['message_queue']}, redis db {services.redis_db}")
+        print(f"server ready at {url} ({where}, {args.max_process} workers; data {days[0]} .. {days[-1]}, "
+              f"markets {', '.join(['all', *dataset_markets(args.markets, args.instruments)])}); warm-up took "
               f"{time.monotonic() - started:.1f}s", flush=True)
         csv_prefix = workdir / "locust"
         code = run_locust(url, csv_prefix, args, workdir / "locust.log")
@@ -298,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             log = (workdir / "locust.log").read_text(errors="replace")[-3000:]
             print(f"locust exited with {code} and wrote no statistics:\n{log}", file=sys.stderr)
             return 1
+        print_choices(workdir / "locust.log")
         requests, failures = print_summary(read_stats(csv_prefix), read_failures(csv_prefix))
         print_server_metrics(url)
         ok = requests > 0 and failures == 0
@@ -307,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
         try:
-            delete_queues(services, config)
-            clear_server_keys(services)
+            if not args.embedded:
+                delete_queues(services, config)
+                clear_server_keys(services)
         except Exception as exc:  # leave the run's result as it is
             print(f"clean-up failed: {exc}", file=sys.stderr)
         if ok and not args.keep:
