@@ -27,8 +27,8 @@ def lint(session):
 
 @nox.session(python=PYTHON)
 def unit(session):
-    """Unit tests: no services needed."""
-    install(session)
+    """Unit tests: no services needed (the Locust scenarios run against an embedded server)."""
+    install(session, "load")
     session.run("pytest", "tests/unit", "-q", "-p", "no:cacheprovider", *session.posargs)
 
 
@@ -57,6 +57,7 @@ def load(session):
 def bench(session):
     """Benchmarks: print a table and write bench-results/bench.json."""
     install(session, "load", "sim")
+    session.run("python", "-m", "sim.bench_engine")
     session.run("python", "-m", "sim.bench", *session.posargs)
 
 

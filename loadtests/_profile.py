@@ -12,8 +12,9 @@ No Locust import here (importing locust monkey-patches the process), so tests an
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 try:  # imported as part of the loadtests package
     from ._connection import QlibConnection

@@ -7,17 +7,12 @@ no RabbitMQ or Redis (``python -m loadtests --embedded``). About 25 s.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 # Only looked up, not imported: importing locust monkey-patches this process (gevent).
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("locust") is None,
-                                reason="the load extra is not installed: pip install -e .[load]")
 ROOT = Path(__file__).resolve().parents[2]
 
 
