@@ -15,6 +15,7 @@ import pandas.testing as pdt
 import pytest
 from clients import WireClient, local_qlib
 from conftest import wait_until
+from faults import slow_terms
 from qlib.data.cache import DiskDatasetCache
 
 pytestmark = pytest.mark.integration
@@ -34,9 +35,9 @@ result = {{
 
 
 def slow_fields(tag: int, terms: int = 3) -> list[str]:
-    """Fields no other request asks for (``tag``), slow to compute (rolling mean absolute deviations
-    run a Python callback per row), so a task stays in flight while a crowd arrives."""
-    return [f"Mad($close, {window}) + {tag}" for window in range(5, 5 + terms)]
+    """Fields no other request asks for (``tag``), slow to compute (:func:`faults.slow_terms`), so a task
+    stays in flight while a crowd arrives."""
+    return slow_terms(terms, tag)
 
 
 def feature_body(fields: list[str], market: str = "csi300", disk_cache: int = 1) -> dict:

@@ -24,7 +24,7 @@ import requests
 import yaml
 from clients import WireClient, local_qlib
 from conftest import ServerProcess, free_port, wait_until
-from faults import proxy_to
+from faults import proxy_to, slow_terms
 from qlib.data.cache import DiskDatasetCache
 
 from qlib_server.broker.base import dead_letter_queue
@@ -39,10 +39,10 @@ SHUTTING_DOWN = "shutting down"
 
 
 def slow_feature(tag: int, terms: int = 3) -> dict:
-    """A feature request no other asks for (``tag``), that takes a worker about a second (rolling mean
-    absolute deviations run a Python callback per row)."""
+    """A feature request no other asks for (``tag``), that takes a worker about a second
+    (:func:`faults.slow_terms`)."""
     return {"instruments": {"market": "all", "filter_pipe": []}, "disk_cache": 1, "freq": "day",
-            "fields": [f"Mad($close, {window}) + {tag}" for window in range(5, 5 + terms)]}
+            "fields": slow_terms(terms, tag)}
 
 
 def connect_all(url: str, n: int) -> list[WireClient]:
