@@ -61,7 +61,7 @@ def timed(kind: str, fields: str, work: Path, data: Path, port: int, repeat: int
 
 
 def worker_alone(data: Path, fields_code: str) -> dict:
-    """The worker's part in this process: the engine's frame, then the dataset cache written."""
+    """The worker's part in this process: the engine's frame in the cache's layout, then the cache written."""
     script = f"""
 import json, sys, time, tempfile
 from pathlib import Path
@@ -75,7 +75,8 @@ from qlib_server.engine import features, kernels
 cal = Cal.calendar(freq="day")
 dataset.dataset(DatasetD._provider, ["SH600000"], FIELDS[:3], cal[0], cal[-1], "day")  # kernels loaded
 t = time.perf_counter()
-df = dataset.dataset(DatasetD._provider, {{"market": "csi300", "filter_pipe": []}}, FIELDS, cal[0], cal[-1], "day")
+df = dataset.dataset(DatasetD._provider, {{"market": "csi300", "filter_pipe": []}}, FIELDS, cal[0], cal[-1], "day",
+                     by_date=True)
 engine = time.perf_counter() - t
 t = time.perf_counter()
 datacache.write_table(Path(tempfile.mkdtemp()) / "c", df, {{"market": "csi300"}}, "day", str(cal[-1]))

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 from qlib.data import base
 
+from . import windows
 from .evaluate import Evaluator
 from .values import Series, Unsupported
 
@@ -127,25 +128,24 @@ def _subexpressions(expression) -> set:
         e = stack.pop()
         if isinstance(e, base.Expression):
             found.add(str(e))
+            found.update(windows.shared_keys(e))
             stack.extend(vars(e).values())
     return found
 
 
 def _cut(series: Series, offset: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
     """Qlib's ``series.astype(np.float32).loc[start:end]``: the values on ``[start, end]`` and where the
-    series has an index entry there."""
-    n, width = series.data.shape
+    series has an index entry there (``series`` holds calendar positions from ``offset``)."""
     data = series.data
     if data.dtype.kind not in "fiub":
         raise Unsupported(f"a field of {data.dtype} values")
+    n, width = data.shape
+    first, stop = start - offset, min(end + 1 - offset, width)  # the series' columns on [start, end]
     out = np.full((n, end - start + 1), np.nan, dtype=np.float32)
-    where = np.zeros(out.shape, dtype=bool)
-    lo = np.maximum(series.lo + offset, start)
-    hi = np.minimum(series.hi + offset, end + 1)
-    for i in range(n):
-        if lo[i] < hi[i]:
-            out[i, lo[i] - start:hi[i] - start] = data[i, lo[i] - offset:hi[i] - offset]
-            where[i, lo[i] - start:hi[i] - start] = True
+    out[:, :stop - first] = data[:, first:stop]
+    position = np.arange(end - start + 1)
+    where = (position >= (series.lo - first)[:, None]) & (position < (series.hi - first)[:, None])
+    out[~where] = np.nan
     return out, where
 
 

@@ -8,7 +8,7 @@ means nothing, except that float data is kept NaN there, so that aligning two se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +22,7 @@ class Series:
     data: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
+    _float64: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def empty(self) -> np.ndarray:
@@ -33,10 +34,14 @@ class Series:
         return bool(np.all(both_empty | ((self.lo == other.lo) & (self.hi == other.hi))))
 
     def float64(self) -> np.ndarray:
-        """The data as pandas' window operations take it (``float64``, C-contiguous)."""
-        if self.data.dtype.kind not in "fiub":
-            raise Unsupported(f"a window over {self.data.dtype} values")
-        return np.ascontiguousarray(self.data, dtype=np.float64)
+        """The data as pandas' window operations take it (``float64``, C-contiguous; made once, read-only)."""
+        if self._float64 is None:
+            if self.data.dtype.kind not in "fiub":
+                raise Unsupported(f"a window over {self.data.dtype} values")
+            self._float64 = np.ascontiguousarray(self.data, dtype=np.float64)
+            if self._float64 is not self.data:
+                self._float64.flags.writeable = False
+        return self._float64
 
     def with_data(self, data: np.ndarray) -> Series:
         return Series(data, self.lo, self.hi)

@@ -80,7 +80,7 @@ def compute(evaluator, e) -> Series:
         window = _window(e)
         values = kernel("rolling_rsquare")(x.float64(), x.lo, x.hi, window)
         if window != 0:
-            values[_flat(x, window)] = np.nan
+            values[_flat(evaluator, e.feature, window)] = np.nan
         return _out(x, values)
     if kind is ops.EMA:
         x = evaluator.series(e.feature)
@@ -110,14 +110,33 @@ def _pair(evaluator, e) -> Series:
     name = "rolling_corr" if type(e) is ops.Corr else "rolling_cov"
     values = kernel(name)(left.float64(), right.float64(), left.lo, left.hi, window)
     if type(e) is ops.Corr:
-        values[_flat(left, window) | _flat(right, window)] = np.nan
+        values[_flat(evaluator, e.feature_left, window) | _flat(evaluator, e.feature_right, window)] = np.nan
     return _out(left, values)
 
 
-def _flat(x: Series, window: int) -> np.ndarray:
-    """Where Qlib finds ``np.isclose(x.rolling(window, min_periods=1).std(), 0, atol=2e-05)``."""
-    std = kernel("rolling_std")(x.float64(), x.lo, x.hi, window)
-    return np.isclose(std, 0, atol=_CLOSE_TO_ZERO)
+def _std_key(feature, window: int) -> str:
+    """The memo key of ``x.rolling(window, min_periods=1).std()``: Qlib's own for ``Std(x, window)``."""
+    return f"Std({feature},{window})"
+
+
+def shared_keys(e) -> list[str]:
+    """Memo keys ``e`` reads besides its operands' (the rolling std behind the masks of Rsquare and Corr)."""
+    if type(e) is ops.Rsquare and isinstance(e.N, int) and e.N > 0:
+        return [_std_key(e.feature, e.N)]
+    if type(e) is ops.Corr and isinstance(e.N, int) and e.N > 0:
+        return [_std_key(e.feature_left, e.N), _std_key(e.feature_right, e.N)]
+    return []
+
+
+def _flat(evaluator, feature, window: int) -> np.ndarray:
+    """Where Qlib finds ``np.isclose(x.rolling(window, min_periods=1).std(), 0, atol=2e-05)``: that std is
+    ``Std(x, window)``'s value, computed once per block (kept under its key, as a field asking it finds it)."""
+    key = _std_key(feature, window)
+    std = evaluator.memo.get(key)
+    if std is None:
+        x = evaluator.series(feature)
+        std = evaluator.memo[key] = _out(x, kernel("rolling_std")(x.float64(), x.lo, x.hi, window))
+    return np.isclose(std.data, 0, atol=_CLOSE_TO_ZERO)
 
 
 def _out(x: Series, values: np.ndarray) -> Series:

@@ -141,20 +141,16 @@ def write_empty(cache_path: Path, instruments, fields: list, freq: str, last_upd
     cache_path.with_suffix(".data").rename(cache_path)
 
 
-def write_table(cache_path: Path, features: pd.DataFrame, instruments, freq: str, last_update: str,
+def write_table(cache_path: Path, frame: pd.DataFrame, instruments, freq: str, last_update: str,
                 inst_processors=()) -> None:
-    """Write a computed frame as Qlib's dataset cache, as ``gen_dataset_cache`` does (pandas' HDF5 table
-    under key ``df``, sorted by datetime, columns renamed without spaces and sorted; a ``.meta`` pickle; a
-    ``.index`` table of each day's ``[start, end)`` rows), in one pass: the day spans come from the sorted
-    index (no group-by) and no PyTables column index is built (readers select rows by position)."""
-    frame = features.swaplevel("instrument", "datetime").sort_index()
-    frame = frame.set_axis(remove_fields_space(frame.columns), axis=1)
-    frame = frame.loc[:, ~frame.columns.duplicated()]
-    frame = frame[sorted(frame.columns)]
+    """Write a frame in the cache's layout (:func:`dataset.cache_layout`) as Qlib's dataset cache, as
+    ``gen_dataset_cache`` does (pandas' HDF5 table under key ``df``; a ``.meta`` pickle; a ``.index`` table of
+    each day's ``[start, end)`` rows), in one pass: the day spans come from the sorted index (no group-by)
+    and no PyTables column index is built (readers select rows by position)."""
     readable = stat.S_IRWXU | stat.S_IRGRP | stat.S_IROTH
     data = cache_path.with_suffix(".data")
     with pd.HDFStore(data, mode="w") as store:
-        store.put(DatasetCache.HDF_KEY, frame, format="table", index=False)
+        store.put(DatasetCache.HDF_KEY, frame, format="table", index=False, track_times=False)
     meta = {"info": {"instruments": instruments, "fields": list(frame.columns), "freq": freq,
                      "last_update": last_update, "inst_processors": list(inst_processors)},
             "meta": {"last_visit": time.time(), "visits": 1}}
@@ -165,7 +161,7 @@ def write_table(cache_path: Path, features: pd.DataFrame, instruments, freq: str
     spans = pd.DataFrame({"start": end - counts.astype(np.int32), "end": end},
                          index=pd.DatetimeIndex(days, name="datetime"))
     with pd.HDFStore(cache_path.with_suffix(".index"), mode="w") as store:
-        store.put(DiskDatasetCache.IndexManager.KEY, spans, format="table", index=False)
+        store.put(DiskDatasetCache.IndexManager.KEY, spans, format="table", index=False, track_times=False)
     cache_path.with_suffix(".index").chmod(readable)
     data.rename(cache_path)
 
@@ -224,10 +220,11 @@ class ServerDatasetCache(DiskDatasetCache):
         H.clear()  # compute from the files just recorded, not from calendars and features held in memory
         storage.forget()
         calendar = Cal.calendar(freq=freq)
-        features = dataset.dataset(self.provider, instruments, fields, calendar[0], calendar[-1], freq, inst_processors)
+        features = dataset.dataset(self.provider, instruments, fields, calendar[0], calendar[-1], freq, inst_processors,
+                                   by_date=True)
         if features.empty:
             write_empty(cache_path, instruments, fields, freq, str(calendar[-1]))
         else:
             write_table(cache_path, features, instruments, freq, str(calendar[-1]), inst_processors)
         write_sources(cache_path, sources)
-        return features
+        return features.swaplevel("datetime", "instrument")  # as Qlib returns it (columns as the cache names them)

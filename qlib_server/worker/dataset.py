@@ -14,9 +14,12 @@ import numpy as np
 import pandas as pd
 
 
-def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=()) -> pd.DataFrame:
+def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=(),
+            by_date: bool = False) -> pd.DataFrame:
     """``provider.dataset(instruments, fields, start_time, end_time, freq, inst_processors)`` for Qlib's
-    ``LocalDatasetProvider`` ``provider``, built without a frame per instrument (with no ``inst_processors``)."""
+    ``LocalDatasetProvider`` ``provider``, built without a frame per instrument (with no ``inst_processors``).
+
+    ``by_date``: the same rows and values laid out as Qlib's dataset cache holds them (see :func:`by_date`)."""
     from qlib.data.data import Cal, ExpressionD, LocalExpressionProvider
     from qlib.utils import normalize_cache_fields, remove_fields_space
 
@@ -24,7 +27,8 @@ def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst
     from ..engine.values import Unsupported
 
     def by_qlib():
-        return provider.dataset(instruments, fields, start_time, end_time, freq, inst_processors=list(inst_processors))
+        frame = provider.dataset(instruments, fields, start_time, end_time, freq, inst_processors=list(inst_processors))
+        return cache_layout(frame) if by_date else frame
 
     window = Cal.calendar(start_time, end_time, freq)
     if inst_processors or type(getattr(ExpressionD, "_provider", None)) is not LocalExpressionProvider \
@@ -34,34 +38,60 @@ def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst
     column_names = provider.get_column_names(fields)
     names = normalize_cache_fields(column_names)
     spans_of = instruments_d if isinstance(instruments_d, dict) else dict.fromkeys(instruments_d)
+    codes = sorted(spans_of)
     times = pd.DatetimeIndex(Cal.calendar(freq=freq)).to_numpy()  # the unit pandas infers, as for Qlib's frames
-    codes: list[np.ndarray] = []
-    positions: list[np.ndarray] = []
-    columns: list[list[np.ndarray]] = [[] for _ in names]
+    dense = None  # (fields, instruments, days): every block's values, then the rows picked out of it
+    rows = np.zeros((len(codes), len(window)), dtype=bool)  # where a row exists: any field has an entry there
+    first = start = 0
     try:
-        for block in features.of_qlib(sorted(spans_of), names, window[0], window[-1], freq):
-            rows = np.logical_or.reduce(block.present)  # (instruments, days): where any field has an entry
+        for block in features.of_qlib(codes, names, window[0], window[-1], freq):
+            if dense is None:
+                start = block.start  # the window's first calendar position
+                dense = np.empty((len(names), len(codes), block.end - block.start + 1), dtype=np.float32)
+            n = len(block.instruments)
+            mine = rows[first:first + n]
+            np.logical_or.reduce(block.present, out=mine)
             days = times[block.start:block.end + 1]
             for i, inst in enumerate(block.instruments):
                 if spans_of[inst] is not None:
-                    rows[i] &= _within(days, spans_of[inst])
-            which, day = np.nonzero(rows)  # instrument by instrument, days in order
-            codes.append(np.array(block.instruments, dtype=object)[which])
-            positions.append(day + block.start)
-            for values, column in zip(block.values, columns):
-                column.append(values[rows])
+                    mine[i] &= _within(days, spans_of[inst])
+            for k, values in enumerate(block.values):
+                dense[k, first:first + n] = values
+            first += n
     except Unsupported:
         return by_qlib()
-    where = np.concatenate(positions) if positions else np.array([], dtype=np.int64)
-    if not len(where):
+    if dense is None or not rows.any():
         return by_qlib()  # Qlib's own empty frame (it evaluates the expressions again: they gave no rows)
-    index = pd.MultiIndex.from_arrays([np.concatenate(codes), pd.DatetimeIndex(times[where])],
+    if by_date:  # day by day, instruments in order within a day
+        day, which = np.nonzero(rows.T)
+        taken = which * rows.shape[1] + day  # the rows' positions in each field's (instruments, days) array
+        levels = [pd.DatetimeIndex(times[day + start]), np.array(codes, dtype=object)[which]]
+        index = pd.MultiIndex.from_arrays(levels, names=["datetime", "instrument"])
+        data = np.empty((len(names), len(day)), dtype=np.float32)
+        for k in range(len(names)):
+            np.take(dense[k].reshape(-1), taken, out=data[k])
+        return pd.DataFrame(data.T, index=index, columns=list(names), copy=False)
+    which, day = np.nonzero(rows)  # instrument by instrument, days in order
+    index = pd.MultiIndex.from_arrays([np.array(codes, dtype=object)[which], pd.DatetimeIndex(times[day + start])],
                                       names=["instrument", "datetime"])
-    column_of = {name: j for j, name in enumerate(names)}
-    data = np.empty((len(column_names), len(where)), dtype=np.float32)  # pandas keeps a frame's columns so
-    for j, column in enumerate(column_names):
-        data[j] = np.concatenate(columns[column_of[remove_fields_space(column)]])
+    column_of = {name: k for k, name in enumerate(names)}
+    data = np.empty((len(column_names), len(day)), dtype=np.float32)  # pandas keeps a frame's columns so
+    for j, name in enumerate(column_names):
+        data[j] = dense[column_of[remove_fields_space(name)]][rows]
     return pd.DataFrame(data.T, index=index, columns=[str(c) for c in column_names], copy=False)
+
+
+def cache_layout(frame: pd.DataFrame) -> pd.DataFrame:
+    """A frame of Qlib's ``dataset`` laid out as Qlib's ``gen_dataset_cache`` writes it: rows sorted by
+    ``(datetime, instrument)``, columns renamed without spaces, each once, sorted."""
+    from qlib.utils import remove_fields_space
+
+    if frame.empty:
+        return frame
+    frame = frame.swaplevel("instrument", "datetime").sort_index()
+    frame = frame.set_axis(remove_fields_space(frame.columns), axis=1)
+    frame = frame.loc[:, ~frame.columns.duplicated()]
+    return frame[sorted(frame.columns)]
 
 
 def _within(times: np.ndarray, spans) -> np.ndarray:

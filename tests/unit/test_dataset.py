@@ -60,6 +60,22 @@ def test_a_market_gives_qlibs_frame_for_any_window(provider, instruments, window
     assert_same_frame(*both(provider, instruments, FIELDS, *window))
 
 
+@pytest.mark.parametrize("instruments", MARKETS, ids=["all", "csi300", "csi100"])
+def test_the_cache_layout_is_qlibs_frame_as_qlibs_cache_writer_lays_it_out(provider, instruments):
+    from qlib.data.cache import H
+    from qlib.data.data import Cal
+
+    calendar = Cal.calendar(freq="day")
+    H.clear()
+    theirs = dataset.cache_layout(provider.dataset(instruments, FIELDS, calendar[0], calendar[-1], "day"))
+    H.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(provider, "dataset", lambda *a, **k: pytest.fail("the frame was left to Qlib"))
+        ours = dataset.dataset(provider, instruments, FIELDS, calendar[0], calendar[-1], "day", by_date=True)
+    assert_same_frame(ours, theirs)
+    assert list(ours.index.names) == ["datetime", "instrument"] and list(ours.columns) == sorted(set(ours.columns))
+
+
 def test_a_list_of_instruments_with_repeats_and_unknown_codes_gives_qlibs_frame(provider):
     from qlib.data.data import Cal
 
