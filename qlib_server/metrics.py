@@ -56,6 +56,9 @@ class ProcessorMetrics:
                                                            30, 60, 300, 600))
         self.tasks = Counter("qlib_server_processor_tasks", "Tasks ended, by outcome (ok, refused, failed, "
                              "timed_out, worker_died)", ["type", "outcome"], registry=r)
+        self.engine_fallbacks = Counter("qlib_server_processor_engine_fallbacks",
+                                        "Fields (per block of instruments) the compute engine left to Qlib",
+                                        registry=r)
         self.redeliveries = Counter("qlib_server_processor_redeliveries", "Tasks taken that had been delivered before",
                                     ["type"], registry=r)
         self.dead_letters = Counter("qlib_server_processor_dead_letters", "Dead-lettered tasks answered with an error",

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 #: fields computed by Qlib instead of the engine, by reason (this process, since it started)
 FALLBACKS: collections.Counter = collections.Counter()
+def fallbacks() -> int:
+    """How many (field, block) pairs this process has left to Qlib since it started."""
+    return sum(FALLBACKS.values())
+
+
 #: instruments per block: bounds a worker's memory whatever the market's size
 BLOCK = 128
 

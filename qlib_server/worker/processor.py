@@ -48,16 +48,20 @@ _seen_generation: list = [None]
 
 
 def compute_task(task: dict, expression_cache: bool) -> tuple:
-    """Compute one task in this process: ``(result, status, detailed_info)``."""
+    """Compute one task in this process: ``(result, status, detailed_info, fields_left_to_qlib)``, the last
+    the fields (by block of instruments) the engine left to Qlib in this task."""
+    from ..engine import features
+
     generation = task.get("generation")
     if generation != _seen_generation[0]:
         if _seen_generation[0] is not None:
             compute.forget_data()  # the data changed since the last task: no stale calendars
         _seen_generation[0] = generation
+    before = features.fallbacks()
     try:
-        return compute.run(task["type"], task["args"], expression_cache), 0, None
+        return compute.run(task["type"], task["args"], expression_cache), 0, None, features.fallbacks() - before
     except QlibServerError as exc:
-        return None, exc.status, str(exc)
+        return None, exc.status, str(exc), features.fallbacks() - before
 
 
 def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None, stopping=None,
@@ -77,7 +81,7 @@ def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None, s
     if busy_since is not None:
         busy_since.value = started
     try:
-        result, status, info = run(task, bool(cfg.expression_cache))
+        result, status, info, fallbacks = run(task, bool(cfg.expression_cache))
     finally:
         if busy_since is not None:
             busy_since.value = 0.0
@@ -89,7 +93,7 @@ def process_task(delivery, broker: Broker, cfg: ServerConfig, busy_since=None, s
         broker.cancel()  # before the ack, so the broker sends this worker no task it will not run
     delivery.ack()
     if report is not None:
-        report(("done", task["type"], status, seconds))
+        report(("done", task["type"], status, seconds, fallbacks))
 
 
 def work(cfg: ServerConfig, broker: Broker, busy_since, stopping, queue: str, run=compute_task, report=None) -> None:

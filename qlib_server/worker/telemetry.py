@@ -84,8 +84,8 @@ def describe(task: dict) -> str:
 class ProcessorStatus:
     """What the status page and ``processor_metrics_port`` show of one data processor: its metrics, and
     the task each worker computes. Workers report ``("start", type, key, what, started, deliveries)``
-    and ``("done", type, status, seconds)``: over a pipe each (:meth:`watch`, :meth:`collect`), or by
-    calling :meth:`on_report` (embedded mode)."""
+    and ``("done", type, status, seconds, fields_left_to_qlib)``: over a pipe each (:meth:`watch`,
+    :meth:`collect`), or by calling :meth:`on_report` (embedded mode)."""
 
     def __init__(self, cfg, lanes: list[str], count_errors: bool = True):
         self.cfg = cfg
@@ -112,8 +112,9 @@ class ProcessorStatus:
                 if current:
                     self.current[slot] = {"type": task_type, "key": key, "what": what, "since": started}
             elif event[0] == "done":
-                _, task_type, status, seconds = event
+                _, task_type, status, seconds, fallbacks = event
                 self.metrics.task_seconds.labels(task_type).observe(seconds)
+                self.metrics.engine_fallbacks.inc(fallbacks)
                 self.metrics.tasks.labels(task_type, OUTCOMES.get(status, "failed")).inc()
                 if current:
                     self.current[slot] = None

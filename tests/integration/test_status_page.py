@@ -17,7 +17,7 @@ import pytest
 import requests
 from clients import WireClient
 from conftest import ROOT, free_port, wait_until
-from faults import calendar_body, salt, slow_instrument_body
+from faults import calendar_body, feature_body, salt, slow_instrument_body
 
 from qlib_server.broker.base import dead_letter_queue, light_queue
 
@@ -134,6 +134,11 @@ def test_the_status_page_follows_clients_requests_a_slow_task_and_a_dead_letter_
         page.follows('qlib_server_request_seconds_count{type="calendar"}', 5, "5 calendar latencies")
         page.follows('qlib_server_processor_tasks_total{outcome="ok",type="calendar"}', 1, "1 calendar task computed")
         assert page.figure('sum(rate(qlib_server_requests_total[5s]))') > 0
+        # A field the compute engine leaves to Qlib (a shifted boolean) is counted on the page.
+        left_to_qlib = feature_body([f"Ref($close > $open, 1) + {salt()}", "$close"])
+        assert clients[1].request("feature", left_to_qlib, timeout=120)["status"] == 0
+        delays["fields left to Qlib"] = page.follows("sum(qlib_server_processor_engine_fallbacks_total)",
+                                                     lambda n: n >= 1, "a field the engine left to Qlib")
 
         poisoned = clients[0]
         sent = time.monotonic()

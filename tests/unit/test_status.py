@@ -89,7 +89,7 @@ def test_worker_reports_over_a_pipe_become_the_task_in_hand_its_outcome_and_rede
         assert snapshot["workers"][0]["task"]["what"] == describe(TASK) and snapshot["workers"][1]["task"] is None
         assert snapshot["samples"]['qlib_server_processor_busy_workers{lane="main"}'] == 1
         assert snapshot["samples"]['qlib_server_processor_redeliveries_total{type="feature"}'] == 1
-        writer.send(("done", "feature", 2, 0.25))
+        writer.send(("done", "feature", 2, 0.25, 3))
         writer.close()  # the worker is gone: the collector closes its end
         while not reader.closed and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -98,6 +98,7 @@ def test_worker_reports_over_a_pipe_become_the_task_in_hand_its_outcome_and_rede
         collector.join(5)
     named = status.snapshot([(11, 0.0), (12, 0.0)])["samples"]
     assert named['qlib_server_processor_tasks_total{outcome="failed",type="feature"}'] == 1
+    assert named["qlib_server_processor_engine_fallbacks_total"] == 3
     assert named['qlib_server_processor_busy_workers{lane="main"}'] == 0 and status.current == [None, None]
 
 
