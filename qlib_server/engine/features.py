@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,9 @@ def fallbacks() -> int:
 
 #: instruments per block: bounds a worker's memory whatever the market's size
 BLOCK = 128
+#: threads computing blocks at once: the cores this process may run on (at most 4)
+THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+_QLIB = threading.Lock()
 
 
 @dataclass
@@ -52,8 +58,10 @@ class Block:
 
 
 def blocks(instruments: list, names: list, start: int, end: int, freq: str, *, expression_of: Callable,
-           extent_of: Callable, read: Callable, by_qlib: Callable, size: int = BLOCK) -> Iterator[Block]:
-    """The fields ``names`` (Qlib field strings) of ``instruments``, by blocks of ``size``.
+           extent_of: Callable, read: Callable, by_qlib: Callable, size: int = BLOCK,
+           threads: int = THREADS) -> Iterator[Block]:
+    """The fields ``names`` (Qlib field strings) of ``instruments``, by blocks of at most ``size``, computed
+    by ``threads`` threads (the kernels and NumPy release the GIL), yielded in order.
 
     ``expression_of(name)`` is Qlib's expression object; ``extent_of(expression)`` its query range for
     ``[start, end]``; ``read(instrument, field)`` a raw feature file (or None); ``by_qlib(instrument, name)``
@@ -67,8 +75,9 @@ def blocks(instruments: list, names: list, start: int, end: int, freq: str, *, e
             log.info("field %s computed by Qlib: %s", name, reason)
             extents.append(None)
     uses = [_subexpressions(e) for e in expressions]
-    for first in range(0, len(instruments), size):
-        chunk = instruments[first:first + size]
+    later = [set().union(*uses[c + 1:]) for c in range(len(uses))]  # what the fields after each one read
+
+    def block(chunk: list) -> Block:
         cached_read = _memo(read)
         evaluators: dict = {}
         values, present = [], []
@@ -82,16 +91,30 @@ def blocks(instruments: list, names: list, start: int, end: int, freq: str, *, e
                 series = evaluator.series(expression)
                 array, where = _cut(series, extent[0], start, end)
             except Unsupported as reason:
-                FALLBACKS[str(reason)] += 1
-                log.info("field %s computed by Qlib for %d instruments: %s", name, len(chunk), reason)
-                array, where = _by_qlib(chunk, name, start, end, by_qlib)
+                with _QLIB:  # Qlib's caches are not made for threads
+                    FALLBACKS[str(reason)] += 1
+                    log.info("field %s computed by Qlib for %d instruments: %s", name, len(chunk), reason)
+                    array, where = _by_qlib(chunk, name, start, end, by_qlib)
             values.append(array)
             present.append(where)
-            later = set().union(*uses[c + 1:]) if c + 1 < len(uses) else set()
             for evaluator in evaluators.values():  # keep only what a later field of this block reuses
-                for key in [k for k in evaluator.memo if k not in later]:
+                for key in [k for k in evaluator.memo if k not in later[c]]:
                     del evaluator.memo[key]
-        yield Block(chunk, start, end, values, present)
+        return Block(chunk, start, end, values, present)
+
+    size = max(1, min(size, -(-len(instruments) // threads)))  # every thread gets a block, none over ``size``
+    chunks = [instruments[first:first + size] for first in range(0, len(instruments), size)]
+    if threads <= 1 or len(chunks) <= 1:
+        yield from map(block, chunks)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="qlib-server-engine") as pool:
+        ahead = collections.deque(pool.submit(block, chunk) for chunk in chunks[:threads])
+        for chunk in chunks[threads:]:
+            done = ahead.popleft().result()
+            ahead.append(pool.submit(block, chunk))  # at most ``threads`` blocks computed ahead of the reader
+            yield done
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def _memo(read: Callable) -> Callable:
