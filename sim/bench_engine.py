@@ -75,11 +75,11 @@ from qlib_server.engine import features, kernels
 cal = Cal.calendar(freq="day")
 dataset.dataset(DatasetD._provider, ["SH600000"], FIELDS[:3], cal[0], cal[-1], "day")  # kernels loaded
 t = time.perf_counter()
-df = dataset.dataset(DatasetD._provider, {{"market": "csi300", "filter_pipe": []}}, FIELDS, cal[0], cal[-1], "day",
-                     by_date=True)
+computed = dataset.compute(DatasetD._provider, {{"market": "csi300", "filter_pipe": []}}, FIELDS, cal[0], cal[-1],
+                           "day")
 engine = time.perf_counter() - t
 t = time.perf_counter()
-datacache.write_table(Path(tempfile.mkdtemp()) / "c", df, {{"market": "csi300"}}, "day", str(cal[-1]))
+datacache.write_table(Path(tempfile.mkdtemp()) / "c", computed.by_date(), {{"market": "csi300"}}, "day", str(cal[-1]))
 write = time.perf_counter() - t
 print(json.dumps({{"engine_s": engine, "write_s": write, "fallbacks": sum(features.FALLBACKS.values())}}))
 """

@@ -36,8 +36,10 @@ def fallbacks() -> int:
     return sum(FALLBACKS.values())
 
 
-#: instruments per block: bounds a worker's memory whatever the market's size
+#: instruments per block at most; and the values of one block's fields at most about :data:`BLOCK_BYTES`,
+#: so that a worker's memory stays bounded whatever the market's size and history
 BLOCK = 128
+BLOCK_BYTES = 64 << 20
 #: threads computing blocks at once: the cores this process may run on (at most 4)
 THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 _QLIB = threading.Lock()
@@ -102,7 +104,8 @@ def blocks(instruments: list, names: list, start: int, end: int, freq: str, *, e
                     del evaluator.memo[key]
         return Block(chunk, start, end, values, present)
 
-    size = max(1, min(size, -(-len(instruments) // threads)))  # every thread gets a block, none over ``size``
+    by_bytes = BLOCK_BYTES // max(1, 4 * len(names) * (end - start + 1))
+    size = max(1, min(size, by_bytes, -(-len(instruments) // threads)))  # every thread gets a block
     chunks = [instruments[first:first + size] for first in range(0, len(instruments), size)]
     if threads <= 1 or len(chunks) <= 1:
         yield from map(block, chunks)

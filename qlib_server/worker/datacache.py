@@ -141,29 +141,44 @@ def write_empty(cache_path: Path, instruments, fields: list, freq: str, last_upd
     cache_path.with_suffix(".data").rename(cache_path)
 
 
-def write_table(cache_path: Path, frame: pd.DataFrame, instruments, freq: str, last_update: str,
-                inst_processors=()) -> None:
-    """Write a frame in the cache's layout (:func:`dataset.cache_layout`) as Qlib's dataset cache, as
-    ``gen_dataset_cache`` does (pandas' HDF5 table under key ``df``; a ``.meta`` pickle; a ``.index`` table of
-    each day's ``[start, end)`` rows), in one pass: the day spans come from the sorted index (no group-by)
-    and no PyTables column index is built (readers select rows by position)."""
+def write_table(cache_path: Path, pieces: Iterable[pd.DataFrame], instruments, freq: str, last_update: str,
+                inst_processors=()) -> bool:
+    """Write a feature set given in the cache's layout (:func:`dataset.cache_layout`), in pieces of consecutive
+    days, as Qlib's dataset cache, as ``gen_dataset_cache`` does (pandas' HDF5 table under key ``df``; a
+    ``.meta`` pickle; a ``.index`` table of each day's ``[start, end)`` rows), in one pass: the day spans come
+    from the sorted index (no group-by) and no PyTables column index is built (readers select rows by
+    position). Returns False, writing nothing, when there are no pieces (no rows)."""
     readable = stat.S_IRWXU | stat.S_IRGRP | stat.S_IROTH
     data = cache_path.with_suffix(".data")
+    days, counts, columns = [], [], None
     with pd.HDFStore(data, mode="w") as store:
-        store.put(DatasetCache.HDF_KEY, frame, format="table", index=False, track_times=False)
-    meta = {"info": {"instruments": instruments, "fields": list(frame.columns), "freq": freq,
+        for piece in pieces:
+            if columns is None:
+                columns = list(piece.columns)
+                # the codes of every piece must fit the string column the first one makes
+                width = {"instrument": piece.attrs.get(dataset.CODE_WIDTH) or
+                         max(len(str(c)) for c in piece.index.get_level_values("instrument"))}
+            store.append(DatasetCache.HDF_KEY, piece, format="table", index=False, min_itemsize=width)
+            day, count = np.unique(piece.index.get_level_values("datetime").values, return_counts=True)
+            days.append(day)
+            counts.append(count)
+    if columns is None:
+        data.unlink()
+        return False
+    meta = {"info": {"instruments": instruments, "fields": columns, "freq": freq,
                      "last_update": last_update, "inst_processors": list(inst_processors)},
             "meta": {"last_visit": time.time(), "visits": 1}}
     cache_path.with_suffix(".meta").write_bytes(pickle.dumps(meta, protocol=C.dump_protocol_version))
     cache_path.with_suffix(".meta").chmod(readable)
-    days, counts = np.unique(frame.index.get_level_values("datetime").values, return_counts=True)
-    end = np.cumsum(counts).astype(np.int32)
-    spans = pd.DataFrame({"start": end - counts.astype(np.int32), "end": end},
-                         index=pd.DatetimeIndex(days, name="datetime"))
+    count = np.concatenate(counts)
+    end = np.cumsum(count).astype(np.int32)
+    spans = pd.DataFrame({"start": end - count.astype(np.int32), "end": end},
+                         index=pd.DatetimeIndex(np.concatenate(days), name="datetime"))
     with pd.HDFStore(cache_path.with_suffix(".index"), mode="w") as store:
         store.put(DiskDatasetCache.IndexManager.KEY, spans, format="table", index=False, track_times=False)
     cache_path.with_suffix(".index").chmod(readable)
     data.rename(cache_path)
+    return True
 
 
 def drop_stale(directory: Path, redis_client) -> dict:
@@ -210,7 +225,8 @@ class ServerDatasetCache(DiskDatasetCache):
 
     def gen_dataset_cache(self, cache_path, instruments, fields, freq, inst_processors=None):
         """Qlib's generation, with the sources recorded before computing and written last, the cache
-        written in one pass (:func:`write_table`), and an empty result written as a cache of no rows."""
+        written in one pass (:func:`write_table`), and an empty result written as a cache of no rows. Unlike
+        Qlib's it returns no frame: the server only asks for a cache's uri (``_dataset_uri``)."""
         inst_processors = [] if inst_processors is None else inst_processors  # Qlib's default, not shared
         from qlib.data.data import Cal
 
@@ -220,11 +236,8 @@ class ServerDatasetCache(DiskDatasetCache):
         H.clear()  # compute from the files just recorded, not from calendars and features held in memory
         storage.forget()
         calendar = Cal.calendar(freq=freq)
-        features = dataset.dataset(self.provider, instruments, fields, calendar[0], calendar[-1], freq, inst_processors,
-                                   by_date=True)
-        if features.empty:
+        pieces = dataset.cache_pieces(self.provider, instruments, fields, calendar[0], calendar[-1], freq,
+                                      inst_processors, scratch=cache_path.parent)
+        if not write_table(cache_path, pieces, instruments, freq, str(calendar[-1]), inst_processors):
             write_empty(cache_path, instruments, fields, freq, str(calendar[-1]))
-        else:
-            write_table(cache_path, features, instruments, freq, str(calendar[-1]), inst_processors)
         write_sources(cache_path, sources)
-        return features.swaplevel("datetime", "instrument")  # as Qlib returns it (columns as the cache names them)

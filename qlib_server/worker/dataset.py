@@ -10,44 +10,101 @@ and the frame is built once. What this module does not build itself (an expressi
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
 import numpy as np
 import pandas as pd
 
+#: a feature set larger than this is held in a scratch file (mapped) while it is computed, not in memory
+IN_MEMORY_BYTES = 512 << 20
+#: rows of one piece of the cache written at a time (about this many bytes of values)
+CHUNK_BYTES = 128 << 20
+#: the ``attrs`` key of a piece holding the length of the longest instrument code of all the pieces
+CODE_WIDTH = "instrument_width"
 
-def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=(),
-            by_date: bool = False) -> pd.DataFrame:
-    """``provider.dataset(instruments, fields, start_time, end_time, freq, inst_processors)`` for Qlib's
-    ``LocalDatasetProvider`` ``provider``, built without a frame per instrument (with no ``inst_processors``).
 
-    ``by_date``: the same rows and values laid out as Qlib's dataset cache holds them (see :func:`by_date`)."""
+@dataclass
+class Computed:
+    """A feature set computed by the engine: ``dense[k, i, d]`` is field ``names[k]`` of ``codes[i]`` on
+    calendar position ``start + d``; ``rows[i, d]`` says whether that row exists in Qlib's frame."""
+
+    codes: list
+    names: list
+    times: np.ndarray  # the whole calendar, as Qlib's frames hold it
+    start: int
+    rows: np.ndarray
+    dense: np.ndarray
+
+    def by_instrument(self, column_names: list) -> pd.DataFrame:
+        """Qlib's ``dataset`` frame: rows by instrument then day, the requested columns in their order."""
+        from qlib.utils import remove_fields_space
+
+        which, day = np.nonzero(self.rows)
+        index = pd.MultiIndex.from_arrays(
+            [np.array(self.codes, dtype=object)[which], pd.DatetimeIndex(self.times[day + self.start])],
+            names=["instrument", "datetime"])
+        column_of = {name: k for k, name in enumerate(self.names)}
+        data = np.empty((len(column_names), len(day)), dtype=np.float32)  # pandas keeps a frame's columns so
+        for j, name in enumerate(column_names):
+            data[j] = self.dense[column_of[remove_fields_space(name)]][self.rows]
+        return pd.DataFrame(data.T, index=index, columns=[str(c) for c in column_names], copy=False)
+
+    def by_date(self) -> Iterator[pd.DataFrame]:
+        """The frame in the dataset cache's layout (:func:`cache_layout`), in pieces of consecutive days of
+        about :data:`CHUNK_BYTES` each."""
+        per_day = self.rows.sum(axis=0)
+        target = max(1, CHUNK_BYTES // (4 * max(1, len(self.names))))
+        first = 0
+        while first < len(per_day):
+            last = first + max(1, int(np.searchsorted(np.cumsum(per_day[first:]), target, side="right")))
+            rows = self.rows[:, first:last].T  # (days, instruments)
+            day, which = np.nonzero(rows)
+            if len(day):
+                width = last - first
+                taken = which * width + day  # positions in each field's (instruments, days) piece
+                index = pd.MultiIndex.from_arrays(
+                    [pd.DatetimeIndex(self.times[day + first + self.start]), np.array(self.codes, dtype=object)[which]],
+                    names=["datetime", "instrument"])
+                data = np.empty((len(self.names), len(day)), dtype=np.float32)
+                for k in range(len(self.names)):
+                    np.take(np.ascontiguousarray(self.dense[k, :, first:last]).reshape(-1), taken, out=data[k])
+                piece = pd.DataFrame(data.T, index=index, columns=list(self.names), copy=False)
+                piece.attrs[CODE_WIDTH] = max(len(code) for code in self.codes)
+                yield piece
+            first = last
+
+
+def compute(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=(),
+            scratch: Optional[Path] = None) -> Optional[Computed]:
+    """The feature set computed by the engine, or None where Qlib must compute it (``inst_processors``, an
+    expression cache, a provider that does not align to the calendar, a field Qlib left in another dtype, no
+    rows at all). A set over :data:`IN_MEMORY_BYTES` is held in a file under ``scratch`` (deleted at once,
+    mapped while it lives), so a worker's memory stays bounded whatever the market's size."""
     from qlib.data.data import Cal, ExpressionD, LocalExpressionProvider
-    from qlib.utils import normalize_cache_fields, remove_fields_space
+    from qlib.utils import normalize_cache_fields
 
     from ..engine import features
     from ..engine.values import Unsupported
 
-    def by_qlib():
-        frame = provider.dataset(instruments, fields, start_time, end_time, freq, inst_processors=list(inst_processors))
-        return cache_layout(frame) if by_date else frame
-
     window = Cal.calendar(start_time, end_time, freq)
     if inst_processors or type(getattr(ExpressionD, "_provider", None)) is not LocalExpressionProvider \
             or not provider.align_time or len(window) == 0:
-        return by_qlib()
+        return None
     instruments_d = provider.get_instruments_d(instruments, freq)
-    column_names = provider.get_column_names(fields)
-    names = normalize_cache_fields(column_names)
+    names = normalize_cache_fields(provider.get_column_names(fields))
     spans_of = instruments_d if isinstance(instruments_d, dict) else dict.fromkeys(instruments_d)
     codes = sorted(spans_of)
     times = pd.DatetimeIndex(Cal.calendar(freq=freq)).to_numpy()  # the unit pandas infers, as for Qlib's frames
-    dense = None  # (fields, instruments, days): every block's values, then the rows picked out of it
     rows = np.zeros((len(codes), len(window)), dtype=bool)  # where a row exists: any field has an entry there
+    dense = _dense((len(names), len(codes), len(window)), scratch)
     first = start = 0
     try:
         for block in features.of_qlib(codes, names, window[0], window[-1], freq):
-            if dense is None:
-                start = block.start  # the window's first calendar position
-                dense = np.empty((len(names), len(codes), block.end - block.start + 1), dtype=np.float32)
+            start = block.start  # the window's first calendar position
             n = len(block.instruments)
             mine = rows[first:first + n]
             np.logical_or.reduce(block.present, out=mine)
@@ -59,26 +116,42 @@ def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst
                 dense[k, first:first + n] = values
             first += n
     except Unsupported:
-        return by_qlib()
-    if dense is None or not rows.any():
-        return by_qlib()  # Qlib's own empty frame (it evaluates the expressions again: they gave no rows)
-    if by_date:  # day by day, instruments in order within a day
-        day, which = np.nonzero(rows.T)
-        taken = which * rows.shape[1] + day  # the rows' positions in each field's (instruments, days) array
-        levels = [pd.DatetimeIndex(times[day + start]), np.array(codes, dtype=object)[which]]
-        index = pd.MultiIndex.from_arrays(levels, names=["datetime", "instrument"])
-        data = np.empty((len(names), len(day)), dtype=np.float32)
-        for k in range(len(names)):
-            np.take(dense[k].reshape(-1), taken, out=data[k])
-        return pd.DataFrame(data.T, index=index, columns=list(names), copy=False)
-    which, day = np.nonzero(rows)  # instrument by instrument, days in order
-    index = pd.MultiIndex.from_arrays([np.array(codes, dtype=object)[which], pd.DatetimeIndex(times[day + start])],
-                                      names=["instrument", "datetime"])
-    column_of = {name: k for k, name in enumerate(names)}
-    data = np.empty((len(column_names), len(day)), dtype=np.float32)  # pandas keeps a frame's columns so
-    for j, name in enumerate(column_names):
-        data[j] = dense[column_of[remove_fields_space(name)]][rows]
-    return pd.DataFrame(data.T, index=index, columns=[str(c) for c in column_names], copy=False)
+        return None
+    if not rows.any():
+        return None  # Qlib's own empty frame (it evaluates the expressions again: they gave no rows)
+    return Computed(codes, list(names), times, start, rows, dense)
+
+
+def _dense(shape: tuple, scratch: Optional[Path]) -> np.ndarray:
+    """An uninitialised float32 array of ``shape``: in memory, or (large, with ``scratch``) mapped from a
+    file that is unlinked at once (the mapping keeps it until the array goes; a crash leaves nothing)."""
+    if scratch is None or 4 * int(np.prod(shape)) <= IN_MEMORY_BYTES:
+        return np.empty(shape, dtype=np.float32)
+    with tempfile.NamedTemporaryFile(dir=scratch, prefix=".engine-", delete=True) as backing:
+        return np.memmap(backing, dtype=np.float32, mode="w+", shape=shape)
+
+
+def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=()) -> pd.DataFrame:
+    """``provider.dataset(instruments, fields, start_time, end_time, freq, inst_processors)`` for Qlib's
+    ``LocalDatasetProvider`` ``provider``, built without a frame per instrument (with no ``inst_processors``)."""
+    computed = compute(provider, instruments, fields, start_time, end_time, freq, inst_processors)
+    if computed is None:
+        return provider.dataset(instruments, fields, start_time, end_time, freq, inst_processors=list(inst_processors))
+    return computed.by_instrument(provider.get_column_names(fields))
+
+
+def cache_pieces(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=(),
+                 scratch: Optional[Path] = None) -> Iterator[pd.DataFrame]:
+    """The feature set in the dataset cache's layout (:func:`cache_layout`), in pieces of consecutive days
+    (one piece, Qlib's, where Qlib computes it; none when it has no rows)."""
+    computed = compute(provider, instruments, fields, start_time, end_time, freq, inst_processors, scratch)
+    if computed is not None:
+        yield from computed.by_date()
+        return
+    frame = cache_layout(provider.dataset(instruments, fields, start_time, end_time, freq,
+                                          inst_processors=list(inst_processors)))
+    if not frame.empty:
+        yield frame
 
 
 def cache_layout(frame: pd.DataFrame) -> pd.DataFrame:

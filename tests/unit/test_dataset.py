@@ -3,6 +3,7 @@ same values, index (levels and their dtypes), columns and dtypes, for markets wi
 lists, any fields and windows, fields that start on different days, and no rows at all."""
 
 import numpy as np
+import pandas as pd
 import pandas.testing as pdt
 import pytest
 import qlib
@@ -71,9 +72,43 @@ def test_the_cache_layout_is_qlibs_frame_as_qlibs_cache_writer_lays_it_out(provi
     H.clear()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(provider, "dataset", lambda *a, **k: pytest.fail("the frame was left to Qlib"))
-        ours = dataset.dataset(provider, instruments, FIELDS, calendar[0], calendar[-1], "day", by_date=True)
+        pieces = list(dataset.cache_pieces(provider, instruments, FIELDS, calendar[0], calendar[-1], "day"))
+    ours = pd.concat(pieces)
     assert_same_frame(ours, theirs)
     assert list(ours.index.names) == ["datetime", "instrument"] and list(ours.columns) == sorted(set(ours.columns))
+
+
+def test_the_cache_layout_comes_in_pieces_of_consecutive_days_that_make_qlibs_frame(provider, monkeypatch):
+    from qlib.data.cache import H
+    from qlib.data.data import Cal
+
+    calendar = Cal.calendar(freq="day")
+    market = {"market": "all", "filter_pipe": []}
+    H.clear()
+    theirs = dataset.cache_layout(provider.dataset(market, FIELDS, calendar[0], calendar[-1], "day"))
+    H.clear()
+    monkeypatch.setattr(dataset, "CHUNK_BYTES", 4 * len(set(FIELDS)) * 100)  # about 100 rows a piece
+    pieces = list(dataset.cache_pieces(provider, market, FIELDS, calendar[0], calendar[-1], "day"))
+    assert len(pieces) > 10
+    days = [piece.index.get_level_values("datetime") for piece in pieces]
+    assert all(a.max() < b.min() for a, b in zip(days, days[1:]))  # a day is never split between pieces
+    assert_same_frame(pd.concat(pieces), theirs)
+
+
+def test_a_set_larger_than_memory_allows_is_computed_in_a_scratch_file_that_leaves_nothing(provider, monkeypatch,
+                                                                                            tmp_path):
+    from qlib.data.cache import H
+    from qlib.data.data import Cal
+
+    calendar = Cal.calendar(freq="day")
+    market = {"market": "all", "filter_pipe": []}
+    H.clear()
+    theirs = dataset.cache_layout(provider.dataset(market, FIELDS, calendar[0], calendar[-1], "day"))
+    H.clear()
+    monkeypatch.setattr(dataset, "IN_MEMORY_BYTES", 1)
+    computed = dataset.compute(provider, market, FIELDS, calendar[0], calendar[-1], "day", scratch=tmp_path)
+    assert isinstance(computed.dense, np.memmap) and list(tmp_path.iterdir()) == []
+    assert_same_frame(pd.concat(computed.by_date()), theirs)
 
 
 def test_a_list_of_instruments_with_repeats_and_unknown_codes_gives_qlibs_frame(provider):

@@ -56,7 +56,7 @@ def computed_frame() -> pd.DataFrame:
 
 def test_the_one_pass_writer_keeps_qlibs_layout_and_reads_back_with_qlibs_reader(tmp_path):
     features, path = computed_frame(), tmp_path / "abc"
-    write_table(path, cache_layout(features), {"market": "all", "filter_pipe": []}, "day", "2020-02-11")
+    write_table(path, [cache_layout(features)], {"market": "all", "filter_pipe": []}, "day", "2020-02-11")
     with pd.HDFStore(path, mode="r") as store:
         assert store.keys() == ["/df"] and store.get_storer("df").is_table
     expected_spans = DiskDatasetCache.IndexManager.build_index_from_data(
