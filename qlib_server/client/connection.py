@@ -134,6 +134,7 @@ class ServerConnection:
                         raise AdmissionRefused(f"{self.url} refused this client ({self._connect_error}): it "
                                                "admits clients by allowed_networks or auth_token") from None
                     reason = self._connect_error or exc
+            log.info("cannot connect to %s (%s); trying again", self.url, reason)
             pause = backoff(deadline, pause, f"cannot reach qlib-server at {self.address} within the request's "
                                              f"timeout: {reason}")
 
