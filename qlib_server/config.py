@@ -66,7 +66,8 @@ class ServerConfig(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="a larger request body is answered with status 1")
     max_message_bytes: int = Field(16 << 20, ge=1 << 16,
                                    description="transport limit: a larger message closes the connection")
-    max_fields: int = Field(256, ge=1)
+    max_fields: int = Field(1024, ge=1, description="fields of one feature request (Alpha158 and Alpha360 "
+                            "with labels ask 520)")
     max_instruments: int = Field(20000, ge=1)
     max_expression_length: int = Field(2000, ge=16)
     max_expression_depth: int = Field(32, ge=2)

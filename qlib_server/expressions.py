@@ -146,7 +146,8 @@ class _Parser:
     def nest(self, depth: int, token: str, pos: int) -> None:
         """Refuse nesting beyond the limit before descending."""
         if depth + 1 > self.max_depth:
-            raise _refuse(f"{_show(token)} nests deeper than {self.max_depth} levels", pos)
+            raise _refuse(f"{_show(token)} nests deeper than {self.max_depth} levels (the server's "
+                          "max_expression_depth)", pos)
 
     def call(self, name: str, depth: int, pos: int) -> None:
         """Check `Name(arg, ...)`: positional arguments only, none empty, strings only where Qlib takes them."""
@@ -177,7 +178,7 @@ def check_expression(text: str, *, operators: frozenset[str], max_length: int = 
     if not isinstance(text, str):
         raise _refuse(f"expected a string, got {type(text).__name__}")
     if len(text) > max_length:
-        raise _refuse(f"longer than {max_length} characters (got {len(text)})")
+        raise _refuse(f"longer than {max_length} characters (got {len(text)}; the server's max_expression_length)")
     if not text.strip(" \t"):
         raise _refuse("empty expression")
     parser = _Parser(text, operators, max_depth)

@@ -82,7 +82,8 @@ def _check_opcodes(data: bytes) -> None:
 def safe_unpickle(data: bytes, max_bytes: int) -> Any:
     """Unpickle ``data`` allowing only the types a request can hold; refuse anything else."""
     if len(data) > max_bytes:
-        raise RequestError(f"request body is {len(data)} bytes, over the limit of {max_bytes} (max_body_bytes)")
+        raise RequestError(f"request body is {len(data)} bytes, over the limit of {max_bytes} "
+                           "(the server's max_body_bytes)")
     _check_opcodes(data)
     try:
         return _AllowListUnpickler(io.BytesIO(data)).load()
@@ -97,7 +98,7 @@ class Limits:
     """Bounds a request must stay within."""
 
     max_body_bytes: int = 1 << 20
-    max_fields: int = 256
+    max_fields: int = 1024
     max_instruments: int = 20000
     max_expression_length: int = 2000
     max_expression_depth: int = 32
@@ -223,7 +224,7 @@ class RequestParser:
         if isinstance(body, str):
             if len(body) > limit:
                 raise RequestError(f"request body is {len(body)} characters, "
-                                   f"over the limit of {limit} (max_body_bytes)")
+                                   f"over the limit of {limit} (the server's max_body_bytes)")
             try:
                 return json.loads(body)
             except (ValueError, RecursionError) as exc:
@@ -296,16 +297,22 @@ class RequestParser:
             instruments = self._market(instruments)
         elif isinstance(instruments, (list, tuple, set, frozenset, str)):
             codes = [instruments] if isinstance(instruments, str) else list(instruments)
-            if not codes or len(codes) > self.limits.max_instruments:
-                raise RequestError(f"instruments must list 1 to {self.limits.max_instruments} codes")
+            if not codes:
+                raise RequestError("instruments must list at least one code")
+            if len(codes) > self.limits.max_instruments:
+                raise RequestError(f"instruments must list 1 to {self.limits.max_instruments} codes, got {len(codes)} "
+                                   "(the server's max_instruments)")
             instruments = sorted({_name(c, "instrument") for c in codes})
         else:
             raise RequestError("instruments must be a market config or a list of instrument codes")
         fields = body.get("fields")
         if isinstance(fields, str):
             fields = [fields]
-        if not isinstance(fields, (list, tuple)) or not fields or len(fields) > self.limits.max_fields:
+        if not isinstance(fields, (list, tuple)) or not fields:
             raise RequestError(f"fields must be a list of 1 to {self.limits.max_fields} expressions")
+        if len(fields) > self.limits.max_fields:
+            raise RequestError(f"fields must be a list of 1 to {self.limits.max_fields} expressions, got {len(fields)} "
+                               "(the server's max_fields)")
         for field in fields:
             if not isinstance(field, str):
                 raise RequestError(f"a field must be an expression string, not {type(field).__name__}")
@@ -342,6 +349,16 @@ def request_key(request_type: str, args: dict) -> str:
 def response(result: Any = None, status: int = 0, detailed_info: str | None = None) -> dict:
     """The envelope every ``<type>_response`` event carries."""
     return {"result": result, "status": status, "detailed_info": detailed_info}
+
+
+SHUTTING_DOWN = "the server is shutting down; retry on another server or in a moment"
+
+
+def retry_later(status: int, info: str = SHUTTING_DOWN) -> dict:
+    """The envelope of an answer that asks for the request again later (a draining server): it carries
+    ``"retry": true``, which ``qlib_server.client`` acts on; the stock pyqlib client reads only ``status``
+    and ``detailed_info``, and raises."""
+    return {**response(None, status, info), "retry": True}
 
 
 def request_id(payload: Any) -> str | None:

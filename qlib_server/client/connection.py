@@ -1,11 +1,14 @@
 """One persistent connection per process to a Qlib-Server, shared by the providers and their threads.
 
 Requests go over one Socket.IO connection (websocket transport); each carries an id in its head that
-its answer echoes, so concurrent requests are matched to their answers. A request waits at most its
-timeout; one whose connection dropped is sent again once the connection is back (every request is
-idempotent), reconnecting with exponential backoff. Feature rows come over HTTP from the same port
-(``POST /features``, an Arrow stream). Errors are those pyqlib's own client raises: a server error is
-``ValueError("Bad response(status==N), detailed info: ...")``.
+its answer echoes, so concurrent requests are matched to their answers. Every request is idempotent, so
+a server that cannot be reached (stopped, restarting) or that answers that it is shutting down (its
+answer carries ``"retry": true``) is asked again with exponential backoff until the request's timeout,
+which then raises :class:`RequestTimeout` naming the address; a request whose connection dropped is
+sent again up to ``retries`` times. Only the server's refusal of this client (``allowed_networks``,
+``auth_token``) raises :class:`AdmissionRefused`, at once. Feature rows come over HTTP from the same
+port (``POST /features``, an Arrow stream). Errors are those pyqlib's own client raises: a server error
+is ``ValueError("Bad response(status==N), detailed info: ...")``.
 """
 
 from __future__ import annotations
@@ -26,18 +29,31 @@ import requests
 import socketio
 import urllib3
 
-from .frames import read_frame
+from .frames import datetime_unit, read_frame
 
 log = logging.getLogger(__name__)
 REQUEST_TYPES = ("calendar", "instrument", "feature")
+FIRST_PAUSE, LONGEST_PAUSE = 0.2, 2.0  # seconds between tries of an unreachable or draining server (doubling)
 
 
 class RequestTimeout(TimeoutError):
-    """No answer came within the request's timeout."""
+    """No answer came within the request's timeout (the server computed too long, could not be reached,
+    or was shutting down all along); the message names the server's address."""
 
 
 class AdmissionRefused(ConnectionError):
     """The server refused this client (``allowed_networks`` / ``auth_token``)."""
+
+
+def backoff(deadline: float, pause: float, why: str) -> float:
+    """Wait about ``pause`` seconds (jittered, never past ``deadline``) and return the next pause; raise
+    :class:`RequestTimeout` saying ``why`` once the deadline has passed."""
+    left = deadline - time.monotonic()
+    if left > 0:
+        time.sleep(min(left, pause * random.uniform(0.5, 1.0)))
+    if time.monotonic() >= deadline:
+        raise RequestTimeout(why)
+    return min(pause * 2, LONGEST_PAUSE)
 
 
 def bad_response(status: Any, info: Any) -> ValueError:
@@ -57,17 +73,19 @@ class ServerConnection:
 
     def __init__(self, host: str, port: int, timeout: float = 100.0, auth_token: Optional[str] = None,
                  retries: int = 3, max_inflight: int = 8, compression: str = "auto", connect_timeout: float = 10.0):
-        self.url = f"http://{host}:{port}"
+        self.address = f"{host}:{port}"
+        self.url = f"http://{self.address}"
         self.timeout = float(timeout)
         self.auth_token = auth_token
         self.retries = int(retries)
         self.compression = compression if compression != "auto" else "none" if same_host(host, port) else "lz4"
         self.connect_timeout = float(connect_timeout)
+        self.datetime_unit = datetime_unit()  # of the frames local Qlib builds with this process's pandas
         self._slots = threading.BoundedSemaphore(max_inflight)  # the server's max_inflight_per_client
         self._waiting: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
         self._connecting = threading.Lock()
-        self._refused: Optional[str] = None
+        self._connect_error: Any = None
         self._http = threading.local()
         self._version = __import__("qlib").__version__
         self.sio = socketio.Client(reconnection=False, logger=False, engineio_logger=False)
@@ -91,32 +109,34 @@ class ServerConnection:
                 waiter.dropped = True
                 waiter.event.set()
 
-    def _on_connect_error(self, data: Any = None) -> None:
-        self._refused = str(data.get("message") if isinstance(data, dict) else data)
+    def _on_connect_error(self, data: Any = None, *_) -> None:
+        # python-socketio calls this both when the server refuses the connection and when no connection
+        # could be made at all; only the first leaves the namespace in ``failed_namespaces``
+        self._connect_error = data.get("message") if isinstance(data, dict) else data
 
     # -- connecting --------------------------------------------------------------------------------
     def _connect(self, deadline: float) -> None:
-        """Connect unless connected, retrying with exponential backoff until ``deadline``."""
-        delay = 0.2
+        """Connect unless connected, retrying an unreachable server with exponential backoff until
+        ``deadline``; raise :class:`AdmissionRefused` at once when the server refuses this client."""
+        pause = FIRST_PAUSE
         while not self.sio.connected:
             with self._connecting:
                 if self.sio.connected:
                     return
-                self._refused = None
+                self._connect_error = None
                 try:
-                    self.sio.connect(self.url, transports=["websocket"], wait_timeout=self.connect_timeout,
+                    self.sio.connect(self.url, transports=["websocket"],
+                                     wait_timeout=max(0.5, min(self.connect_timeout, deadline - time.monotonic())),
                                      auth={"token": self.auth_token} if self.auth_token else None)
                     return
                 except socketio.exceptions.ConnectionError as exc:
-                    if self._refused is not None:
-                        raise AdmissionRefused(f"{self.url} refused this client ({self._refused}): it admits "
-                                               "clients by allowed_networks or auth_token") from None
-                    reason = exc
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RequestTimeout(f"cannot connect to qlib-server at {self.url}: {reason}")
-            time.sleep(min(left, delay * random.uniform(0.5, 1.0)))
-            delay = min(delay * 2, 5.0)
+                    if self.sio.failed_namespaces:  # the server answered, with a refusal
+                        raise AdmissionRefused(f"{self.url} refused this client ({self._connect_error}): it "
+                                               "admits clients by allowed_networks or auth_token") from None
+                    reason = self._connect_error or exc
+            log.info("cannot connect to %s (%s); trying again", self.url, reason)
+            pause = backoff(deadline, pause, f"cannot reach qlib-server at {self.address} within the request's "
+                                             f"timeout: {reason}")
 
     # -- requests ----------------------------------------------------------------------------------
     def request(self, kind: str, body: dict, timeout: Optional[float] = None) -> Any:
@@ -126,22 +146,30 @@ class ServerConnection:
         if not self._slots.acquire(timeout=limit):
             raise RequestTimeout(f"no free request slot within {limit:g}s (max_inflight)")
         try:
-            for _attempt in range(self.retries + 1):
+            drops, pause = 0, FIRST_PAUSE
+            while True:
                 self._connect(deadline)
-                answer = self._send(kind, body, deadline)
-                if answer is not None:
+                answer = self._send(kind, body, deadline, limit)
+                if answer is None:
+                    drops += 1
+                    if drops > self.retries:
+                        raise ConnectionError(f"the connection to {self.url} dropped {drops} times during a "
+                                              f"{kind} request")
+                    log.info("connection to %s dropped during a %s request; sending it again", self.url, kind)
+                elif answer.get("retry") is True:  # the server is shutting down: ask again, it or its successor
+                    log.info("%s answered a %s request with %r; asking again", self.url, kind,
+                             answer.get("detailed_info"))
+                    pause = backoff(deadline, pause, f"qlib-server at {self.address} was shutting down for the "
+                                                     f"whole {limit:g}s of a {kind} request")
+                else:
                     break
-                log.info("connection to %s dropped during a %s request; sending it again", self.url, kind)
-            else:
-                raise ConnectionError(f"the connection to {self.url} dropped {self.retries + 1} times during a "
-                                      f"{kind} request")
         finally:
             self._slots.release()
         if answer.get("status") != 0:
             raise bad_response(answer.get("status"), answer.get("detailed_info"))
         return answer.get("result")
 
-    def _send(self, kind: str, body: dict, deadline: float) -> Optional[dict]:
+    def _send(self, kind: str, body: dict, deadline: float, limit: float) -> Optional[dict]:
         """The answer of one attempt, or None when the connection dropped before it came."""
         rid, waiter = uuid.uuid4().hex, _Waiter()
         with self._lock:
@@ -153,8 +181,8 @@ class ServerConnection:
             except socketio.exceptions.SocketIOError:  # disconnected in between
                 return None
             if not waiter.event.wait(max(0.0, deadline - time.monotonic())):
-                raise RequestTimeout(f"no answer from qlib-server at {self.url} to a {kind} request within "
-                                     f"{self.timeout:g}s")
+                raise RequestTimeout(f"no answer from qlib-server at {self.address} to a {kind} request within "
+                                     f"{limit:g}s")
         finally:
             with self._lock:
                 self._waiting.pop(rid, None)
@@ -165,23 +193,33 @@ class ServerConnection:
         through the pipeline, when the server has no current cache of it)."""
         deadline = time.monotonic() + self.timeout
         payload: dict[str, Any] = {"head": {"version": self._version}, "body": json.dumps(body, default=str)}
-        computed, failures = False, 0
+        computed, failures, pause = False, 0, FIRST_PAUSE
+        late = f"no feature data from qlib-server at {self.address} within {self.timeout:g}s"
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise RequestTimeout(f"no feature data from qlib-server at {self.url} within {self.timeout:g}s")
+                raise RequestTimeout(late)
             try:
-                with self._session().post(f"{self.url}/features", json=payload,
-                                          params={"compression": self.compression}, headers=self._headers(),
-                                          stream=True, timeout=(self.connect_timeout, left)) as reply:
+                reply = self._session().post(f"{self.url}/features", json=payload,
+                                             params={"compression": self.compression}, headers=self._headers(),
+                                             stream=True, timeout=(min(self.connect_timeout, left), left))
+            except requests.RequestException as exc:  # no answer began: the server is down or restarting
+                if isinstance(exc, requests.ReadTimeout):
+                    raise RequestTimeout(late) from None
+                log.info("no feature transfer from %s (%s); asking again", self.url, exc)
+                pause = backoff(deadline, pause, f"cannot reach qlib-server at {self.address} within the request's "
+                                                 f"timeout: {exc}")
+                continue
+            try:
+                with reply:
                     if reply.status_code == 200:
                         reply.raw.decode_content = True
-                        return read_frame(reply.raw, fields)
+                        return read_frame(reply.raw, fields, self.datetime_unit)
                     answer = _json(reply)
             except (requests.RequestException, urllib3.exceptions.HTTPError, pa.ArrowInvalid, ConnectionError,
-                    OSError) as exc:
+                    OSError) as exc:  # the transfer broke off
                 if isinstance(exc, requests.Timeout) and deadline - time.monotonic() <= 0:
-                    raise RequestTimeout(f"no feature data from {self.url} within {self.timeout:g}s") from None
+                    raise RequestTimeout(late) from None
                 failures += 1
                 if failures > self.retries:
                     raise ConnectionError(f"feature transfer from {self.url} failed {failures} times: {exc}") from None

@@ -4,15 +4,35 @@ The frame is sorted by instrument, then date. The rows come sorted by date, and 
 many rows each instrument has, so each row of a batch is copied once, straight to its place in
 arrays allocated once for every row: the client holds the frame being built and one batch, and
 never sorts or copies the frame again. Columns get the requested field names, in their order.
+
+The ``datetime`` level has the resolution local Qlib's frames have with the client's pandas (see
+:func:`datetime_unit`), whatever resolution the server's cache stores.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+
+
+def datetime_unit(pandas_version: str = pd.__version__) -> str:
+    """The resolution of the ``datetime`` level of the frames local Qlib (pyqlib 0.9.x) builds on pandas
+    ``pandas_version``: ``"ns"`` before pandas 3, ``"us"`` from pandas 3 on.
+
+    Qlib indexes an instrument's frame by its calendar (``Cal.calendar(freq=freq)[positions]``): a numpy
+    object array of ``pd.Timestamp`` parsed from the calendar file's lines (``"2019-01-02"``, or
+    ``"2019-01-02 09:31:00"``), which pandas turns into a ``DatetimeIndex`` (the levels of ``pd.concat``
+    keep it). pandas 2 (and 1) makes every index inferred from objects nanoseconds; pandas 3 keeps the
+    Timestamps' unit, and parses a string with at most microsecond digits as microseconds.
+    """
+    match = re.match(r"\s*(\d+)", pandas_version)
+    if match is None:
+        raise ValueError(f"not a pandas version: {pandas_version!r}")
+    return "ns" if int(match.group(1)) < 3 else "us"
 
 
 def empty_frame(columns: list[str]) -> pd.DataFrame:
@@ -45,8 +65,9 @@ class _Places:
         return places
 
 
-def read_frame(source, fields: list[str]) -> pd.DataFrame:
-    """Read the stream from the file-like ``source`` into the frame of ``fields`` (Qlib's column names)."""
+def read_frame(source, fields: list[str], unit: str | None = None) -> pd.DataFrame:
+    """Read the stream from the file-like ``source`` into the frame of ``fields`` (Qlib's column names),
+    its ``datetime`` level of resolution ``unit`` (by default local Qlib's with this pandas)."""
     reader = pa.ipc.open_stream(source)
     schema = reader.schema
     rows = int(schema.metadata[b"rows"])
@@ -70,6 +91,7 @@ def read_frame(source, fields: list[str]) -> pd.DataFrame:
     if received != rows or np.any(places.placed != places.counts):
         raise ConnectionError(f"the feature stream ended after {received} of {rows} rows")
     date_level, date_codes = np.unique(dates, return_inverse=True)
+    date_level = date_level.astype(f"datetime64[{unit or datetime_unit()}]")
     codes = np.repeat(np.arange(len(names), dtype=np.int32), places.counts)
     index = pd.MultiIndex(levels=[pd.Index(names), pd.DatetimeIndex(date_level)], codes=[codes, date_codes],
                           names=["instrument", "datetime"], verify_integrity=False)

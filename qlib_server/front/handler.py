@@ -27,7 +27,7 @@ from ..broker.base import light_queue
 from ..config import ServerConfig
 from ..expressions import check_expression, qlib_operators
 from ..metrics import Metrics
-from ..protocol import REQUEST_TYPES, Limits, RequestParser, response
+from ..protocol import REQUEST_TYPES, Limits, RequestParser, response, retry_later
 from ..state import keys
 from ..state.cache import ResultCache
 from ..state.registry import SessionRegistry
@@ -241,7 +241,7 @@ class RequestHandler:
             self.socketio.sleep(0.05)
         for sid, key, entry in self.pending.older_than(-1.0):
             if self.pending.done(sid, key, every=True) is not None:
-                for answer in entry.answers(response(None, 2, "the server is shutting down; retry")):
+                for answer in entry.answers(retry_later(2)):
                     self._emit(f"{entry.request.type}_response", answer, sid)
         self.responder.running = False
 

@@ -16,7 +16,7 @@ from ..broker import Broker
 from ..broker.base import light_queue
 from ..errors import QlibServerError, RequestError
 from ..metrics import Metrics
-from ..protocol import Request, RequestParser, request_id, response, with_id
+from ..protocol import Request, RequestParser, request_id, response, retry_later, with_id
 from ..state.cache import MISS, ResultCache
 from ..state.registry import SessionRegistry
 from .responder import Pending, RequestResponder, waiter
@@ -49,12 +49,16 @@ class RequestListener:
         """Handle one request event from session ``sid``; every path ends in a queued task or a response."""
         self.metrics.requests.labels(request_type).inc()
         rid = request_id(payload)
+        if not self.accepting:
+            log.info("refused %s request from %s: the server is shutting down", request_type, sid)
+            self.metrics.responses.labels(request_type, "1").inc()
+            self.emit(f"{request_type}_response", with_id(retry_later(1), rid), sid)
+            return
         try:
-            if not self.accepting:
-                raise RequestError("the server is shutting down; retry on another server or in a moment")
             request = self.parser.parse(request_type, payload)
             if self.pending.reserve(sid, request, time.monotonic(), self.max_inflight, rid) is None:
-                raise RequestError(f"too many requests in flight on this connection (limit {self.max_inflight})")
+                raise RequestError(f"too many requests in flight on this connection (limit {self.max_inflight}, "
+                                   "the server's max_inflight_per_client)")
         except RequestError as exc:
             log.info("refused %s request from %s: %s", request_type, sid, exc)
             self.metrics.responses.labels(request_type, str(exc.status)).inc()

@@ -248,7 +248,7 @@ class RequestResponder:
                 self.registry.discard(key, waiter(self.node, sid), entry.count)
             except QlibServerError:
                 pass  # the waiting list expires by itself
-            info = f"no answer within {self.request_timeout:g}s; the request was dropped, retry it"
+            info = f"no answer within {self.request_timeout:g}s (request_timeout); the request was dropped, retry it"
             for answer in entry.answers(response(None, 2, info)):
                 count += 1
                 self.metrics.request_timeouts.labels(entry.request.type).inc()

@@ -247,8 +247,9 @@ class DataProcessor:
                 self.status.metrics.dead_letters.labels(
                     task.get("type") if task.get("type") in ("calendar", "instrument", "feature") else "unknown").inc()
                 if isinstance(task.get("key"), str):
-                    info = (f"the {task.get('type')} task failed {self.cfg.max_deliveries} times (its worker crashed "
-                            f"or exceeded the {self.cfg.task_timeout:g}s limit) and was dead-lettered")
+                    info = (f"the {task.get('type')} task failed {self.cfg.max_deliveries} times (max_deliveries; "
+                            f"its worker crashed or exceeded the {self.cfg.task_timeout:g}s task_timeout) and was "
+                            "dead-lettered")
                     broker.publish(self.cfg.message_queue, result_message(
                         task, 2, None, info, generation=task.get("generation"), dead_lettered=True))
                 delivery.ack()

@@ -1,18 +1,24 @@
-"""``qlib_server.client``: Qlib with no shared mount gets what local Qlib gives, over one connection
-that survives a server restart, never waits past its timeout, and is refused without admission.
+"""``qlib_server.client``: Qlib with no shared mount gets what local Qlib gives (the same frames, index
+level dtypes included), over one connection that rides out a server restart, never waits past its
+timeout, and is refused at once without admission.
 
 The client's ``provider_uri`` is an empty directory (or unset): everything comes from the server.
 """
 
 from __future__ import annotations
 
+import logging
+import random
+import signal
 import threading
 import time
 
 import pandas as pd
 import pandas.testing as pdt
 import pytest
-from clients import local_qlib, run_server_client
+from clients import WireClient, local_qlib, run_server_client
+from conftest import free_port, wait_until
+from faults import slow_terms
 from test_embedded import embedded_server
 
 pytestmark = pytest.mark.integration
@@ -57,14 +63,25 @@ result = {{"alpha158": handler.fetch(col_set="feature"), "alpha158_label": handl
 """
 
 
+def assert_same_frame(got: pd.DataFrame, expected: pd.DataFrame, name: str = "frame") -> None:
+    """The same frame: values, index levels with their dtypes and order, columns and their dtype, dtypes
+    (``df.equals`` alone overlooks a datetime level's resolution on pandas 3)."""
+    assert got.equals(expected), name
+    pdt.assert_frame_equal(got, expected, obj=name)
+    assert list(got.index.names) == list(expected.index.names), name
+    assert [lv.dtype for lv in got.index.levels] == [lv.dtype for lv in expected.index.levels], name
+    assert got.columns.dtype == expected.columns.dtype and list(got.dtypes) == list(expected.dtypes), name
+
+
 def assert_same(served: dict, local: dict) -> None:
     assert served.keys() == local.keys()
     for name, expected in local.items():
         got = served[name]
         if isinstance(expected, pd.DataFrame):
-            pdt.assert_frame_equal(got, expected, obj=name)  # values, index, columns and dtypes, in order
-        elif hasattr(expected, "dtype"):
+            assert_same_frame(got, expected, name)
+        elif hasattr(expected, "dtype"):  # a calendar: an array of Timestamps, of the same resolution
             assert list(got) == list(expected) and got.dtype == expected.dtype, name
+            assert [getattr(t, "unit", None) for t in got] == [getattr(t, "unit", None) for t in expected], name
         else:
             assert got == expected, name
 
@@ -102,6 +119,25 @@ def test_alpha158_over_a_market_equals_local_qlib(server, dataset, tmp_path):
     empty = tmp_path / "no-data"
     empty.mkdir()
     assert_same(run_server_client(ALPHA158, server.port, empty), expected)
+
+
+ALPHA360 = f"""
+from qlib.contrib.data.loader import Alpha360DL
+fields = Alpha360DL.get_feature_config()[0] + ["Ref($close, -2)/Ref($close, -1) - 1"]  # and Alpha360's label
+result = {{"fields": len(fields), "alpha360": D.features({CODES!r}, fields, {START!r}, {END!r})}}
+"""
+
+
+def test_alpha360_with_its_label_is_served_on_the_default_limits_and_equals_local_qlib(dataset, tmp_path):
+    expected = local_qlib(ALPHA360, dataset)
+    assert expected["fields"] == 361 and expected["alpha360"].shape[1] == 361 and len(expected["alpha360"]) > 300
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    with embedded_server(tmp_path / "embedded", dataset) as server:  # every limit on its default
+        served = run_server_client(ALPHA360, server.port, empty)
+    assert_same(served, expected)
+    print(f"\nAlpha360 + label: {served['alpha360'].shape}, datetime level "
+          f"{served['alpha360'].index.levels[1].dtype} (pandas {pd.__version__}), equal to local Qlib's")
 
 
 def test_client_against_the_embedded_server_gets_what_local_qlib_gives(local, dataset, tmp_path):
@@ -184,20 +220,25 @@ def test_a_request_nobody_answers_times_out_with_a_clear_error(start_server, qli
         D.list_instruments(D.instruments("csi300"), as_list=True)
 
 
-def test_refused_admission_is_raised_and_the_token_admits(start_server, qlib_client):
+def test_refused_admission_is_raised_at_once_and_the_token_admits(start_server, qlib_client):
     from qlib.data import D
 
     from qlib_server.client import AdmissionRefused, ServerConnection
 
     server = start_server(allowed_networks=["10.0.0.0/8"], auth_token="s3cret")
-    qlib_client(server.port)
-    with pytest.raises(AdmissionRefused, match="refused this client"):
-        D.calendar()
+    for token in (None, "wrong"):  # not in allowed_networks, and no token or a wrong one
+        qlib_client(server.port, timeout=60, auth_token=token)
+        started = time.monotonic()
+        with pytest.raises(AdmissionRefused, match="refused this client"):
+            D.calendar()
+        assert time.monotonic() - started < 5  # at once: a refusal is not retried until the timeout
     body = {"instruments": ["SH600002"], "fields": ["$close"], "start_time": START, "end_time": END, "freq": "day",
             "disk_cache": 1}
+    started = time.monotonic()
     with pytest.raises(AdmissionRefused):  # the feature transfer endpoint is guarded the same way
-        ServerConnection("127.0.0.1", server.port, timeout=10).features(body, ["$close"])
-    assert server.metric("qlib_server_refused_connections_total") >= 2
+        ServerConnection("127.0.0.1", server.port, timeout=60).features(body, ["$close"])
+    assert time.monotonic() - started < 5
+    assert server.metric("qlib_server_refused_connections_total") >= 3
     qlib_client(server.port, auth_token="s3cret")
     frame = D.features(["SH600002"], ["$close"], START, END)
     assert len(frame) > 50 and frame.index.names == ["instrument", "datetime"]
@@ -211,3 +252,125 @@ def test_a_server_error_raises_what_the_stock_client_raises(server, qlib_client)
         D.features(["SH600002"], ['__import__("os").getcwd()'], START, END)
     with pytest.raises(ValueError, match=r"Bad response\(status==1\)"):
         D.list_instruments(D.instruments("no/such"), as_list=True)
+
+
+# -- a server that restarts, or is not there --------------------------------------------------------
+class Asker:
+    """Asks an instrument list every ``every`` seconds in a thread; records each request's outcome."""
+
+    def __init__(self, every: float = 0.2):
+        from qlib.data import D
+
+        self.every, self.D = every, D
+        self.outcomes: list[tuple[float, float, object]] = []  # (sent, seconds, list or exception)
+        self.halt = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            sent = time.monotonic()
+            try:
+                outcome: object = self.D.list_instruments(self.D.instruments("csi300"), START, END, as_list=True)
+            except Exception as exc:  # noqa: BLE001 -- every failure is what the test counts
+                outcome = exc
+            self.outcomes.append((sent, time.monotonic() - sent, outcome))
+            self.halt.wait(self.every)
+
+    def answered_since(self, moment: float) -> int:
+        return sum(1 for sent, _, outcome in self.outcomes if sent >= moment and isinstance(outcome, list))
+
+    def __enter__(self) -> Asker:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop asking (the request in hand is finished first)."""
+        self.halt.set()
+        self.thread.join(120)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def slow_feature() -> dict:
+    """A feature request no other asks for, that keeps a worker busy about 4 s (12 :func:`faults.slow_terms`)."""
+    return {"instruments": ["SH600002"], "fields": slow_terms(12, random.randrange(10**6)), "start_time": None,
+            "end_time": None, "freq": "day", "disk_cache": 1}
+
+
+def test_a_client_asking_every_200_ms_rides_out_a_sigterm_and_a_restart_with_no_failed_request(
+        dataset, tmp_path, qlib_client, caplog):
+    caplog.set_level(logging.INFO, logger="qlib_server.client.connection")
+    port, down_for = free_port(), 3.0
+    with embedded_server(tmp_path / "first", dataset, flask_port=port) as first:
+        qlib_client(port, timeout=90)
+        with Asker() as asker:
+            wait_until(lambda: asker.answered_since(0) >= 10, 60, what="10 answers before the restart")
+            with WireClient(first.url) as busy:  # a slow request in flight: the server drains a few seconds
+                busy.send("feature", slow_feature())
+                wait_until(lambda: first.metric("qlib_server_tasks_published_total", type="feature") >= 1, 30,
+                           what="the slow request computing")
+                stopped = time.monotonic()
+                first.proc.send_signal(signal.SIGTERM)
+                wait_until(lambda: first.proc.poll() is not None, 60, what="the first server to exit")
+            exited = time.monotonic()
+            time.sleep(down_for)  # the port stays closed a while: the downtime of a redeploy
+            with embedded_server(tmp_path / "second", dataset, flask_port=port):
+                restarted = time.monotonic()
+                wait_until(lambda: asker.answered_since(restarted) >= 10, 60, what="10 answers after the restart")
+                asker.stop()  # before the second server stops
+    failed = [(round(sent - stopped, 2), repr(outcome)) for sent, _, outcome in asker.outcomes
+              if not isinstance(outcome, list)]
+    expected = asker.outcomes[0][2]
+    longest = max(seconds for _, seconds, _ in asker.outcomes)
+    draining = sum("asking again" in r.getMessage() for r in caplog.records)
+    unreachable = sum("cannot connect" in r.getMessage() for r in caplog.records)
+    before, after = asker.answered_since(0) - asker.answered_since(stopped), asker.answered_since(stopped)
+    print(f"\nrestart: {len(asker.outcomes)} requests, {len(failed)} failed ({before} before SIGTERM, {after} during "
+          f"and after); draining {exited - stopped:.1f}s, port "
+          f"closed {restarted - exited:.1f}s (until the new server was ready); the client was told to retry "
+          f"{draining} times and could not connect {unreachable} times; longest wait {longest:.1f}s")
+    assert failed == []
+    assert all(outcome == expected for _, _, outcome in asker.outcomes) and expected
+    assert draining >= 1 and unreachable >= 1  # it met both: a draining server and a closed port
+    assert longest >= down_for  # one request did wait out the downtime
+    assert asker.answered_since(restarted) >= 10
+
+
+def test_with_no_server_a_request_times_out_naming_the_address_not_as_a_refusal(qlib_client):
+    from qlib.data import D
+
+    from qlib_server.client import AdmissionRefused, RequestTimeout, ServerConnection
+
+    port = free_port()  # nothing listens there
+    qlib_client(port, timeout=3)
+    body = {"instruments": ["SH600002"], "fields": ["$close"], "start_time": START, "end_time": END, "freq": "day",
+            "disk_cache": 1}
+    for ask in (lambda: D.list_instruments(D.instruments("csi300"), START, END, as_list=True),
+                lambda: D.features(["SH600002"], ["$close"], START, END),  # asks the calendar first
+                lambda: ServerConnection("127.0.0.1", port, timeout=3).features(body, ["$close"])):  # rows by HTTP
+        started = time.monotonic()
+        with pytest.raises(RequestTimeout, match=f"127.0.0.1:{port}") as info:
+            ask()
+        waited = time.monotonic() - started
+        assert not isinstance(info.value, AdmissionRefused)
+        assert 2.5 <= waited < 6, waited  # it kept trying for about the request's timeout
+        print(f"\nno server: {info.value} after {waited:.1f}s")
+
+
+def test_a_draining_server_answers_with_a_retry_flag_beside_what_the_stock_client_reads(dataset, tmp_path):
+    """New requests to a draining server are answered ``"retry": true`` beside the envelope the stock pyqlib
+    client reads (status 1, ``detailed_info``), which it raises as before."""
+    calendar = {"start_time": START, "end_time": END, "freq": "day", "future": False}
+    with embedded_server(tmp_path / "embedded", dataset) as server:
+        with WireClient(server.url) as busy, WireClient(server.url) as client:
+            assert client.request("calendar", calendar)["status"] == 0
+            busy.send("feature", slow_feature())  # keeps the server draining a few seconds
+            wait_until(lambda: server.metric("qlib_server_tasks_published_total", type="feature") >= 1, 30,
+                       what="the slow request computing")
+            server.proc.send_signal(signal.SIGTERM)
+            answer = wait_until(lambda: (a := client.request("calendar", calendar, timeout=5)).get("retry") and a,
+                                20, what="a draining answer")
+            assert busy.receive("feature", 30)["status"] in (0, 2)  # the slow one is answered before the exit
+    assert answer == {"status": 1, "detailed_info": "the server is shutting down; retry on another server or in a "
+                      "moment", "result": None, "retry": True}

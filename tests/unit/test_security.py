@@ -383,15 +383,51 @@ def test_bodies_over_max_body_bytes_are_refused_in_every_form():
 
 def test_too_many_fields_instruments_or_filters_are_refused():
     assert "1 to 3 expressions" in refusal("feature", {**FEATURE, "fields": ["$close"] * 4}, SMALL)
-    many = [f"Ref($close, {i})" for i in range(257)]
-    assert "1 to 256 expressions" in refusal("feature", {**FEATURE, "fields": many})
+    many = [f"Ref($close, {i})" for i in range(1025)]
+    assert "1 to 1024 expressions, got 1025" in refusal("feature", {**FEATURE, "fields": many})
     assert "1 to 5 codes" in refusal("feature", {**FEATURE, "instruments": [f"SH{i}" for i in range(6)]}, SMALL)
-    assert "1 to 20000 codes" in refusal("feature", {**FEATURE, "instruments": [f"SH{i}" for i in range(20001)]})
+    assert "1 to 20000 codes, got 20001" in refusal("feature", {**FEATURE, "instruments": [f"SH{i}" for i in
+                                                                                           range(20001)]})
     name_filter = {"filter_type": "NameDFilter", "name_rule_re": "SH"}
     assert "at most 16 filters" in refusal("instrument", {**INSTRUMENT, "instruments": {
         "market": "csi300", "filter_pipe": [name_filter] * 17}})
     assert "at most 200 characters" in refusal("instrument", {**INSTRUMENT, "instruments": {
         "market": "csi300", "filter_pipe": [{**name_filter, "name_rule_re": "S" * 201}]}})
+
+
+def test_every_refusal_by_a_configurable_limit_names_the_config_key_to_set():
+    over = {
+        "max_body_bytes": ("feature", json.dumps({**FEATURE, "pad": "x" * 5000})),
+        "max_fields": ("feature", {**FEATURE, "fields": ["$close"] * 4}),
+        "max_instruments": ("feature", {**FEATURE, "instruments": [f"SH{i}" for i in range(6)]}),
+        "max_expression_length": ("feature", {**FEATURE, "fields": ["$close+" * 10 + "1"]}),
+        "max_expression_depth": ("instrument", with_filter("instrument", "Abs(" * 5 + "$close" + ")" * 5)),
+    }
+    for key, (kind, body) in over.items():
+        message = refusal(kind, body, SMALL)
+        assert f"the server's {key}" in message, (key, message)
+    assert "the server's max_body_bytes" in refusal("feature", pickle.dumps({**FEATURE, "pad": "x" * 5000}), SMALL)
+
+
+def alpha_fields() -> list[str]:
+    """Every field of Qlib's Alpha158 and Alpha360 handlers and their default labels."""
+    from qlib.contrib.data.handler import Alpha158, Alpha360
+    from qlib.contrib.data.loader import Alpha158DL, Alpha360DL
+
+    labels = [Alpha158.get_label_config(None)[0][0], Alpha360.get_label_config(None)[0][0]]
+    return Alpha158DL.get_feature_config()[0] + Alpha360DL.get_feature_config()[0] + labels
+
+
+def test_alpha158_and_alpha360_with_labels_over_max_instruments_codes_pass_the_default_limits():
+    fields = alpha_fields()
+    assert len(fields) == 158 + 360 + 2 and len(fields) * 1.9 < 1024  # the default max_fields, with room to spare
+    body = {**FEATURE, "fields": fields, "instruments": [f"SH{600000 + i}" for i in range(20000)]}
+    for encoded in (encode(body, "pickle"), encode(body, "json")):
+        assert len(encoded) < (1 << 20) / 3  # the default max_body_bytes, with room to spare
+        request = PARSER.parse("feature", {"head": HEAD, "body": encoded})
+        assert request.args["fields"] == fields and len(request.args["instruments"]) == 20000
+    widest = {**FEATURE, "fields": [f"Ref($close, {i})/$close" for i in range(1024)]}  # max_fields fields
+    assert len(PARSER.parse("feature", {"head": HEAD, "body": encode(widest, "pickle")}).args["fields"]) == 1024
 
 
 def test_expressions_too_long_or_too_deep_are_refused_with_the_limit_named():
@@ -445,6 +481,7 @@ def test_the_in_flight_limit_holds_when_one_connections_requests_interleave(requ
     tasks = path.take_tasks()
     print(f"{sent} interleaved requests, limit 2: {len(tasks)} queued, {len(refused)} refused")
     assert len(tasks) == 2 and len(refused) == sent - 2
+    assert all("the server's max_inflight_per_client" in a["detailed_info"] for a in refused)
 
 
 def test_feature_start_after_end_is_refused():

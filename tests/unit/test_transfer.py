@@ -14,7 +14,7 @@ import pytest
 from qlib.data.cache import DiskDatasetCache
 
 from qlib_server.client.connection import ServerConnection, same_host
-from qlib_server.client.frames import read_frame
+from qlib_server.client.frames import datetime_unit, read_frame
 from qlib_server.front import transfer
 from qlib_server.protocol import request_id
 
@@ -27,9 +27,10 @@ def closed_after():
     transfer.close_layouts()
 
 
-def write_cache(path, codes=("SH600000", "SZ000001", "SH6"), days=40, fields=FIELDS, frame=None) -> None:
+def write_cache(path, codes=("SH600000", "SZ000001", "SH6"), days=40, fields=FIELDS, frame=None,
+                dates_unit="us") -> None:
     """A cache in Qlib's layout (sorted by date, then instrument), as a processor writes it."""
-    dates = pd.bdate_range("2019-01-01", periods=days)
+    dates = pd.bdate_range("2019-01-01", periods=days).as_unit(dates_unit)
     index = pd.MultiIndex.from_product([dates, sorted(codes)], names=["datetime", "instrument"])
     rng = np.random.default_rng(0)
     if frame is None:
@@ -46,11 +47,42 @@ def write_cache(path, codes=("SH600000", "SZ000001", "SH6"), days=40, fields=FIE
     path.with_suffix(".meta").write_bytes(pickle.dumps({"info": {"fields": list(frame.columns)}}))
 
 
-def served(path, fields, start, end, compression="lz4") -> tuple[pd.DataFrame, bytes]:
+def served(path, fields, start, end, compression="lz4", unit=None) -> tuple[pd.DataFrame, bytes]:
     where = transfer.layout(path)
     first, stop = where.rows(start, end)
     data = b"".join(transfer.stream(where, transfer.cache_columns(fields), first, stop, compression))
-    return read_frame(io.BytesIO(data), fields), data
+    return read_frame(io.BytesIO(data), fields, unit), data
+
+
+@pytest.mark.parametrize("version, unit", [
+    ("1.5.3", "ns"), ("2.0.0", "ns"), ("2.2.3", "ns"), ("2.3.3", "ns"), ("2.3.0.dev0+12.gabc", "ns"),
+    ("3.0.0rc1", "us"), ("3.0.0", "us"), ("3.1.1", "us"), ("4.0.0", "us"),
+])
+def test_the_datetime_resolution_is_the_one_local_qlib_gets_on_each_pandas_version(version, unit):
+    assert datetime_unit(version) == unit
+
+
+def test_the_resolution_rule_is_how_this_pandas_indexes_a_frame_by_qlibs_calendar():
+    # local Qlib's path: calendar file lines -> pd.Timestamp -> numpy object array -> a frame's index
+    calendar = np.array([pd.Timestamp(line) for line in ("2019-01-02", "2019-01-03", "2019-01-03 09:31:00")])
+    frame = pd.DataFrame({"$close": np.ones(3, dtype=np.float32)})
+    frame.index = calendar[np.arange(3)]
+    assert frame.index.dtype == np.dtype(f"datetime64[{datetime_unit(pd.__version__)}]")
+    assert pd.concat({"SH600000": frame}, names=["instrument"]).index.levels[1].dtype == frame.index.dtype
+
+
+@pytest.mark.parametrize("unit", ["ns", "us"])  # the rule of pandas 2, and of pandas 3
+@pytest.mark.parametrize("stored", ["ns", "us", "s"])  # whatever the server's cache holds
+def test_streamed_frames_get_the_datetime_resolution_of_the_clients_pandas(tmp_path, unit, stored):
+    path = tmp_path / "abc"
+    write_cache(path, dates_unit=stored)
+    frame, _ = served(path, FIELDS, "2019-01-10", "2019-02-05", unit=unit)
+    expected = DiskDatasetCache.read_data_from_cache(path, "2019-01-10", "2019-02-05", FIELDS)
+    assert frame.index.levels[1].dtype == np.dtype(f"datetime64[{unit}]")
+    assert list(frame.index.dtypes) == [expected.index.levels[0].dtype, np.dtype(f"datetime64[{unit}]")]
+    expected.index = expected.index.set_levels(expected.index.levels[1].as_unit(unit), level=1)
+    pdt.assert_frame_equal(frame, expected)  # levels with their dtypes, values, columns and dtypes
+    assert frame.equals(expected)
 
 
 @pytest.mark.parametrize("fields", [FIELDS, ["Ref($close, 1) / $close - 1", "$close"], ["$close", "$close"]])
