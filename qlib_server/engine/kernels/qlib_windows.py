@@ -114,34 +114,47 @@ def _start(p, lo, window):
 
 @_jit
 def _idx_extreme(x, lo, hi, window, sign):
-    """``apply(lambda x: x.argmax() + 1, raw=True)`` (sign 1) or ``argmin`` (sign -1) per row."""
+    """``apply(lambda x: x.argmax() + 1, raw=True)`` (sign 1) or ``argmin`` (sign -1) per row.
+
+    pandas calls the function only where the window holds a finite value (else NaN); numpy's argmax/argmin
+    then answer the window's first non-finite position if it has one (pandas made inf NaN, and numpy stops
+    at the first NaN), else the first of the window's equal extremes. Both are kept in O(1) a step: the
+    next non-finite position from each position on (one backward pass), and a deque of the finite candidates
+    whose values strictly decrease (sign * value) from its head, so that an equal newcomer queues behind the
+    older one, which stays the answer until it leaves the window."""
     out = np.full(x.shape, np.nan)
+    t = x.shape[1]
+    nxt = np.empty(t + 1, np.int64)  # first non-finite position >= k (b when none)
+    q = np.empty(t, np.int64)
+    key = np.empty(t)
     for i in range(x.shape[0]):
         row, a, b = x[i], lo[i], hi[i]
+        nxt[b] = b
+        for k in range(b - 1, a - 1, -1):
+            nxt[k] = nxt[k + 1] if math.isfinite(row[k]) else k
+        head = tail = 0
         count = 0
         for p in range(a, b):
-            count += math.isfinite(row[p])
-            s = _start(p, a, window)
+            v = row[p]
+            if math.isfinite(v):
+                count += 1
+                sv = sign * v
+                while tail > head and key[tail - 1] < sv:
+                    tail -= 1
+                q[tail] = p
+                key[tail] = sv
+                tail += 1
+            s = a
             if window > 0 and p - window >= a:
-                count -= math.isfinite(row[p - window])
+                s = p - window + 1
+                if math.isfinite(row[p - window]):
+                    count -= 1
+                    if tail > head and q[head] == p - window:
+                        head += 1
             if count == 0:
                 continue
-            if window == 0 and p > a and out[i, p - 1] == out[i, p - 1]:  # expanding: extend p - 1's answer
-                best = s + int(out[i, p - 1]) - 1
-                if math.isfinite(row[best]) and (
-                        not math.isfinite(row[p]) or sign * row[p] > sign * row[best]):
-                    best = p
-                out[i, p] = float(best - s + 1)
-                continue
-            best = s
-            for k in range(s, p + 1):
-                v = row[k]
-                if not math.isfinite(v):  # numpy's argmax/argmin stop at the first NaN
-                    best = k
-                    break
-                if sign * v > sign * row[best]:
-                    best = k
-            out[i, p] = float(best - s + 1)
+            bad = nxt[s]
+            out[i, p] = float((bad if bad <= p else q[head]) - s + 1)
     return out
 
 
