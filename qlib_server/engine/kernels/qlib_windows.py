@@ -225,45 +225,78 @@ def _weighted_nansum_at(x, lo, hi, w, out):
             out[i, a + n - 1] = _np_sum(buf, n)
 
 
+_NO_RANK = -(1 << 40)  # the rank of an empty slot or a NaN: never one an order statistic asks for
+
+
 @_jit
 def _order_stat(x, lo, hi, window, q, median):
-    """pandas ``roll_median_c`` (median) or ``roll_quantile`` linear (q) over the window's finite values."""
+    """pandas ``roll_median_c`` (median) or ``roll_quantile`` linear (q) over the window's finite values.
+
+    The skiplist orders the window's finite values by value, and equal ones (0.0 and -0.0: which of them is
+    picked shows in the sign) in arrival order: it inserts a value after its equals and removes the first of
+    a leaving value's equals, which is the leaving value itself, the window's oldest. The window is a ring of
+    slots, each holding a value and its rank in that order, and a step is one branch-free pass over the
+    filled slots: a value entering moves up the ranks of the greater values, the one leaving moves down those
+    it preceded (all values >= it), the entering value's rank is the count of values <= it, and the slots
+    holding the wanted ranks are found on the way. Interpolation as pandas: ``lo + (hi - lo) * (f - int(f))``
+    with ``f = q * (n - 1)``; the median of an even count ``(hi + lo) / 2``."""
     out = np.full(x.shape, np.nan)
-    buf = np.empty(x.shape[1] + 1)
+    ring = window if window > 0 else x.shape[1]  # expanding: the ring never wraps
+    val = np.empty(max(ring, 1))
+    rank = np.empty(max(ring, 1), np.int64)
     for i in range(x.shape[0]):
         row, a, b = x[i], lo[i], hi[i]
+        val[:] = np.nan
+        rank[:] = _NO_RANK
         m = 0
+        slot = 0  # where position p goes, and where the value leaving (position p - window) was
         for p in range(a, b):
             v = row[p]
-            if math.isfinite(v):  # insert after any equal value
-                j = m
-                while j > 0 and buf[j - 1] > v:
-                    buf[j] = buf[j - 1]
-                    j -= 1
-                buf[j] = v
-                m += 1
-            if window > 0 and p - window >= a and math.isfinite(row[p - window]):
-                v = row[p - window]  # remove the first equal value
-                j = 0
-                while buf[j] < v:
-                    j += 1
-                for k in range(j, m - 1):
-                    buf[k] = buf[k + 1]
-                m -= 1
-            if m == 0:
-                continue
-            if median:
-                h = m // 2
-                out[i, p] = buf[h] if m % 2 else (buf[h] + buf[h - 1]) / 2.0
-            elif m == 1:
-                out[i, p] = buf[0]
+            add = math.isfinite(v)
+            if not add:
+                v = np.nan
+            r = val[slot]
+            drop = r == r
+            m += add - drop
+            if m == 0:  # every slot holds NaN
+                val[slot] = v
+                rank[slot] = _NO_RANK
             else:
-                f = q * float(m - 1)
-                idx = int(f)
-                if f == idx:
-                    out[i, p] = buf[idx]
+                f = 0.0
+                if median:
+                    k2 = m // 2
+                    k1 = k2 if m % 2 else k2 - 1
                 else:
-                    out[i, p] = buf[idx] + (buf[idx + 1] - buf[idx]) * (f - idx)
+                    f = q * float(m - 1)
+                    k1 = int(f)
+                    k2 = k1 if f == k1 else k1 + 1
+                below = 0  # values <= v (the leaving one included)
+                s1 = s2 = 0  # the slots of ranks k1 and k2 (0 when the entering value holds it)
+                for k in range(min(ring, p - a + 1)):
+                    e = val[k]
+                    rk = rank[k] + (v < e) - (r <= e)
+                    rank[k] = rk
+                    below += e <= v
+                    s1 += k if (rk == k1) & (k != slot) else 0
+                    s2 += k if (rk == k2) & (k != slot) else 0
+                if add:
+                    val[slot] = v
+                    rank[slot] = below - (r <= v)
+                    if rank[slot] == k1:
+                        s1 = slot
+                    if rank[slot] == k2:
+                        s2 = slot
+                else:
+                    val[slot] = np.nan
+                    rank[slot] = _NO_RANK
+                low = val[s1]
+                if median:
+                    out[i, p] = low if k1 == k2 else (val[s2] + low) / 2.0
+                elif k1 == k2:
+                    out[i, p] = low
+                else:
+                    out[i, p] = low + (val[s2] - low) * (f - k1)
+            slot = slot + 1 if slot + 1 < ring else 0
     return out
 
 

@@ -244,3 +244,29 @@ def test_idx_extremes_on_tie_and_nan_runs_equal_numpys_argmax_argmin(data, windo
     func, kernel = APPLY[name]
     with np.errstate(all="ignore"):
         assert_same_bits(kernel(x, lo, hi, window), pandas_reference(x, lo, hi, window, "apply", func))
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=runs(), window=adversarial_windows, pad=pads,
+       q=st.one_of(st.none(), st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0, 0.2, 0.8]), st.floats(0.0, 1.0)))
+def test_order_statistics_on_tie_and_nan_runs_equal_pandas(data, window, pad, q):
+    """The ranks of a ring window against pandas' skiplist: equal values of both zero signs entering and
+    leaving in every order, NaN/inf runs emptying the window, exact ranks (f == int(f)) and interpolation."""
+    x, lo, hi = one_row(data, pad)
+    with np.errstate(all="ignore"):
+        if q is None:
+            assert_same_bits(qw.rolling_median(x, lo, hi, window), pandas_reference(x, lo, hi, window, "median"))
+        else:
+            want = pandas_reference(x, lo, hi, window, "quantile", q)
+            assert_same_bits(qw.rolling_quantile(x, lo, hi, window, q), want)
+
+
+def test_order_statistics_of_zeros_of_both_signs_keep_the_skiplists_arrival_order():
+    rng = np.random.default_rng(5)
+    x = rng.choice([0.0, -0.0, 0.0, -0.0, 1.0, -1.0, np.nan], (6, 300))
+    lo, hi = np.zeros(6, np.int64), np.full(6, 300, np.int64)
+    for window in (0, 1, 2, 3, 4, 6, 9, 64, 299, 301):
+        assert_same_bits(qw.rolling_median(x, lo, hi, window), pandas_reference(x, lo, hi, window, "median"))
+        for q in (0.1, 0.5, 0.9):
+            want = pandas_reference(x, lo, hi, window, "quantile", q)
+            assert_same_bits(qw.rolling_quantile(x, lo, hi, window, q), want)
