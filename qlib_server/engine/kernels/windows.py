@@ -176,14 +176,11 @@ def _rank_row(v, out, window, pct):
         below = 0
         equal = 0
         nobs = 0
-        for k in range(window_start(j, window), j + 1):
+        for k in range(window_start(j, window), j + 1):  # branch-free counts (NaN compares false)
             w = v[k]
-            if w == w:
-                nobs += 1
-                if w < val:
-                    below += 1
-                elif w == val:
-                    equal += 1
+            nobs += w == w
+            below += w < val
+            equal += w == val
         rank_max = float(below + equal)
         rank_min = float(below + 1)
         rank = (rank_max * (rank_max + 1) / 2 - (rank_min - 1) * rank_min / 2) / (rank_max - rank_min + 1)
