@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 from qlib_server.engine.kernels import pairs
 
-from .test_windows import (FLOAT32_ROWS, HI, LO, SPIKY, VALUES, WINDOWS, X, assert_same_bits, frames,
-                           paired_frames)
+from .test_windows import FLOAT32_ROWS, HI, LO, SPIKY, VALUES, WINDOWS, X, assert_same_bits, frames, paired_frames
 
 KERNELS = {"cov": pairs.rolling_cov, "corr": pairs.rolling_corr}
 
