@@ -30,6 +30,8 @@ import math
 import numba
 import numpy as np
 
+from .windows import rolling_max, rolling_min
+
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 
@@ -300,26 +302,6 @@ def _order_stat(x, lo, hi, window, q, median):
     return out
 
 
-@_jit
-def _newest_extreme(x, lo, hi, window, sign):
-    """pandas ``roll_max`` (sign 1) / ``roll_min`` (sign -1): the newest of the window's equal extremes."""
-    out = np.full(x.shape, np.nan)
-    for i in range(x.shape[0]):
-        row, a, b = x[i], lo[i], hi[i]
-        best = -1  # expanding: the running extreme
-        for p in range(a, b):
-            if window > 0:
-                best = -1
-                for k in range(_start(p, a, window), p + 1):
-                    if math.isfinite(row[k]) and (best < 0 or sign * row[k] >= sign * row[best]):
-                        best = k
-            elif math.isfinite(row[p]) and (best < 0 or sign * row[p] >= sign * row[best]):
-                best = p
-            if best >= 0:
-                out[i, p] = row[best]
-    return out
-
-
 def _window(window) -> int:
     if int(window) != window or window < 0:
         raise ValueError(f"window must be an int >= 0, not {window!r}")
@@ -367,6 +349,6 @@ def rolling_quantile(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, window: int,
     """Qlib ``Quantile``: pandas ``rolling/expanding(min_periods=1).quantile(q)`` (linear interpolation)."""
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"quantile {q} not in [0, 1]")
-    if q == 0.0 or q == 1.0:  # pandas itself takes roll_min / roll_max there
-        return _newest_extreme(x, lo, hi, _window(window), 1.0 if q == 1.0 else -1.0)
+    if q == 0.0 or q == 1.0:  # pandas itself takes roll_min / roll_max there (the newest of equal extremes)
+        return (rolling_max if q == 1.0 else rolling_min)(x, lo, hi, _window(window))
     return _order_stat(x, lo, hi, _window(window), float(q), False)
