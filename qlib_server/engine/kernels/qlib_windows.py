@@ -114,37 +114,65 @@ def _start(p, lo, window):
     return lo if window == 0 else max(lo, p - window + 1)
 
 
+_SCAN_WINDOW = 12  # up to this window a branch-free scan beats the deque (whose pops are unpredictable)
+
+
 @_jit
 def _idx_extreme(x, lo, hi, window, sign):
     """``apply(lambda x: x.argmax() + 1, raw=True)`` (sign 1) or ``argmin`` (sign -1) per row.
 
     pandas calls the function only where the window holds a finite value (else NaN); numpy's argmax/argmin
     then answer the window's first non-finite position if it has one (pandas made inf NaN, and numpy stops
-    at the first NaN), else the first of the window's equal extremes. Both are kept in O(1) a step: the
-    next non-finite position from each position on (one backward pass), and a deque of the finite candidates
-    whose values strictly decrease (sign * value) from its head, so that an equal newcomer queues behind the
-    older one, which stays the answer until it leaves the window."""
+    at the first NaN), else the first of the window's equal extremes. The first non-finite position from
+    each position on comes from one backward pass. The first extreme: for small windows a scan in which a
+    later value wins only when strictly greater (``sign * value``); else a deque of the finite candidates
+    whose values strictly decrease from its head, an equal newcomer queueing behind the older one, which
+    stays the answer until it leaves the window (O(1) a step)."""
     out = np.full(x.shape, np.nan)
     t = x.shape[1]
     nxt = np.empty(t + 1, np.int64)  # first non-finite position >= k (b when none)
-    q = np.empty(t, np.int64)
-    key = np.empty(t)
+    key = np.empty(t)  # sign * value: the scan's keys, or the deque's
+    q = np.empty(t, np.int64)  # the deque's positions
     for i in range(x.shape[0]):
         row, a, b = x[i], lo[i], hi[i]
         nxt[b] = b
         for k in range(b - 1, a - 1, -1):
             nxt[k] = nxt[k + 1] if math.isfinite(row[k]) else k
+        if 0 < window <= _SCAN_WINDOW:
+            for k in range(a, b):
+                key[k] = sign * row[k]
+            count = 0
+            for p in range(a, b):
+                count += nxt[p] != p
+                s = a
+                if p - window >= a:
+                    s = p - window + 1
+                    count -= nxt[p - window] != p - window
+                if count == 0:
+                    continue
+                bad = nxt[s]
+                if bad <= p:
+                    out[i, p] = float(bad - s + 1)
+                    continue
+                best = s
+                best_key = key[s]
+                for k in range(s + 1, p + 1):
+                    take = key[k] > best_key
+                    best = k if take else best
+                    best_key = key[k] if take else best_key
+                out[i, p] = float(best - s + 1)
+            continue
         head = tail = 0
         count = 0
         for p in range(a, b):
             v = row[p]
             if math.isfinite(v):
                 count += 1
-                sv = sign * v
-                while tail > head and key[tail - 1] < sv:
+                kv = sign * v
+                while tail > head and key[tail - 1] < kv:
                     tail -= 1
                 q[tail] = p
-                key[tail] = sv
+                key[tail] = kv
                 tail += 1
             s = a
             if window > 0 and p - window >= a:
