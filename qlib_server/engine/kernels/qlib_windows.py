@@ -114,7 +114,7 @@ def _start(p, lo, window):
     return lo if window == 0 else max(lo, p - window + 1)
 
 
-_SCAN_WINDOW = 12  # up to this window a branch-free scan beats the deque (whose pops are unpredictable)
+_SCAN_WINDOW = 8  # up to this window a branch-free scan of the window is the fastest
 
 
 @_jit
@@ -123,68 +123,69 @@ def _idx_extreme(x, lo, hi, window, sign):
 
     pandas calls the function only where the window holds a finite value (else NaN); numpy's argmax/argmin
     then answer the window's first non-finite position if it has one (pandas made inf NaN, and numpy stops
-    at the first NaN), else the first of the window's equal extremes. The first non-finite position from
-    each position on comes from one backward pass. The first extreme: for small windows a scan in which a
-    later value wins only when strictly greater (``sign * value``); else a deque of the finite candidates
-    whose values strictly decrease from its head, an equal newcomer queueing behind the older one, which
-    stays the answer until it leaves the window (O(1) a step)."""
+    at the first NaN), else the first of the window's equal extremes (``key = sign * value``; a later one
+    wins only when strictly greater). The first non-finite position from each position on comes from a
+    backward pass. Small windows scan branch-free. Larger ones split the row into blocks of ``window``
+    positions from ``lo`` (one block when expanding or when the window outgrows the row): a window then
+    runs from a position ``s`` of one block to a position ``p`` of the next (or is a block's start to
+    ``p``), so its first extreme is that of ``s`` to its block's end (kept by the backward pass) or, when
+    strictly greater, that of ``p``'s block start to ``p`` (kept going forward): O(1) a step, branch-free."""
     out = np.full(x.shape, np.nan)
     t = x.shape[1]
     nxt = np.empty(t + 1, np.int64)  # first non-finite position >= k (b when none)
-    key = np.empty(t)  # sign * value: the scan's keys, or the deque's
-    q = np.empty(t, np.int64)  # the deque's positions
+    key = np.empty(t)  # sign * value, -inf for a non-finite value (never compared: handled first)
+    tail = np.empty(t, np.int64)  # first extreme from k to the end of k's block
+    tail_key = np.empty(t)
     for i in range(x.shape[0]):
         row, a, b = x[i], lo[i], hi[i]
-        nxt[b] = b
-        for k in range(b - 1, a - 1, -1):
-            nxt[k] = nxt[k + 1] if math.isfinite(row[k]) else k
-        if 0 < window <= _SCAN_WINDOW:
-            for k in range(a, b):
-                key[k] = sign * row[k]
-            count = 0
-            for p in range(a, b):
-                count += nxt[p] != p
-                s = a
-                if p - window >= a:
-                    s = p - window + 1
-                    count -= nxt[p - window] != p - window
-                if count == 0:
-                    continue
-                bad = nxt[s]
-                if bad <= p:
-                    out[i, p] = float(bad - s + 1)
-                    continue
-                best = s
-                best_key = key[s]
-                for k in range(s + 1, p + 1):
-                    take = key[k] > best_key
-                    best = k if take else best
-                    best_key = key[k] if take else best_key
-                out[i, p] = float(best - s + 1)
+        if b <= a:
             continue
-        head = tail = 0
-        count = 0
+        w = window if 0 < window < b - a else b - a
+        nxt[b] = b
+        off = (b - 1 - a) % w  # (k - a) % w
+        best = b - 1
+        best_key = -np.inf
+        for k in range(b - 1, a - 1, -1):
+            finite = math.isfinite(row[k])
+            nxt[k] = nxt[k + 1] if finite else k
+            kk = sign * row[k] if finite else -np.inf
+            key[k] = kk
+            take = (off == w - 1) | (kk >= best_key)  # a block's last position, or not smaller: earlier wins
+            best = k if take else best
+            best_key = kk if take else best_key
+            tail[k] = best
+            tail_key[k] = best_key
+            off = off - 1 if off > 0 else w - 1
+        scan = 0 < window <= _SCAN_WINDOW
+        count = 0  # finite values in the window
+        off = 0  # (p - a) % w
+        best = a  # first extreme from p's block start to p
+        best_key = -np.inf
         for p in range(a, b):
-            v = row[p]
-            if math.isfinite(v):
-                count += 1
-                kv = sign * v
-                while tail > head and key[tail - 1] < kv:
-                    tail -= 1
-                q[tail] = p
-                key[tail] = kv
-                tail += 1
+            kk = key[p]
+            take = (off == 0) | (kk > best_key)
+            best = p if take else best
+            best_key = kk if take else best_key
+            count += nxt[p] != p
             s = a
-            if window > 0 and p - window >= a:
-                s = p - window + 1
-                if math.isfinite(row[p - window]):
-                    count -= 1
-                    if tail > head and q[head] == p - window:
-                        head += 1
-            if count == 0:
-                continue
-            bad = nxt[s]
-            out[i, p] = float((bad if bad <= p else q[head]) - s + 1)
+            if p - w >= a:
+                s = p - w + 1
+                count -= nxt[p - w] != p - w
+            if count > 0:
+                at = nxt[s]
+                if at > p and scan:
+                    at = s
+                    at_key = key[s]
+                    for k in range(s + 1, p + 1):
+                        bigger = key[k] > at_key
+                        at = k if bigger else at
+                        at_key = key[k] if bigger else at_key
+                elif at > p:
+                    at = best
+                    if s > a and off != w - 1:  # s and p in consecutive blocks
+                        at = tail[s] if tail_key[s] >= best_key else best
+                out[i, p] = float(at - s + 1)
+            off = off + 1 if off + 1 < w else 0
     return out
 
 
