@@ -308,8 +308,12 @@ def _order_stat(x, lo, hi, window, q, median):
                     rk = rank[k] + (v < e) - (r <= e)
                     rank[k] = rk
                     below += e <= v
-                    s1 += k if (rk == k1) & (k != slot) else 0
-                    s2 += k if (rk == k2) & (k != slot) else 0
+                    s1 += k if rk == k1 else 0
+                    s2 += k if rk == k2 else 0
+                if rank[slot] == k1:  # the leaving value's slot (its rank now meaningless) is no answer
+                    s1 -= slot
+                if rank[slot] == k2:
+                    s2 -= slot
                 if add:
                     val[slot] = v
                     rank[slot] = below - (r <= v)
