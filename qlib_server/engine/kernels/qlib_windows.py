@@ -272,7 +272,7 @@ def _order_stat(x, lo, hi, window, q, median):
     holding the wanted ranks are found on the way. Interpolation as pandas: ``lo + (hi - lo) * (f - int(f))``
     with ``f = q * (n - 1)``; the median of an even count ``(hi + lo) / 2``."""
     out = np.full(x.shape, np.nan)
-    ring = window if window > 0 else x.shape[1]  # expanding: the ring never wraps
+    ring = window if 0 < window < x.shape[1] else x.shape[1]  # expanding or longer than a row: never wraps
     val = np.empty(max(ring, 1))
     rank = np.empty(max(ring, 1), np.int64)
     for i in range(x.shape[0]):
