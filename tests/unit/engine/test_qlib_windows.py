@@ -270,3 +270,14 @@ def test_order_statistics_of_zeros_of_both_signs_keep_the_skiplists_arrival_orde
         for q in (0.1, 0.5, 0.9):
             want = pandas_reference(x, lo, hi, window, "quantile", q)
             assert_same_bits(qw.rolling_quantile(x, lo, hi, window, q), want)
+
+
+def test_a_window_far_longer_than_the_rows_allocates_nothing_and_equals_pandas():
+    x, lo, hi = case_rows(4)
+    window = 10**12
+    assert_same_bits(qw.rolling_median(x, lo, hi, window), pandas_reference(x, lo, hi, window, "median"))
+    assert_same_bits(qw.rolling_quantile(x, lo, hi, window, 0.3),
+                     pandas_reference(x, lo, hi, window, "quantile", 0.3))
+    for name in ("idxmax", "idxmin"):
+        func, kernel = APPLY[name]
+        assert_same_bits(kernel(x, lo, hi, window), pandas_reference(x, lo, hi, window, "apply", func))
