@@ -260,3 +260,9 @@ def paired_frames(draw, max_t=60):
 @given(paired_frames())
 def test_var_std_sem_of_rows_side_by_side_equal_pandas(frame):
     check_family(["var", "std", "sem"], frame)
+
+
+@settings(max_examples=60, deadline=None)
+@given(paired_frames())
+def test_rank_with_a_running_count_equals_pandas_on_inf_and_nan_runs(frame):
+    check_family(["rank", "rank_pct"], frame)
