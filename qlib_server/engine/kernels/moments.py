@@ -132,110 +132,115 @@ def rolling_sem(x, lo, hi, window):
     return out
 
 
-# skew/kurt state: nobs, mean, origin, m2, m3, m4, peak_dev, unstable
-_MN, _MMEAN, _ORIG, _M2, _M3, _M4, _PEAK, _MUNST = range(8)
-
-
 @numba.njit(**JIT)
-def _moments_add(val, st, kurt):
-    """pandas' add_skew/add_kurt of a non-NaN value: anchored online central moments."""
-    if st[_MN] == 0:
-        st[_ORIG] = val if abs(val) < MAX_ORIGIN else 0.0
-    shifted = val - st[_ORIG]
-    delta = shifted - st[_MMEAN]
-    st[_MN] += 1.0
-    n = st[_MN]
-    delta_n = delta / n
-    term1 = delta * delta_n * (n - 1.0)
-    m2 = st[_M2]
-    m3 = st[_M3]
-    if kurt:
-        st[_M4] += delta_n * (-4.0 * m3 + delta_n * (6.0 * m2 + term1 * (n * n - 3.0 * n + 3.0)))
-    st[_M3] = m3 + delta_n * (term1 * (n - 2.0) - 3.0 * m2)
-    st[_M2] = m2 + term1
-    st[_MMEAN] += delta_n
-    _moments_check(shifted, st)
-
-
-@numba.njit(**JIT)
-def _moments_remove(val, st, kurt):
-    """pandas' remove_skew/remove_kurt of a non-NaN value."""
-    st[_MN] -= 1.0
-    if st[_MN] == 0:
-        st[:] = 0.0
-        return
-    shifted = val - st[_ORIG]
-    n = st[_MN]
-    delta = shifted - st[_MMEAN]
-    delta_n = delta / n
-    term1 = delta_n * delta * (n + 1.0)
-    m2 = st[_M2]
-    m3 = st[_M3]
-    if kurt:
-        st[_M4] += delta_n * (4.0 * m3 + delta_n * (6.0 * m2 - term1 * (n * n + 3.0 * n + 3.0)))
-    st[_M3] = m3 - delta_n * (term1 * (n + 2.0) - 3.0 * m2)
-    st[_M2] = m2 - term1
-    st[_MMEAN] -= delta_n
-    _moments_check(shifted, st)
-
-
-@numba.njit(**JIT)
-def _moments_check(shifted, st):
-    """pandas' track_moment_dev + moment_cancellation_suspected: flag the state for a rebuild."""
-    dev = abs(shifted - st[_MMEAN])
-    if dev > st[_PEAK]:
-        st[_PEAK] = dev
-    mean, m2, peak = st[_MMEAN], st[_M2], st[_PEAK]
-    if (m2 != m2 or st[_M3] != st[_M3] or st[_M4] != st[_M4]
+def _moments_step(val, n, mean, orig, m2, m3, m4, peak, unstable, kurt, add):
+    """pandas' add_skew/add_kurt (``add``) or remove_skew/remove_kurt of a non-NaN value (anchored online
+    central moments; m4 only for kurt), then track_moment_dev + moment_cancellation_suspected: the state
+    (count, shifted mean, origin, m2, m3, m4, peak deviation, unstable) in, the new state out."""
+    if add:
+        if n == 0:
+            orig = val if abs(val) < MAX_ORIGIN else 0.0
+        shifted = val - orig
+        delta = shifted - mean
+        n += 1.0
+        delta_n = delta / n
+        term1 = delta * delta_n * (n - 1.0)
+        if kurt:
+            m4 += delta_n * (-4.0 * m3 + delta_n * (6.0 * m2 + term1 * (n * n - 3.0 * n + 3.0)))
+        m3 = m3 + delta_n * (term1 * (n - 2.0) - 3.0 * m2)
+        m2 = m2 + term1
+        mean += delta_n
+    else:
+        n -= 1.0
+        if n == 0:
+            return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, False
+        shifted = val - orig
+        delta = shifted - mean
+        delta_n = delta / n
+        term1 = delta_n * delta * (n + 1.0)
+        if kurt:
+            m4 += delta_n * (4.0 * m3 + delta_n * (6.0 * m2 - term1 * (n * n + 3.0 * n + 3.0)))
+        m3 = m3 - delta_n * (term1 * (n + 2.0) - 3.0 * m2)
+        m2 = m2 - term1
+        mean -= delta_n
+    dev = abs(shifted - mean)
+    if dev > peak:
+        peak = dev
+    if (m2 != m2 or m3 != m3 or m4 != m4
             or mean * mean * ANCHOR_DRIFT_LIMIT > m2 or peak * peak * PEAK_DEV_LIMIT > m2):
-        st[_MUNST] = 1.0
+        unstable = True
+    return n, mean, orig, m2, m3, m4, peak, unstable
 
 
 @numba.njit(**JIT)
-def _moments_row(v, out, window, kurt):
-    """roll_skew (``kurt=False``) / roll_kurt (``kurt=True``) over one row."""
-    st = np.zeros(8)
-    for j in range(v.shape[0]):
-        s = window_start(j, window)
-        rebuild = j == 0 or window == 1
-        if not rebuild:
-            for k in range(window_start(j - 1, window), s):
-                if v[k] == v[k]:
-                    _moments_remove(v[k], st, kurt)
-            if v[j] == v[j]:
-                _moments_add(v[j], st, kurt)
-        if rebuild or st[_MUNST] != 0.0:
-            st[:] = 0.0
-            for k in range(s, j + 1):
-                if v[k] == v[k]:
-                    _moments_add(v[k], st, kurt)
-            st[_MUNST] = 0.0
-        n, m2 = st[_MN], st[_M2]
-        if not kurt:
-            if n < 3:
-                out[j] = np.nan
-            else:
-                out[j] = st[_M3] / (m2 * np.sqrt(m2)) * ((n * np.sqrt(n - 1.0)) / (n - 2.0))
-        elif n < 4:
-            out[j] = np.nan
-        else:
-            inner = n * (n + 1.0) * (st[_M4] / (m2 * m2)) - 3.0 * (n - 1.0)
-            out[j] = (n - 1.0) / ((n - 2.0) * (n - 3.0)) * inner
+def _moments_rebuild(v, s, j, kurt):
+    """pandas' rebuild of the skew/kurt state from the window ``v[s:j + 1]`` (the flag cleared)."""
+    n = mean = orig = m2 = m3 = m4 = peak = 0.0
+    u = False
+    for k in range(s, j + 1):
+        if v[k] == v[k]:
+            n, mean, orig, m2, m3, m4, peak, u = _moments_step(v[k], n, mean, orig, m2, m3, m4, peak, u, kurt, True)
+    return n, mean, orig, m2, m3, m4, peak
+
+
+@numba.njit(**JIT)
+def _moments_value(n, m2, m3, m4, kurt):
+    """Sample skewness (NaN below 3 values) or excess kurtosis (NaN below 4), pandas' formulas."""
+    if not kurt:
+        if n < 3:
+            return np.nan
+        return m3 / (m2 * np.sqrt(m2)) * ((n * np.sqrt(n - 1.0)) / (n - 2.0))
+    if n < 4:
+        return np.nan
+    inner = n * (n + 1.0) * (m4 / (m2 * m2)) - 3.0 * (n - 1.0)
+    return (n - 1.0) / ((n - 2.0) * (n - 3.0)) * inner
+
+
+@numba.njit(**JIT)
+def _moments_rows(x, lo, hi, window, kurt):
+    """roll_skew (``kurt=False``) / roll_kurt (``kurt=True``) of every row, two rows at a time: the steps,
+    rebuilds and interleaving of :func:`_var_rows` (state: count n, mean m, origin o, moments 2-4, peak)."""
+    out = nan_output(x)
+    rows = x.shape[0]
+    for g in range(0, rows, 2):
+        va = clean_row(x, g, lo[g], hi[g])
+        oa = out[g, lo[g]:hi[g]]
+        h = g + 1 if g + 1 < rows else g  # an odd last row pairs with an empty row
+        vb = clean_row(x, h, lo[h], hi[h]) if h > g else va[:0]
+        ob = out[h, lo[h]:hi[h]] if h > g else oa[:0]
+        na = ma = oa_ = a2 = a3 = a4 = pa = 0.0
+        nb = mb = ob_ = b2 = b3 = b4 = pb = 0.0
+        for j in range(max(va.shape[0], vb.shape[0])):
+            if j < va.shape[0]:
+                ua = False
+                k = j - window
+                if window > 1 and k >= 0 and va[k] == va[k]:
+                    na, ma, oa_, a2, a3, a4, pa, ua = _moments_step(va[k], na, ma, oa_, a2, a3, a4, pa, ua, kurt, False)
+                if va[j] == va[j]:
+                    na, ma, oa_, a2, a3, a4, pa, ua = _moments_step(va[j], na, ma, oa_, a2, a3, a4, pa, ua, kurt, True)
+                if ua or j == 0 or window == 1:
+                    na, ma, oa_, a2, a3, a4, pa = _moments_rebuild(va, window_start(j, window), j, kurt)
+                oa[j] = _moments_value(na, a2, a3, a4, kurt)
+            if j < vb.shape[0]:
+                ub = False
+                k = j - window
+                if window > 1 and k >= 0 and vb[k] == vb[k]:
+                    nb, mb, ob_, b2, b3, b4, pb, ub = _moments_step(vb[k], nb, mb, ob_, b2, b3, b4, pb, ub, kurt, False)
+                if vb[j] == vb[j]:
+                    nb, mb, ob_, b2, b3, b4, pb, ub = _moments_step(vb[j], nb, mb, ob_, b2, b3, b4, pb, ub, kurt, True)
+                if ub or j == 0 or window == 1:
+                    nb, mb, ob_, b2, b3, b4, pb = _moments_rebuild(vb, window_start(j, window), j, kurt)
+                ob[j] = _moments_value(nb, b2, b3, b4, kurt)
+    return out
 
 
 @numba.njit(**JIT)
 def rolling_skew(x, lo, hi, window):
     """``Series.rolling(window, min_periods=1).skew()`` (NaN below 3 observations; window 0: expanding)."""
-    out = nan_output(x)
-    for i in range(x.shape[0]):
-        _moments_row(clean_row(x, i, lo[i], hi[i]), out[i, lo[i]:hi[i]], window, False)
-    return out
+    return _moments_rows(x, lo, hi, window, False)
 
 
 @numba.njit(**JIT)
 def rolling_kurt(x, lo, hi, window):
     """``Series.rolling(window, min_periods=1).kurt()`` (NaN below 4 observations; window 0: expanding)."""
-    out = nan_output(x)
-    for i in range(x.shape[0]):
-        _moments_row(clean_row(x, i, lo[i], hi[i]), out[i, lo[i]:hi[i]], window, True)
-    return out
+    return _moments_rows(x, lo, hi, window, True)

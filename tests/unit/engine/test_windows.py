@@ -234,7 +234,7 @@ def test_ewm_means_equal_pandas_on_random_rows(frame, alpha, span):
                      pandas_rows(x, lo, hi, lambda s: s.ewm(span=span, min_periods=1).mean().to_numpy()))
 
 
-# ---- rows computed side by side (var/std advance two rows in one loop): rows of unequal bounds, odd counts,
+# ---- rows computed side by side (var/std/skew/kurt advance two rows in one loop): rows of unequal bounds, odd counts,
 # and magnitudes that make pandas rebuild its state (cancellation) in one row of a pair but not the other.
 
 SPIKY = st.one_of(
@@ -258,8 +258,8 @@ def paired_frames(draw, max_t=60):
 
 @settings(max_examples=100, deadline=None)
 @given(paired_frames())
-def test_var_std_sem_of_rows_side_by_side_equal_pandas(frame):
-    check_family(["var", "std", "sem"], frame)
+def test_moments_of_rows_side_by_side_equal_pandas(frame):
+    check_family(["var", "std", "sem", "skew", "kurt"], frame)
 
 
 @settings(max_examples=60, deadline=None)
