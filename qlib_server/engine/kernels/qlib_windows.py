@@ -30,6 +30,8 @@ import math
 import numba
 import numpy as np
 
+from .windows import rolling_max, rolling_min
+
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 
@@ -112,36 +114,78 @@ def _start(p, lo, window):
     return lo if window == 0 else max(lo, p - window + 1)
 
 
+_SCAN_WINDOW = 8  # up to this window a branch-free scan of the window is the fastest
+
+
 @_jit
 def _idx_extreme(x, lo, hi, window, sign):
-    """``apply(lambda x: x.argmax() + 1, raw=True)`` (sign 1) or ``argmin`` (sign -1) per row."""
+    """``apply(lambda x: x.argmax() + 1, raw=True)`` (sign 1) or ``argmin`` (sign -1) per row.
+
+    pandas calls the function only where the window holds a finite value (else NaN); numpy's argmax/argmin
+    then answer the window's first non-finite position if it has one (pandas made inf NaN, and numpy stops
+    at the first NaN), else the first of the window's equal extremes (``key = sign * value``; a later one
+    wins only when strictly greater). The first non-finite position from each position on comes from a
+    backward pass. Small windows scan branch-free. Larger ones split the row into blocks of ``window``
+    positions from ``lo`` (one block when expanding or when the window outgrows the row): a window then
+    runs from a position ``s`` of one block to a position ``p`` of the next (or is a block's start to
+    ``p``), so its first extreme is that of ``s`` to its block's end (kept by the backward pass) or, when
+    strictly greater, that of ``p``'s block start to ``p`` (kept going forward): O(1) a step, branch-free."""
     out = np.full(x.shape, np.nan)
+    t = x.shape[1]
+    nxt = np.empty(t + 1, np.int64)  # first non-finite position >= k (b when none)
+    key = np.empty(t)  # sign * value, -inf for a non-finite value (never compared: handled first)
+    tail = np.empty(t, np.int64)  # first extreme from k to the end of k's block
+    tail_key = np.empty(t)
     for i in range(x.shape[0]):
         row, a, b = x[i], lo[i], hi[i]
-        count = 0
+        if b <= a:
+            continue
+        w = window if 0 < window < b - a else b - a
+        nxt[b] = b
+        off = (b - 1 - a) % w  # (k - a) % w
+        best = b - 1
+        best_key = -np.inf
+        for k in range(b - 1, a - 1, -1):
+            finite = math.isfinite(row[k])
+            nxt[k] = nxt[k + 1] if finite else k
+            kk = sign * row[k] if finite else -np.inf
+            key[k] = kk
+            take = (off == w - 1) | (kk >= best_key)  # a block's last position, or not smaller: earlier wins
+            best = k if take else best
+            best_key = kk if take else best_key
+            tail[k] = best
+            tail_key[k] = best_key
+            off = off - 1 if off > 0 else w - 1
+        scan = 0 < window <= _SCAN_WINDOW
+        count = 0  # finite values in the window
+        off = 0  # (p - a) % w
+        best = a  # first extreme from p's block start to p
+        best_key = -np.inf
         for p in range(a, b):
-            count += math.isfinite(row[p])
-            s = _start(p, a, window)
-            if window > 0 and p - window >= a:
-                count -= math.isfinite(row[p - window])
-            if count == 0:
-                continue
-            if window == 0 and p > a and out[i, p - 1] == out[i, p - 1]:  # expanding: extend p - 1's answer
-                best = s + int(out[i, p - 1]) - 1
-                if math.isfinite(row[best]) and (
-                        not math.isfinite(row[p]) or sign * row[p] > sign * row[best]):
-                    best = p
-                out[i, p] = float(best - s + 1)
-                continue
-            best = s
-            for k in range(s, p + 1):
-                v = row[k]
-                if not math.isfinite(v):  # numpy's argmax/argmin stop at the first NaN
-                    best = k
-                    break
-                if sign * v > sign * row[best]:
-                    best = k
-            out[i, p] = float(best - s + 1)
+            kk = key[p]
+            take = (off == 0) | (kk > best_key)
+            best = p if take else best
+            best_key = kk if take else best_key
+            count += nxt[p] != p
+            s = a
+            if p - w >= a:
+                s = p - w + 1
+                count -= nxt[p - w] != p - w
+            if count > 0:
+                at = nxt[s]
+                if at > p and scan:
+                    at = s
+                    at_key = key[s]
+                    for k in range(s + 1, p + 1):
+                        bigger = key[k] > at_key
+                        at = k if bigger else at
+                        at_key = key[k] if bigger else at_key
+                elif at > p:
+                    at = best
+                    if s > a and off != w - 1:  # s and p in consecutive blocks
+                        at = tail[s] if tail_key[s] >= best_key else best
+                out[i, p] = float(at - s + 1)
+            off = off + 1 if off + 1 < w else 0
     return out
 
 
@@ -212,65 +256,82 @@ def _weighted_nansum_at(x, lo, hi, w, out):
             out[i, a + n - 1] = _np_sum(buf, n)
 
 
+_NO_RANK = -(1 << 40)  # the rank of an empty slot or a NaN: never one an order statistic asks for
+
+
 @_jit
 def _order_stat(x, lo, hi, window, q, median):
-    """pandas ``roll_median_c`` (median) or ``roll_quantile`` linear (q) over the window's finite values."""
+    """pandas ``roll_median_c`` (median) or ``roll_quantile`` linear (q) over the window's finite values.
+
+    The skiplist orders the window's finite values by value, and equal ones (0.0 and -0.0: which of them is
+    picked shows in the sign) in arrival order: it inserts a value after its equals and removes the first of
+    a leaving value's equals, which is the leaving value itself, the window's oldest. The window is a ring of
+    slots, each holding a value and its rank in that order, and a step is one branch-free pass over the
+    filled slots: a value entering moves up the ranks of the greater values, the one leaving moves down those
+    it preceded (all values >= it), the entering value's rank is the count of values <= it, and the slots
+    holding the wanted ranks are found on the way. Interpolation as pandas: ``lo + (hi - lo) * (f - int(f))``
+    with ``f = q * (n - 1)``; the median of an even count ``(hi + lo) / 2``."""
     out = np.full(x.shape, np.nan)
-    buf = np.empty(x.shape[1] + 1)
+    ring = window if 0 < window < x.shape[1] else x.shape[1]  # expanding or longer than a row: never wraps
+    val = np.empty(max(ring, 1))
+    rank = np.empty(max(ring, 1), np.int64)
     for i in range(x.shape[0]):
         row, a, b = x[i], lo[i], hi[i]
+        val[:] = np.nan
+        rank[:] = _NO_RANK
         m = 0
+        slot = 0  # where position p goes, and where the value leaving (position p - window) was
         for p in range(a, b):
             v = row[p]
-            if math.isfinite(v):  # insert after any equal value
-                j = m
-                while j > 0 and buf[j - 1] > v:
-                    buf[j] = buf[j - 1]
-                    j -= 1
-                buf[j] = v
-                m += 1
-            if window > 0 and p - window >= a and math.isfinite(row[p - window]):
-                v = row[p - window]  # remove the first equal value
-                j = 0
-                while buf[j] < v:
-                    j += 1
-                for k in range(j, m - 1):
-                    buf[k] = buf[k + 1]
-                m -= 1
-            if m == 0:
-                continue
-            if median:
-                h = m // 2
-                out[i, p] = buf[h] if m % 2 else (buf[h] + buf[h - 1]) / 2.0
-            elif m == 1:
-                out[i, p] = buf[0]
+            add = math.isfinite(v)
+            if not add:
+                v = np.nan
+            r = val[slot]
+            drop = r == r
+            m += add - drop
+            if m == 0:  # every slot holds NaN
+                val[slot] = v
+                rank[slot] = _NO_RANK
             else:
-                f = q * float(m - 1)
-                idx = int(f)
-                if f == idx:
-                    out[i, p] = buf[idx]
+                f = 0.0
+                if median:
+                    k2 = m // 2
+                    k1 = k2 if m % 2 else k2 - 1
                 else:
-                    out[i, p] = buf[idx] + (buf[idx + 1] - buf[idx]) * (f - idx)
-    return out
-
-
-@_jit
-def _newest_extreme(x, lo, hi, window, sign):
-    """pandas ``roll_max`` (sign 1) / ``roll_min`` (sign -1): the newest of the window's equal extremes."""
-    out = np.full(x.shape, np.nan)
-    for i in range(x.shape[0]):
-        row, a, b = x[i], lo[i], hi[i]
-        best = -1  # expanding: the running extreme
-        for p in range(a, b):
-            if window > 0:
-                best = -1
-                for k in range(_start(p, a, window), p + 1):
-                    if math.isfinite(row[k]) and (best < 0 or sign * row[k] >= sign * row[best]):
-                        best = k
-            elif math.isfinite(row[p]) and (best < 0 or sign * row[p] >= sign * row[best]):
-                best = p
-            if best >= 0:
-                out[i, p] = row[best]
+                    f = q * float(m - 1)
+                    k1 = int(f)
+                    k2 = k1 if f == k1 else k1 + 1
+                below = 0  # values <= v (the leaving one included)
+                s1 = s2 = 0  # the slots of ranks k1 and k2 (0 when the entering value holds it)
+                for k in range(min(ring, p - a + 1)):
+                    e = val[k]
+                    rk = rank[k] + (v < e) - (r <= e)
+                    rank[k] = rk
+                    below += e <= v
+                    s1 += k if rk == k1 else 0
+                    s2 += k if rk == k2 else 0
+                if rank[slot] == k1:  # the leaving value's slot (its rank now meaningless) is no answer
+                    s1 -= slot
+                if rank[slot] == k2:
+                    s2 -= slot
+                if add:
+                    val[slot] = v
+                    rank[slot] = below - (r <= v)
+                    if rank[slot] == k1:
+                        s1 = slot
+                    if rank[slot] == k2:
+                        s2 = slot
+                else:
+                    val[slot] = np.nan
+                    rank[slot] = _NO_RANK
+                low = val[s1]
+                if median:
+                    out[i, p] = low if k1 == k2 else (val[s2] + low) / 2.0
+                elif k1 == k2:
+                    out[i, p] = low
+                else:
+                    out[i, p] = low + (val[s2] - low) * (f - k1)
+            slot = slot + 1 if slot + 1 < ring else 0
     return out
 
 
@@ -321,6 +382,6 @@ def rolling_quantile(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, window: int,
     """Qlib ``Quantile``: pandas ``rolling/expanding(min_periods=1).quantile(q)`` (linear interpolation)."""
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"quantile {q} not in [0, 1]")
-    if q == 0.0 or q == 1.0:  # pandas itself takes roll_min / roll_max there
-        return _newest_extreme(x, lo, hi, _window(window), 1.0 if q == 1.0 else -1.0)
+    if q == 0.0 or q == 1.0:  # pandas itself takes roll_min / roll_max there (the newest of equal extremes)
+        return (rolling_max if q == 1.0 else rolling_min)(x, lo, hi, _window(window))
     return _order_stat(x, lo, hi, _window(window), float(q), False)

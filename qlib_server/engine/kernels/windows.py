@@ -169,21 +169,22 @@ def _rank_row(v, out, window, pct):
     """roll_rank(method='average', ascending) over one row: the rank of the window's last value among the
     window's non-NaN values, ``(min_rank + max_rank) / 2`` (pandas' skiplist formula is exact), NaN when that
     value is NaN; ``pct`` divides by the window's non-NaN count."""
+    nobs = 0  # the window's non-NaN values
     for j in range(v.shape[0]):
         val = v[j]
+        s = window_start(j, window)
+        nobs += val == val
+        if j > 0 and s > window_start(j - 1, window):  # the value leaving (one: windows move by one)
+            nobs -= v[s - 1] == v[s - 1]
         if val != val:
             continue
         below = 0
-        equal = 0
-        nobs = 0
-        for k in range(window_start(j, window), j + 1):
+        upto = 0  # values <= val
+        for k in range(s, j + 1):  # branch-free counts (NaN compares false)
             w = v[k]
-            if w == w:
-                nobs += 1
-                if w < val:
-                    below += 1
-                elif w == val:
-                    equal += 1
+            below += w < val
+            upto += w <= val
+        equal = upto - below
         rank_max = float(below + equal)
         rank_min = float(below + 1)
         rank = (rank_max * (rank_max + 1) / 2 - (rank_min - 1) * rank_min / 2) / (rank_max - rank_min + 1)

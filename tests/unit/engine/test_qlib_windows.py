@@ -214,3 +214,70 @@ def test_any_series_gives_pandas_median_and_quantile_bit_for_bit(data, window, p
         else:
             want = pandas_reference(x, lo, hi, window, "quantile", q)
             assert_same_bits(qw.rolling_quantile(x, lo, hi, window, q), want)
+
+
+# ---- adversarial rows for the incremental algorithms (monotonic deque, sorted window): few distinct values
+# (ties everywhere, 0.0 next to -0.0), runs of NaN and +-inf, windows of 1 and 2, windows longer than the row.
+
+few_values = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.0, 2.0, np.nan, np.inf, -np.inf])
+
+
+@st.composite
+def runs(draw, max_runs=30):
+    """A series made of runs: a value repeated 1-12 times (ties and NaN/inf runs), or a few distinct values."""
+    out = []
+    for _ in range(draw(st.integers(0, max_runs))):
+        if draw(st.booleans()):
+            out += [draw(few_values)] * draw(st.integers(1, 12))
+        else:
+            out += draw(st.lists(st.one_of(few_values, st.floats(-3, 3, width=16).map(float)), max_size=6))
+    return out
+
+
+adversarial_windows = st.sampled_from([0, 1, 2, 3, 5, 8, 13, 33, 500])
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=runs(), window=adversarial_windows, pad=pads, name=st.sampled_from(["idxmax", "idxmin"]))
+def test_idx_extremes_on_tie_and_nan_runs_equal_numpys_argmax_argmin(data, window, pad, name):
+    x, lo, hi = one_row(data, pad)
+    func, kernel = APPLY[name]
+    with np.errstate(all="ignore"):
+        assert_same_bits(kernel(x, lo, hi, window), pandas_reference(x, lo, hi, window, "apply", func))
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=runs(), window=adversarial_windows, pad=pads,
+       q=st.one_of(st.none(), st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0, 0.2, 0.8]), st.floats(0.0, 1.0)))
+def test_order_statistics_on_tie_and_nan_runs_equal_pandas(data, window, pad, q):
+    """The ranks of a ring window against pandas' skiplist: equal values of both zero signs entering and
+    leaving in every order, NaN/inf runs emptying the window, exact ranks (f == int(f)) and interpolation."""
+    x, lo, hi = one_row(data, pad)
+    with np.errstate(all="ignore"):
+        if q is None:
+            assert_same_bits(qw.rolling_median(x, lo, hi, window), pandas_reference(x, lo, hi, window, "median"))
+        else:
+            want = pandas_reference(x, lo, hi, window, "quantile", q)
+            assert_same_bits(qw.rolling_quantile(x, lo, hi, window, q), want)
+
+
+def test_order_statistics_of_zeros_of_both_signs_keep_the_skiplists_arrival_order():
+    rng = np.random.default_rng(5)
+    x = rng.choice([0.0, -0.0, 0.0, -0.0, 1.0, -1.0, np.nan], (6, 300))
+    lo, hi = np.zeros(6, np.int64), np.full(6, 300, np.int64)
+    for window in (0, 1, 2, 3, 4, 6, 9, 64, 299, 301):
+        assert_same_bits(qw.rolling_median(x, lo, hi, window), pandas_reference(x, lo, hi, window, "median"))
+        for q in (0.1, 0.5, 0.9):
+            want = pandas_reference(x, lo, hi, window, "quantile", q)
+            assert_same_bits(qw.rolling_quantile(x, lo, hi, window, q), want)
+
+
+def test_a_window_far_longer_than_the_rows_allocates_nothing_and_equals_pandas():
+    x, lo, hi = case_rows(4)
+    window = 10**12
+    assert_same_bits(qw.rolling_median(x, lo, hi, window), pandas_reference(x, lo, hi, window, "median"))
+    assert_same_bits(qw.rolling_quantile(x, lo, hi, window, 0.3),
+                     pandas_reference(x, lo, hi, window, "quantile", 0.3))
+    for name in ("idxmax", "idxmin"):
+        func, kernel = APPLY[name]
+        assert_same_bits(kernel(x, lo, hi, window), pandas_reference(x, lo, hi, window, "apply", func))

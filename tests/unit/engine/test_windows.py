@@ -232,3 +232,37 @@ def test_ewm_means_equal_pandas_on_random_rows(frame, alpha, span):
                      pandas_rows(x, lo, hi, lambda s: s.ewm(alpha=alpha, min_periods=1).mean().to_numpy()))
     assert_same_bits(ewm.ewm_mean(x, lo, hi, ewm.ewm_span_alpha(span)),
                      pandas_rows(x, lo, hi, lambda s: s.ewm(span=span, min_periods=1).mean().to_numpy()))
+
+
+# ---- rows computed side by side (var/std/skew/kurt advance two rows in one loop): rows of unequal bounds, odd counts,
+# and magnitudes that make pandas rebuild its state (cancellation) in one row of a pair but not the other.
+
+SPIKY = st.one_of(
+    st.sampled_from([0.0, -0.0, 1.0, 1e8, -1e8, 1e150, -1e150, 1e-300, np.nan, np.nan, np.inf, -np.inf]),
+    st.floats(-1e3, 1e3, width=32),
+    st.floats(1e8 - 1, 1e8 + 1),
+)
+
+
+@st.composite
+def paired_frames(draw, max_t=60):
+    t = draw(st.integers(0, max_t))
+    n = draw(st.integers(1, 7))
+    x = np.array(draw(st.lists(SPIKY, min_size=n * t, max_size=n * t)), dtype=np.float64).reshape(n, t)
+    bounds = [sorted(draw(st.lists(st.integers(0, t), min_size=2, max_size=2))) for _ in range(n)]
+    lo = np.array([b[0] for b in bounds], dtype=np.int64)
+    hi = np.array([b[1] for b in bounds], dtype=np.int64)
+    window = draw(st.sampled_from([0, 1, 2, 3, 5, 13, 100]))
+    return np.ascontiguousarray(x), lo, hi, window
+
+
+@settings(max_examples=100, deadline=None)
+@given(paired_frames())
+def test_moments_of_rows_side_by_side_equal_pandas(frame):
+    check_family(["var", "std", "sem", "skew", "kurt"], frame)
+
+
+@settings(max_examples=60, deadline=None)
+@given(paired_frames())
+def test_rank_with_a_running_count_equals_pandas_on_inf_and_nan_runs(frame):
+    check_family(["rank", "rank_pct"], frame)
