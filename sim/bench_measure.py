@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from sim.client import connect, request
+from sim.client import connect, payload, request
 
 #: the issue's cold case: a 3-year window of the 6 years of data the benchmark generates
 COLD_START, COLD_END = "2020-01-01", "2022-12-31"
@@ -61,6 +61,44 @@ def summary_ms(samples: list[float]) -> dict:
 
 
 # -- hot -----------------------------------------------------------------------------------------
+def _ws_url(url: str) -> str:
+    return url.replace("http://", "ws://", 1).rstrip("/") + "/socket.io/?EIO=4&transport=websocket"
+
+
+async def capture_frames(url: str, kinds=tuple(HOT), encoding: str = "json", timeout: float = 120.0) -> dict[str, dict]:
+    """Each hot request as the bench's clients send it (``event``, the encoded ``body``) and the exact
+    Engine.IO text frame the server at ``url`` answers it with (``frame``), read off a raw WebSocket
+    (aiohttp speaking Engine.IO 4 by hand, so nothing decodes and re-encodes the answer). Each request
+    is asked twice and the second answer kept (the first of a cold feature set computes it); both must
+    carry the same bytes."""
+    import aiohttp
+
+    out = {}
+    async with aiohttp.ClientSession() as session, session.ws_connect(_ws_url(url), max_msg_size=0) as ws:
+
+        async def frame(prefix: str) -> str:
+            while True:
+                text = await asyncio.wait_for(ws.receive_str(), timeout)
+                if text == "2":  # Engine.IO ping
+                    await ws.send_str("3")
+                elif text.startswith(prefix):
+                    return text
+
+        await frame("0")  # Engine.IO open
+        await ws.send_str("40")  # Socket.IO connect, default namespace
+        await frame("40")
+        for kind in kinds:
+            event, sent = f"{kind}_request", payload(HOT[kind], encoding)
+            answers = []
+            for _ in range(2):
+                await ws.send_str("42" + json.dumps([event, sent], separators=(",", ":")))
+                answers.append(await frame(f'42["{kind}_response"'))
+            if answers[0] != answers[1]:
+                raise RuntimeError(f"{url} answered the same {kind} request with different bytes")
+            out[kind] = {"event": event, "body": sent["body"], "frame": answers[1]}
+    return out
+
+
 async def single_latency(url: str, kind: str, n: int) -> dict:
     sio = await connect(url)
     try:
