@@ -258,6 +258,9 @@ def report(r: dict) -> None:
               f"{s[kind]['p50_ms'] / e[kind]['p50_ms']:>10.2f}")
     et, st = e["throughput_50"]["rps"], s["throughput_50"]["rps"]
     print(f"{'throughput @50 (req/s)':28}{et:>16.1f}{st:>16.1f}{st / et:>10.2f}")
+    ec, sc = e["throughput_50"].get("cpu_us_per_answer"), s["throughput_50"].get("cpu_us_per_answer")
+    if ec and sc:
+        print(f"{'CPU per answer @50 (us)':28}{ec:>16.1f}{sc:>16.1f}{sc / ec:>10.2f}")
     if r.get("cold_feature"):
         print(f"\n== cold feature set ({r['machine']['instruments']} instruments x 5 rolling fields, 3 of 6 years) ==")
         for c in r["cold_feature"]:

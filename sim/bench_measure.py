@@ -12,6 +12,7 @@ import itertools
 import json
 import multiprocessing as mp
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -136,13 +137,15 @@ async def paired_latency(urls: dict[str, str], kind: str, n: int, rounds: int = 
 
 
 def paired_throughput(urls: dict[str, str], clients: int, seconds: float, rounds: int = 2) -> dict[str, dict]:
-    """:func:`throughput` of each server in alternating rounds of ``seconds / rounds`` (see above)."""
+    """:func:`throughput` of each server in alternating rounds of ``seconds / rounds`` (see above), with
+    the CPU time its serving process spent per answer meanwhile (``cpu_us_per_answer``, median of rounds)."""
     runs: dict[str, list] = {name: [] for name in urls}
     for _ in range(rounds):
         for name, url in urls.items():
             runs[name].append(throughput(url, clients, seconds / rounds))
     return {name: {"rps": round(sum(r["rps"] for r in rs) / len(rs), 1), "requests": sum(r["requests"] for r in rs),
-                   "errors": sum(r["errors"] for r in rs), "clients": clients, "rounds": [r["rps"] for r in rs]}
+                   "errors": sum(r["errors"] for r in rs), "clients": clients, "rounds": [r["rps"] for r in rs],
+                   "cpu_us_per_answer": round(statistics.median(r["cpu_us_per_answer"] for r in rs), 1)}
             for name, rs in runs.items()}
 
 
@@ -181,11 +184,17 @@ def throughput(url: str, clients: int, seconds: float, procs: int = 2) -> dict:
                for _ in range(procs)]
     for w in workers:
         w.start()
+    server = psutil.Process(listener_pid(int(url.rsplit(":", 1)[1].strip("/"))))
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu = sum(server.cpu_times()[:2])
+    time.sleep(max(0.0, start_at + seconds - time.time()))
+    cpu = sum(server.cpu_times()[:2]) - cpu
     results = [out.get(timeout=seconds + 300) for _ in workers]
     for w in workers:
         w.join()
     done, errors = sum(r[0] for r in results), sum(r[1] for r in results)
-    return {"rps": round(done / seconds, 1), "requests": done, "errors": errors, "clients": clients}
+    return {"rps": round(done / seconds, 1), "requests": done, "errors": errors, "clients": clients,
+            "cpu_us_per_answer": round(cpu / max(1, done) * 1e6, 1)}
 
 
 # -- cold ----------------------------------------------------------------------------------------
@@ -308,12 +317,17 @@ def _idle_worker(url, n, ready, release, answered):
     asyncio.run(_idle(url, n, ready, release, answered))
 
 
-def handler_rss(port: int) -> int:
-    """RSS of the process listening on ``port`` (the request handler)."""
+def listener_pid(port: int) -> int:
+    """The process listening on ``port`` (the request handler, or the echo server)."""
     for conn in psutil.net_connections("tcp"):
         if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
-            return psutil.Process(conn.pid).memory_info().rss
-    raise RuntimeError("handler process not found")
+            return conn.pid
+    raise RuntimeError(f"no process listens on port {port}")
+
+
+def handler_rss(port: int) -> int:
+    """RSS of the process listening on ``port`` (the request handler)."""
+    return psutil.Process(listener_pid(port)).memory_info().rss
 
 
 def with_connected(url: str, port: int, n: int, procs: int = 2) -> dict:

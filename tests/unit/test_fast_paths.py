@@ -8,13 +8,15 @@ import pandas as pd
 import pandas.testing as pdt
 import pytest
 import qlib
+import socketio
 from qlib.data.cache import DiskDatasetCache
 from qlib.data.storage.file_storage import FileFeatureStorage
 
 from qlib_server.config import make_config
 from qlib_server.datagen import generate_dataset
 from qlib_server.errors import RequestError
-from qlib_server.front.handler import Packet, make_parser
+from qlib_server.front.handler import Frames, Packet, make_parser
+from qlib_server.protocol import response, with_id
 from qlib_server.state import keys
 from qlib_server.state.cache import MISS, ResultCache
 from qlib_server.worker.datacache import write_table
@@ -99,3 +101,27 @@ def test_socketio_packets_still_find_binary_parts_anywhere_in_an_answer():
     assert not Packet.data_is_binary(["x", 1, 2.0, None, True, {"a": ["b", {"c": None}]}])
     assert Packet.data_is_binary(["x", {"a": [1, b"raw"]}])
     assert Packet.data_is_binary({"result": bytearray(b"x")})
+
+
+def socketio_text(event, envelope):
+    """What python-socketio sends for ``emit(event, envelope)`` on the default namespace."""
+    return Packet(socketio.packet.EVENT, data=[event, envelope]).encode()
+
+
+@pytest.mark.parametrize("result", [["2020-01-02 00:00:00", "2020-01-03 00:00:00"], "abc123", {"SH600000": [[
+    "2020-01-02 00:00:00", "2020-03-01 00:00:00"]]}, [], None, ["é\u2028\"\\"]])
+def test_an_answer_encoded_once_is_the_text_socketio_sends_with_or_without_a_request_id(result):
+    frames = Frames()
+    for envelope in (response(result, 0, None), with_id(response(result, 0, None), "r-1\"é")):
+        assert frames.text("calendar_response", envelope) == socketio_text("calendar_response", envelope)
+        assert frames.text("calendar_response", envelope) == socketio_text("calendar_response", envelope)  # reused
+
+
+def test_an_answer_is_encoded_again_for_another_result_object_and_errors_are_left_to_socketio():
+    frames = Frames()
+    first, second = ["2020-01-02 00:00:00"], ["2020-01-02 00:00:00", "2020-01-03 00:00:00"]
+    assert frames.text("calendar_response", response(first)) == socketio_text("calendar_response", response(first))
+    assert frames.text("calendar_response", response(second)) == socketio_text("calendar_response", response(second))
+    assert frames.text("calendar_response", response(None, 1, "bad")) is None
+    assert frames.text("calendar_response", {"status": 0, "result": [], "detailed_info": None}) is None  # key order
+    assert frames.text("feature_response", response({"x": b"raw"})) is None  # binary parts: socketio's attachments
