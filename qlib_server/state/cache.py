@@ -107,7 +107,7 @@ class ResultCache:
             return
         self._remember(gen, key, result, time.monotonic(), None, None)
 
-    def _remember(self, generation: int, key: str, result: Any, now: float, raw: Optional[bytes],
+    def _remember(self, generation: int, key: str, result: Any, now: float, raw: Any,
                   files: Optional[tuple[str, str]]) -> Optional[tuple[str, str]]:
         """Keep ``result`` (and the ``raw`` bytes it was read from) for ``memo_seconds``; returns the paths
         of its dataset cache files when it names one (a string), so they are built once."""
