@@ -17,6 +17,7 @@ import signal
 import time
 import uuid
 from typing import Callable, Optional
+from urllib.parse import parse_qs
 
 import socketio
 from flask import Flask, Response, request
@@ -53,11 +54,24 @@ def make_parser(cfg: ServerConfig) -> RequestParser:
 
 
 CLOSE_REPLY_DELAY = 0.5  # 0.1 s still lost 1 CLOSE in 100 under CI load
-"""Seconds the server waits before answering a client's WebSocket close frame (see below)."""
+"""Seconds the server waits before answering a stalling client's WebSocket close frame (see below)."""
+
+
+def closes_late(environ: dict) -> bool:
+    """Whether the client of this WebSocket (its upgrade request's WSGI environ) is one whose disconnect
+    races its own writer thread, i.e. pyqlib's stock ``qlib.data.client.Client``: python-engineio's threaded
+    client, which opens with long-polling and upgrades (the upgrade carries the session id: ``sid=`` in the
+    query) through websocket-client (which sends no User-Agent). Browsers and asyncio clients send a
+    User-Agent; clients that open on the WebSocket transport (``qlib_server.client``, ``sim``) carry no
+    ``sid``: their close frames are answered at once."""
+    if environ.get("HTTP_USER_AGENT"):
+        return False
+    return "sid" in parse_qs(environ.get("QUERY_STRING", ""))
 
 
 def answer_close_frames_late(delay: float = CLOSE_REPLY_DELAY) -> None:
-    """Answer each WebSocket close frame ``delay`` seconds late (gevent-websocket, this process).
+    """Answer the WebSocket close frame of each stalling client (:func:`closes_late`) ``delay`` seconds
+    late (gevent-websocket, this process); every other close frame is answered at once.
 
     pyqlib's stock client disconnects with ``engineio.Client.disconnect(abort=True)``, which queues a
     CLOSE packet for its writer thread, closes the WebSocket (waiting for the server's close frame)
@@ -65,6 +79,8 @@ def answer_close_frames_late(delay: float = CLOSE_REPLY_DELAY) -> None:
     has run, the CLOSE packet is thrown away and ``socketio.Client.wait()`` blocks until the writer's
     idle timeout (``max(pingInterval, pingTimeout) + 5`` = 30 s): one pyqlib request in about 30 took
     31 s. A pause well under the client's 1 s wait gives its writer the time it needs (0 of 420 then).
+    Other clients would only wait the pause out on each disconnect (0.5 s of an asyncio client's
+    one-request session).
     """
     import gevent
     from geventwebsocket import handler as ws_handler
@@ -77,7 +93,10 @@ def answer_close_frames_late(delay: float = CLOSE_REPLY_DELAY) -> None:
         close_reply_delay = delay
 
         def handle_close(self, header, payload):
-            gevent.sleep(self.close_reply_delay)
+            if closes_late(self.environ):
+                log.info("answering the close frame of %s %.1f s late (pyqlib's stock client)",
+                         self.environ.get("REMOTE_ADDR"), self.close_reply_delay)
+                gevent.sleep(self.close_reply_delay)
             return super().handle_close(header, payload)
 
     ws_handler.WebSocket = LateClosingWebSocket
