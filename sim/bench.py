@@ -37,6 +37,7 @@ from sim import bench_report
 from sim.bench_measure import (
     DAYS,
     HOT,
+    capture_frames,
     cold_fields,
     cold_request,
     identical_cold,
@@ -74,18 +75,22 @@ def _wait_ready(url: str, path: str = "/readyz", timeout: float = 120) -> None:
 
 ECHO_SERVER = """
 from gevent import monkey; monkey.patch_all()
-import sys, pandas as pd
-from flask import Flask
+import json, sys
+from flask import Flask, request
 from flask_socketio import SocketIO, emit
-from pathlib import Path
 app = Flask("echo"); sio = SocketIO(app, async_mode="gevent")
-data = Path(sys.argv[2])  # the answers are as large as the server's: the data's calendar and csi300 list
-CAL = [str(pd.Timestamp(x)) for x in (data / "calendars" / "day.txt").read_text().split()]
-INST = sorted({line.split()[0] for line in (data / "instruments" / "csi300.txt").read_text().splitlines() if line})
-ANSWER = {"calendar": CAL, "instrument": INST, "feature": "0123456789abcdef0123456789abcdef"}
-for kind, result in ANSWER.items():
-    def handler(data, kind=kind, result=result):
-        emit(kind + "_response", {"result": result, "status": 0, "detailed_info": None})
+# the server's own answers (sim.bench_measure.capture_frames): request body -> the Socket.IO packet text the
+# server sent for it (its Engine.IO frame without the leading "4", which engineio adds again when sending)
+ANSWERS = {}
+for kind, c in json.loads(open(sys.argv[2]).read()).items():
+    ANSWERS.setdefault(kind, {})[c["body"]] = c["frame"][1:]
+send, eio_sid = sio.server.eio.send, sio.server.manager.eio_sid_from_sid
+for kind in ANSWERS:
+    def handler(data, answers=ANSWERS[kind], kind=kind):
+        frame = answers.get(data["body"]) if isinstance(data, dict) and isinstance(data.get("body"), str) else None
+        if frame is None:  # not a request the bench captured: an error, never a silent drop
+            return emit(kind + "_response", {"result": None, "status": 1, "detailed_info": "not captured"})
+        send(eio_sid(request.sid, "/"), frame)
     sio.on_event(kind + "_request", handler)
 @app.get("/readyz")
 def ready():
@@ -94,8 +99,13 @@ sio.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_output=False)
 """
 
 
-def start_echo(port: int, data: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), str(data)], stdout=subprocess.DEVNULL,
+def start_echo(port: int, captured: dict, work: Path) -> subprocess.Popen:
+    """The floor: a bare Flask-SocketIO server (the server's own stack, gevent) that answers each hot
+    request with the bytes the server answered it with (``captured``, see
+    :func:`sim.bench_measure.capture_frames`): one dict look-up on the request's body, then a send."""
+    path = work / "echo-answers.json"
+    path.write_text(json.dumps(captured))
+    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), str(path)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     _wait_ready(f"http://127.0.0.1:{port}")
     return proc
@@ -177,13 +187,23 @@ def run_all(args) -> dict:
                      "quick": quick, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     print("echo server (floor) and qlib-server on its defaults: hot requests, alternating ...", flush=True)
-    echo = start_echo(_free_port(), data)
-    echo_url = f"http://127.0.0.1:{echo.args[3]}"
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(work, data, port, 2, args)
     try:
+        captured = asyncio.run(capture_frames(url))  # the server's answers, byte for byte, for the echo to send
+        echo_port = _free_port()
+        echo = start_echo(echo_port, captured, work)
+        echo_url = f"http://127.0.0.1:{echo_port}"
         try:
+            echoed = asyncio.run(capture_frames(echo_url))
+            same = {kind: echoed[kind]["frame"] == captured[kind]["frame"] for kind in captured}
+            if not all(same.values()):
+                raise RuntimeError(f"the echo's answers differ from the server's: {same}")
+            results["floor"] = {"same_bytes": same, "answer_bytes": {k: len(c["frame"].encode())
+                                                                     for k, c in captured.items()}}
+            print("echo answers = server answers, byte for byte: "
+                  + ", ".join(f"{k} {n:,} B" for k, n in results["floor"]["answer_bytes"].items()), flush=True)
             urls = {"echo": echo_url, "server": url}
             results["echo"], results["server"] = {}, {}
             for kind in HOT:
@@ -238,6 +258,9 @@ def report(r: dict) -> None:
               f"{s[kind]['p50_ms'] / e[kind]['p50_ms']:>10.2f}")
     et, st = e["throughput_50"]["rps"], s["throughput_50"]["rps"]
     print(f"{'throughput @50 (req/s)':28}{et:>16.1f}{st:>16.1f}{st / et:>10.2f}")
+    ec, sc = e["throughput_50"].get("cpu_us_per_answer"), s["throughput_50"].get("cpu_us_per_answer")
+    if ec and sc:
+        print(f"{'CPU per answer @50 (us)':28}{ec:>16.1f}{sc:>16.1f}{sc / ec:>10.2f}")
     if r.get("cold_feature"):
         print(f"\n== cold feature set ({r['machine']['instruments']} instruments x 5 rolling fields, 3 of 6 years) ==")
         for c in r["cold_feature"]:

@@ -12,6 +12,7 @@ import itertools
 import json
 import multiprocessing as mp
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from sim.client import connect, request
+from sim.client import connect, payload, request
 
 #: the issue's cold case: a 3-year window of the 6 years of data the benchmark generates
 COLD_START, COLD_END = "2020-01-01", "2022-12-31"
@@ -61,6 +62,44 @@ def summary_ms(samples: list[float]) -> dict:
 
 
 # -- hot -----------------------------------------------------------------------------------------
+def _ws_url(url: str) -> str:
+    return url.replace("http://", "ws://", 1).rstrip("/") + "/socket.io/?EIO=4&transport=websocket"
+
+
+async def capture_frames(url: str, kinds=tuple(HOT), encoding: str = "json", timeout: float = 120.0) -> dict[str, dict]:
+    """Each hot request as the bench's clients send it (``event``, the encoded ``body``) and the exact
+    Engine.IO text frame the server at ``url`` answers it with (``frame``), read off a raw WebSocket
+    (aiohttp speaking Engine.IO 4 by hand, so nothing decodes and re-encodes the answer). Each request
+    is asked twice and the second answer kept (the first of a cold feature set computes it); both must
+    carry the same bytes."""
+    import aiohttp
+
+    out = {}
+    async with aiohttp.ClientSession() as session, session.ws_connect(_ws_url(url), max_msg_size=0) as ws:
+
+        async def frame(prefix: str) -> str:
+            while True:
+                text = await asyncio.wait_for(ws.receive_str(), timeout)
+                if text == "2":  # Engine.IO ping
+                    await ws.send_str("3")
+                elif text.startswith(prefix):
+                    return text
+
+        await frame("0")  # Engine.IO open
+        await ws.send_str("40")  # Socket.IO connect, default namespace
+        await frame("40")
+        for kind in kinds:
+            event, sent = f"{kind}_request", payload(HOT[kind], encoding)
+            answers = []
+            for _ in range(2):
+                await ws.send_str("42" + json.dumps([event, sent], separators=(",", ":")))
+                answers.append(await frame(f'42["{kind}_response"'))
+            if answers[0] != answers[1]:
+                raise RuntimeError(f"{url} answered the same {kind} request with different bytes")
+            out[kind] = {"event": event, "body": sent["body"], "frame": answers[1]}
+    return out
+
+
 async def single_latency(url: str, kind: str, n: int) -> dict:
     sio = await connect(url)
     try:
@@ -98,13 +137,15 @@ async def paired_latency(urls: dict[str, str], kind: str, n: int, rounds: int = 
 
 
 def paired_throughput(urls: dict[str, str], clients: int, seconds: float, rounds: int = 2) -> dict[str, dict]:
-    """:func:`throughput` of each server in alternating rounds of ``seconds / rounds`` (see above)."""
+    """:func:`throughput` of each server in alternating rounds of ``seconds / rounds`` (see above), with
+    the CPU time its serving process spent per answer meanwhile (``cpu_us_per_answer``, median of rounds)."""
     runs: dict[str, list] = {name: [] for name in urls}
     for _ in range(rounds):
         for name, url in urls.items():
             runs[name].append(throughput(url, clients, seconds / rounds))
     return {name: {"rps": round(sum(r["rps"] for r in rs) / len(rs), 1), "requests": sum(r["requests"] for r in rs),
-                   "errors": sum(r["errors"] for r in rs), "clients": clients, "rounds": [r["rps"] for r in rs]}
+                   "errors": sum(r["errors"] for r in rs), "clients": clients, "rounds": [r["rps"] for r in rs],
+                   "cpu_us_per_answer": round(statistics.median(r["cpu_us_per_answer"] for r in rs), 1)}
             for name, rs in runs.items()}
 
 
@@ -143,11 +184,17 @@ def throughput(url: str, clients: int, seconds: float, procs: int = 2) -> dict:
                for _ in range(procs)]
     for w in workers:
         w.start()
+    server = psutil.Process(listener_pid(int(url.rsplit(":", 1)[1].strip("/"))))
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu = sum(server.cpu_times()[:2])
+    time.sleep(max(0.0, start_at + seconds - time.time()))
+    cpu = sum(server.cpu_times()[:2]) - cpu
     results = [out.get(timeout=seconds + 300) for _ in workers]
     for w in workers:
         w.join()
     done, errors = sum(r[0] for r in results), sum(r[1] for r in results)
-    return {"rps": round(done / seconds, 1), "requests": done, "errors": errors, "clients": clients}
+    return {"rps": round(done / seconds, 1), "requests": done, "errors": errors, "clients": clients,
+            "cpu_us_per_answer": round(cpu / max(1, done) * 1e6, 1)}
 
 
 # -- cold ----------------------------------------------------------------------------------------
@@ -270,12 +317,17 @@ def _idle_worker(url, n, ready, release, answered):
     asyncio.run(_idle(url, n, ready, release, answered))
 
 
-def handler_rss(port: int) -> int:
-    """RSS of the process listening on ``port`` (the request handler)."""
+def listener_pid(port: int) -> int:
+    """The process listening on ``port`` (the request handler, or the echo server)."""
     for conn in psutil.net_connections("tcp"):
         if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
-            return psutil.Process(conn.pid).memory_info().rss
-    raise RuntimeError("handler process not found")
+            return conn.pid
+    raise RuntimeError(f"no process listens on port {port}")
+
+
+def handler_rss(port: int) -> int:
+    """RSS of the process listening on ``port`` (the request handler)."""
+    return psutil.Process(listener_pid(port)).memory_info().rss
 
 
 def with_connected(url: str, port: int, n: int, procs: int = 2) -> dict:

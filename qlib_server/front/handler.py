@@ -10,12 +10,14 @@ node's client is forwarded there, so a client is always answered by the handler 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import time
 import uuid
 from typing import Callable, Optional
+from urllib.parse import parse_qs
 
 import socketio
 from flask import Flask, Response, request
@@ -52,11 +54,24 @@ def make_parser(cfg: ServerConfig) -> RequestParser:
 
 
 CLOSE_REPLY_DELAY = 0.5  # 0.1 s still lost 1 CLOSE in 100 under CI load
-"""Seconds the server waits before answering a client's WebSocket close frame (see below)."""
+"""Seconds the server waits before answering a stalling client's WebSocket close frame (see below)."""
+
+
+def closes_late(environ: dict) -> bool:
+    """Whether the client of this WebSocket (its upgrade request's WSGI environ) is one whose disconnect
+    races its own writer thread, i.e. pyqlib's stock ``qlib.data.client.Client``: python-engineio's threaded
+    client, which opens with long-polling and upgrades (the upgrade carries the session id: ``sid=`` in the
+    query) through websocket-client (which sends no User-Agent). Browsers and asyncio clients send a
+    User-Agent; clients that open on the WebSocket transport (``qlib_server.client``, ``sim``) carry no
+    ``sid``: their close frames are answered at once."""
+    if environ.get("HTTP_USER_AGENT"):
+        return False
+    return "sid" in parse_qs(environ.get("QUERY_STRING", ""))
 
 
 def answer_close_frames_late(delay: float = CLOSE_REPLY_DELAY) -> None:
-    """Answer each WebSocket close frame ``delay`` seconds late (gevent-websocket, this process).
+    """Answer the WebSocket close frame of each stalling client (:func:`closes_late`) ``delay`` seconds
+    late (gevent-websocket, this process); every other close frame is answered at once.
 
     pyqlib's stock client disconnects with ``engineio.Client.disconnect(abort=True)``, which queues a
     CLOSE packet for its writer thread, closes the WebSocket (waiting for the server's close frame)
@@ -64,6 +79,8 @@ def answer_close_frames_late(delay: float = CLOSE_REPLY_DELAY) -> None:
     has run, the CLOSE packet is thrown away and ``socketio.Client.wait()`` blocks until the writer's
     idle timeout (``max(pingInterval, pingTimeout) + 5`` = 30 s): one pyqlib request in about 30 took
     31 s. A pause well under the client's 1 s wait gives its writer the time it needs (0 of 420 then).
+    Other clients would only wait the pause out on each disconnect (0.5 s of an asyncio client's
+    one-request session).
     """
     import gevent
     from geventwebsocket import handler as ws_handler
@@ -76,7 +93,10 @@ def answer_close_frames_late(delay: float = CLOSE_REPLY_DELAY) -> None:
         close_reply_delay = delay
 
         def handle_close(self, header, payload):
-            gevent.sleep(self.close_reply_delay)
+            if closes_late(self.environ):
+                log.info("answering the close frame of %s %.1f s late (pyqlib's stock client)",
+                         self.environ.get("REMOTE_ADDR"), self.close_reply_delay)
+                gevent.sleep(self.close_reply_delay)
             return super().handle_close(header, payload)
 
     ws_handler.WebSocket = LateClosingWebSocket
@@ -95,6 +115,42 @@ class Packet(socketio.packet.Packet):
 
 
 _SCALARS = (str, int, float, type(None))
+_ENVELOPE = ["result", "status", "detailed_info"]
+
+
+class Frames:
+    """The Socket.IO text of a successful answer, encoded once per answer object and reused while the
+    result cache hands out that same object (its memo: a hot answer is one object for a second).
+
+    ``text(event, envelope)`` is exactly what python-socketio sends for ``emit(event, envelope)`` on the
+    default namespace (``2`` + the compact JSON of ``[event, envelope]``); a request id (the envelope's
+    last key, see :func:`~qlib_server.protocol.with_id`) is spliced in after the cached prefix. None for
+    anything else (errors, answers holding binary parts): those go through ``emit``."""
+
+    SIZE = 256
+
+    def __init__(self) -> None:
+        self._by_result: dict[tuple, tuple] = {}  # (event, id(result)) -> (result, prefix)
+
+    def text(self, event: str, envelope: dict) -> Optional[str]:
+        if envelope.get("status") != 0 or envelope.get("detailed_info") is not None:
+            return None
+        names = list(envelope)
+        if names != _ENVELOPE and not (len(names) == 4 and names[:3] == _ENVELOPE and names[3] == "id"):
+            return None
+        result = envelope["result"]
+        held = self._by_result.get((event, id(result)))
+        if held is None or held[0] is not result:  # held[0] keeps the object alive: its id is not reused
+            if Packet.data_is_binary(result):
+                return None
+            text = "2" + json.dumps([event, {"result": result, "status": 0, "detailed_info": None}],
+                                    separators=(",", ":"))
+            if len(self._by_result) >= self.SIZE:
+                self._by_result.clear()
+            held = self._by_result[(event, id(result))] = (result, text[:-2])
+        if len(names) == 3:
+            return held[1] + "}]"
+        return f'{held[1]},"id":{json.dumps(envelope["id"])}}}]'
 
 
 class RequestHandler:
@@ -115,6 +171,9 @@ class RequestHandler:
             self.app, async_mode=cfg.async_mode, max_http_buffer_size=cfg.max_message_bytes,
             cors_allowed_origins=[], logger=False, engineio_logger=False, serializer=Packet,
         )
+        self.frames = Frames()
+        self._eio_sid = self.socketio.server.manager.eio_sid_from_sid
+        self._eio_send = self.socketio.server.eio.send
         self.admission = Admission(cfg.allowed_networks, cfg.auth_token)
         self.publisher = broker_factory()
         self.publisher.declare(cfg.task_queue, cfg.message_queue, cfg.max_deliveries)
@@ -132,7 +191,13 @@ class RequestHandler:
         transfer.register(self)
 
     def _emit(self, event: str, data: dict, sid: str) -> None:
-        self.socketio.emit(event, data, to=sid)
+        text = self.frames.text(event, data)
+        if text is None:
+            self.socketio.emit(event, data, to=sid)
+            return
+        eio_sid = self._eio_sid(sid, "/")
+        if eio_sid is not None:  # None: the client is gone, as emit() would find
+            self._eio_send(eio_sid, text)
 
     # -- Socket.IO and HTTP routes ---------------------------------------------------------------
     def _admit(self, auth: Optional[dict]) -> bool:

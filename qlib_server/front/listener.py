@@ -19,7 +19,7 @@ from ..metrics import Metrics
 from ..protocol import Request, RequestParser, request_id, response, retry_later, with_id
 from ..state.cache import MISS, ResultCache
 from ..state.registry import SessionRegistry
-from .responder import Pending, RequestResponder, waiter
+from .responder import Pending, RequestResponder, bound, waiter
 
 log = logging.getLogger(__name__)
 Emit = Callable[[str, dict, str], None]
@@ -44,10 +44,11 @@ class RequestListener:
         self.accepting = True
         self.joining = Joining()
         responder.resubmit = self.serve
+        self._requests, self._cache_hits = bound(metrics.requests), bound(metrics.cache_hits)
 
     def on_request(self, request_type: str, sid: str, payload: Any) -> None:
         """Handle one request event from session ``sid``; every path ends in a queued task or a response."""
-        self.metrics.requests.labels(request_type).inc()
+        self._requests(request_type).inc()
         rid = request_id(payload)
         if not self.accepting:
             log.info("refused %s request from %s: the server is shutting down", request_type, sid)
@@ -79,7 +80,7 @@ class RequestListener:
             return  # an identical request of this handler is on its way into the registry: this one goes with it
         cached = self.cache.get(request.key, request.type)
         if cached is not MISS:
-            self.metrics.cache_hits.labels(request.type).inc()
+            self._cache_hits(request.type).inc()
             self.responder.deliver(request.type, request.key, response(cached, 0, None), sid)
             return
         if self.joining.lead(request.key, sid):

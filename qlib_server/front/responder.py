@@ -34,6 +34,20 @@ Emit = Callable[[str, dict, str], None]
 Forward = Callable[[str, dict], None]
 
 
+def bound(metric):
+    """``metric.labels(*values)`` remembered per label values: a hot request labels four samples, and
+    prometheus_client's ``labels()`` checks and joins its arguments under a lock each time."""
+    children: dict = {}
+
+    def child(*values):
+        found = children.get(values)
+        if found is None:
+            found = children[values] = metric.labels(*values)
+        return found
+
+    return child
+
+
 def waiter(node: str, sid: str) -> str:
     """The registry entry of client ``sid`` held by handler ``node``."""
     return f"{node}|{sid}"
@@ -133,6 +147,7 @@ class RequestResponder:
         self.request_timeout = request_timeout
         self.cache = cache
         self.resubmit: Callable[[str, Request], None] = lambda sid, request: None  # set by the listener
+        self._latency, self._responses = bound(metrics.latency), bound(metrics.responses)
         self.running = True
 
     def deliver(self, request_type: str, key: str, envelope: dict, sid: str) -> bool:
@@ -143,10 +158,11 @@ class RequestResponder:
         for answer in entry.answers(envelope):
             self.emit(f"{request_type}_response", answer, sid)
         latency = time.monotonic() - entry.started
-        self.metrics.latency.labels(request_type).observe(latency)
-        self.metrics.responses.labels(request_type, str(envelope["status"])).inc()
-        log.info("%s request of %s key=%s status=%s answered in %.1f ms", request_type, sid, key,
-                 envelope["status"], latency * 1000)
+        self._latency(request_type).observe(latency)
+        self._responses(request_type, str(envelope["status"])).inc()
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s request of %s key=%s status=%s answered in %.1f ms", request_type, sid, key,
+                     envelope["status"], latency * 1000)
         return True
 
     def answer(self, key: str, request_type: str, status: int, result, detailed_info: Optional[str]) -> int:

@@ -12,6 +12,7 @@ Redis round trip instead of one each.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -69,21 +70,32 @@ class ResultCache:
         generation, now = self.generation(), time.monotonic()
         memo = self._memo.get((generation, key))
         if memo is not None and now - memo[0] < self.memo_seconds:
-            result = memo[1]
+            result, files = memo[1], memo[3]
         else:
+            if memo is not None:  # one caller reads it again; those meanwhile (it yields) keep this answer
+                self._memo[(generation, key)] = (now, *memo[1:])
             try:
                 raw = self.redis.get(keys.result(generation, key))
             except redis.RedisError:
                 return _MISS  # a cache that cannot be read is a miss, never an error
             if raw is None:
+                self._memo.pop((generation, key), None)
                 return _MISS
-            result = json.loads(raw)
-            self._remember(generation, key, result, now)
+            if memo is not None and memo[2] == raw:  # unchanged: the same object (the handler's encoded
+                result, files = memo[1], memo[3]     # answer of it is reused too)
+            else:
+                result, files = json.loads(raw), None
+            files = self._remember(generation, key, result, now, raw, files)
         if request_type == "feature" and result and self.dataset_cache_dir is not None:
-            path = self.dataset_cache_dir / result
-            if not (path.exists() and path.with_suffix(".sources").exists()):  # deleted, or never completed
+            files = files or self._files(result)
+            if not (os.path.exists(files[0]) and os.path.exists(files[1])):  # deleted, or never completed
                 return _MISS
         return result
+
+    def _files(self, result: Any) -> tuple[str, str]:
+        """A dataset cache's file and the record of its sources (written last)."""
+        path = self.dataset_cache_dir / str(result)  # type: ignore[operator]  # only called with a directory
+        return str(path), str(path.with_suffix(".sources"))
 
     def put(self, key: str, result: Any, generation: Optional[int] = None) -> None:
         if not self.enabled:
@@ -93,16 +105,22 @@ class ResultCache:
             self.redis.set(keys.result(gen, key), json.dumps(result, separators=(",", ":")), ex=self.ttl)
         except redis.RedisError:
             return
-        self._remember(gen, key, result, time.monotonic())
+        self._remember(gen, key, result, time.monotonic(), None, None)
 
-    def _remember(self, generation: int, key: str, result: Any, now: float) -> None:
+    def _remember(self, generation: int, key: str, result: Any, now: float, raw: Any,
+                  files: Optional[tuple[str, str]]) -> Optional[tuple[str, str]]:
+        """Keep ``result`` (and the ``raw`` bytes it was read from) for ``memo_seconds``; returns the paths
+        of its dataset cache files when it names one (a string), so they are built once."""
+        if files is None and isinstance(result, str) and result and self.dataset_cache_dir is not None:
+            files = self._files(result)
         if self.memo_seconds <= 0:
-            return
+            return files
         if len(self._memo) >= self.memo_size:
             self._memo = {k: v for k, v in self._memo.items() if now - v[0] < self.memo_seconds}
             if len(self._memo) >= self.memo_size:
                 self._memo.clear()
-        self._memo[(generation, key)] = (now, result)
+        self._memo[(generation, key)] = (now, result, raw, files)
+        return files
 
     def bump_generation(self) -> int:
         """Invalidate every cached answer (called when the data changes)."""

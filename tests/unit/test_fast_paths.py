@@ -8,13 +8,15 @@ import pandas as pd
 import pandas.testing as pdt
 import pytest
 import qlib
+import socketio
 from qlib.data.cache import DiskDatasetCache
 from qlib.data.storage.file_storage import FileFeatureStorage
 
 from qlib_server.config import make_config
 from qlib_server.datagen import generate_dataset
 from qlib_server.errors import RequestError
-from qlib_server.front.handler import Packet, make_parser
+from qlib_server.front.handler import Frames, Packet, closes_late, make_parser
+from qlib_server.protocol import response, with_id
 from qlib_server.state import keys
 from qlib_server.state.cache import MISS, ResultCache
 from qlib_server.worker.datacache import write_table
@@ -100,3 +102,44 @@ def test_socketio_packets_still_find_binary_parts_anywhere_in_an_answer():
     assert not Packet.data_is_binary(["x", 1, 2.0, None, True, {"a": ["b", {"c": None}]}])
     assert Packet.data_is_binary(["x", {"a": [1, b"raw"]}])
     assert Packet.data_is_binary({"result": bytearray(b"x")})
+
+
+def socketio_text(event, envelope):
+    """What python-socketio sends for ``emit(event, envelope)`` on the default namespace."""
+    return Packet(socketio.packet.EVENT, data=[event, envelope]).encode()
+
+
+@pytest.mark.parametrize("result", [["2020-01-02 00:00:00", "2020-01-03 00:00:00"], "abc123", {"SH600000": [[
+    "2020-01-02 00:00:00", "2020-03-01 00:00:00"]]}, [], None, ["é\u2028\"\\"]])
+def test_an_answer_encoded_once_is_the_text_socketio_sends_with_or_without_a_request_id(result):
+    frames = Frames()
+    for envelope in (response(result, 0, None), with_id(response(result, 0, None), "r-1\"é")):
+        assert frames.text("calendar_response", envelope) == socketio_text("calendar_response", envelope)
+        assert frames.text("calendar_response", envelope) == socketio_text("calendar_response", envelope)  # reused
+
+
+def test_an_answer_is_encoded_again_for_another_result_object_and_errors_are_left_to_socketio():
+    frames = Frames()
+    first, second = ["2020-01-02 00:00:00"], ["2020-01-02 00:00:00", "2020-01-03 00:00:00"]
+    assert frames.text("calendar_response", response(first)) == socketio_text("calendar_response", response(first))
+    assert frames.text("calendar_response", response(second)) == socketio_text("calendar_response", response(second))
+    assert frames.text("calendar_response", response(None, 1, "bad")) is None
+    assert frames.text("calendar_response", {"status": 0, "result": [], "detailed_info": None}) is None  # key order
+    assert frames.text("feature_response", response({"x": b"raw"})) is None  # binary parts: socketio's attachments
+
+
+# The upgrade requests' environs as the server saw them, from each client (python-engineio 4.15, websocket-client
+# 1.9, aiohttp 3.14): only pyqlib's stock client (long-polling upgraded through websocket-client) closes late.
+STOCK_PYQLIB = {"QUERY_STRING": "transport=websocket&EIO=4&sid=g3_9IGodgasesohUAAAA&t=1796498056.385994",
+                "HTTP_UPGRADE": "websocket", "HTTP_ORIGIN": "http://127.0.0.1:18765"}
+SYNC_WEBSOCKET = {"QUERY_STRING": "transport=websocket&EIO=4&t=1796498057.4238489", "HTTP_UPGRADE": "websocket",
+                  "HTTP_ORIGIN": "http://127.0.0.1:18765"}
+ASYNCIO = {"QUERY_STRING": "transport=websocket&EIO=4&t=1796498057.4048786", "HTTP_UPGRADE": "websocket",
+           "HTTP_USER_AGENT": "Python/3.11 aiohttp/3.14.5"}
+ASYNCIO_UPGRADED = {**ASYNCIO, "QUERY_STRING": "transport=websocket&EIO=4&sid=Qx2&t=1796498057.4"}
+BROWSER = {"QUERY_STRING": "EIO=4&transport=websocket&sid=Qx3", "HTTP_USER_AGENT": "Mozilla/5.0 (X11; Linux x86_64)"}
+
+
+def test_only_the_stock_pyqlib_client_has_its_close_frame_answered_late():
+    assert closes_late(STOCK_PYQLIB)
+    assert not any(closes_late(e) for e in (SYNC_WEBSOCKET, ASYNCIO, ASYNCIO_UPGRADED, BROWSER, {}))
