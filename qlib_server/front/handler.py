@@ -31,7 +31,7 @@ from ..protocol import REQUEST_TYPES, Limits, RequestParser, response
 from ..state import keys
 from ..state.cache import ResultCache
 from ..state.registry import SessionRegistry
-from . import transfer
+from . import guard, transfer
 from .listener import RequestListener
 from .responder import Pending, RequestResponder, waiter
 from .status import StatusPage
@@ -130,6 +130,7 @@ class RequestHandler:
         self._bind()
         self.status = StatusPage(self)
         transfer.register(self)
+        guard.install(self.app)  # JSON for every HTTP error; bodies never read past their route's limit
 
     def _emit(self, event: str, data: dict, sid: str) -> None:
         self.socketio.emit(event, data, to=sid)
