@@ -73,6 +73,16 @@ class ServerConfig(BaseModel):
     max_expression_depth: int = Field(32, ge=2)
     max_inflight_per_client: int = Field(8, ge=1)
     custom_ops: list[str] = Field(default_factory=list, description="names of custom operators qlib knows")
+    max_transfers: int = Field(32, ge=1, le=10000, description="feature transfers (POST /features) of one handler "
+                               "at once; more are answered 429")
+    max_transfers_per_client: int = Field(8, ge=1, le=10000, description="feature transfers of one client address "
+                                          "at once; more are answered 429")
+    transfer_timeout: float = Field(30.0, gt=0, le=3600, description="seconds an HTTP client may take to send its "
+                                    "request body, or leave a piece of an answer unread, before it is dropped")
+    max_event_streams: int = Field(16, ge=1, le=10000, description="status page event streams of one handler "
+                                   "at once; more are answered 429")
+    max_event_streams_per_client: int = Field(4, ge=1, le=10000, description="status page event streams of one "
+                                              "client address at once")
     processor_metrics_port: Optional[int] = Field(9711, ge=1, le=65535,
                                                   description="Prometheus port of a data processor (null: none)")
 
@@ -96,6 +106,14 @@ class ServerConfig(BaseModel):
     def _transport_holds_a_body(self) -> ServerConfig:
         if self.max_message_bytes < self.max_body_bytes + 4096:
             raise ValueError("max_message_bytes must exceed max_body_bytes (a refused body still needs to arrive)")
+        return self
+
+    @model_validator(mode="after")
+    def _per_client_within_total(self) -> ServerConfig:
+        for total, per_client in (("max_transfers", "max_transfers_per_client"),
+                                  ("max_event_streams", "max_event_streams_per_client")):
+            if getattr(self, per_client) > getattr(self, total):
+                raise ValueError(f"{per_client} must not exceed {total}")
         return self
 
     @property

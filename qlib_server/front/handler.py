@@ -33,7 +33,7 @@ from ..protocol import REQUEST_TYPES, Limits, RequestParser, response, retry_lat
 from ..state import keys
 from ..state.cache import ResultCache
 from ..state.registry import SessionRegistry
-from . import transfer
+from . import guard, transfer
 from .listener import RequestListener
 from .responder import Pending, RequestResponder, waiter
 from .status import StatusPage
@@ -189,6 +189,7 @@ class RequestHandler:
         self._bind()
         self.status = StatusPage(self)
         transfer.register(self)
+        guard.install(self.app)  # JSON for every HTTP error; bodies never read past their route's limit
 
     def _emit(self, event: str, data: dict, sid: str) -> None:
         text = self.frames.text(event, data)

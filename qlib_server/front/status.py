@@ -24,6 +24,7 @@ from ..broker.base import dead_letter_queue, light_queue
 from ..errors import QlibServerError
 from ..metrics import samples
 from ..state import fleet
+from . import guard
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class StatusPage:
         self.queues = {"task_queue": cfg.task_queue, "light": light_queue(cfg.task_queue),
                        "dead": dead_letter_queue(cfg.task_queue)}
         self.page = (files("qlib_server.front") / "static" / "status.html").read_bytes()
+        self.streams = guard.Slots(cfg.max_event_streams, cfg.max_event_streams_per_client, "status event streams",
+                                   ("max_event_streams", "max_event_streams_per_client"))
+        self.timeout = cfg.transfer_timeout if cfg.async_mode == "gevent" else None
         self._register(handler.app)
 
     def refusal(self) -> Optional[Response]:
@@ -53,7 +57,7 @@ class StatusPage:
             return None
         self.handler.metrics.refused_connections.inc()
         log.warning("refused connection from %s", request.remote_addr)
-        return Response("forbidden: not in allowed_networks and no valid auth_token\n", 403, mimetype="text/plain")
+        return guard.answer(403, 1, "forbidden: not in allowed_networks and no valid auth_token")
 
     def _register(self, app) -> None:
         @app.get("/")
@@ -66,8 +70,23 @@ class StatusPage:
 
         @app.get("/status/events")
         def status_events():
-            return self.refusal() or Response(self._events(), mimetype="text/event-stream",
-                                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            refused = self.refusal()
+            if refused is not None:
+                return refused
+            peer = request.remote_addr
+            try:
+                free = self.streams.take(peer)
+            except guard.Refused as exc:
+                return exc.response()
+
+            def stalled():
+                log.warning("status events to %s released: the page took nothing of them for %g s "
+                            "(transfer_timeout)", peer, self.timeout)
+
+            response = Response(guard.paced(self._events(), self.timeout, stalled), mimetype="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            response.call_on_close(free)
+            return response
 
     # -- this handler's snapshot ------------------------------------------------------------------
     def snapshot(self) -> dict:

@@ -43,6 +43,7 @@ from qlib.data.cache import DatasetCache, DiskDatasetCache
 
 from ..errors import RequestError
 from ..state.sources import is_current
+from . import guard
 
 log = logging.getLogger(__name__)
 
@@ -272,50 +273,95 @@ def _spawner(async_mode: str):
     return ThreadPoolExecutor(8, thread_name_prefix="feature-transfer").submit
 
 
+def body_limit(cfg) -> int:
+    """Bytes of a ``POST /features`` body read at most: the envelope of a body of ``max_body_bytes``
+    characters, whose JSON text escaped in it may take up to twice that (a quote becomes two characters)."""
+    return min(cfg.max_message_bytes, 2 * cfg.max_body_bytes + 4096)
+
+
 def register(handler) -> None:
-    """Add ``POST /features`` to the handler's Flask app."""
+    """Add ``POST /features`` to the handler's Flask app: admitted, the body read up to
+    :func:`body_limit` and decoded (see :mod:`qlib_server.front.guard`), at most ``max_transfers`` at once
+    (``max_transfers_per_client`` from one address), a client that stops reading released after
+    ``transfer_timeout``."""
     cfg = handler.cfg
     spawn = _spawner(cfg.async_mode)
-
-    def refuse(code: int, status: int, info: str):
-        return {"result": None, "status": status, "detailed_info": info}, code
+    limit = body_limit(cfg)
+    what = f"POST /features ({'2 x max_body_bytes + 4 KiB' if limit < cfg.max_message_bytes else 'max_message_bytes'})"
+    timeout = cfg.transfer_timeout if cfg.async_mode == "gevent" else None
+    slots = guard.Slots(cfg.max_transfers, cfg.max_transfers_per_client, "feature transfers",
+                        ("max_transfers", "max_transfers_per_client"))
+    handler.transfer_slots = slots
 
     @handler.app.post("/features")
     def features():
-        if not handler.admission.admits_http(request.remote_addr, request.headers.get("Authorization"),
+        peer = request.remote_addr
+        if not handler.admission.admits_http(peer, request.headers.get("Authorization"),
                                              request.query_string.decode(errors="replace")):
             handler.metrics.refused_connections.inc()
-            log.warning("refused feature transfer to %s", request.remote_addr)
-            return refuse(403, 1, "connection refused: not in allowed_networks and no valid auth_token")
-        if (request.content_length or 0) > cfg.max_message_bytes:
-            return refuse(413, 1, f"request over the limit of {cfg.max_message_bytes} bytes (max_message_bytes)")
-        compression = request.args.get("compression", "lz4")
-        if compression not in COMPRESSIONS:
-            return refuse(400, 1, f"compression must be one of {', '.join(COMPRESSIONS)}")
+            log.warning("refused feature transfer to %s", peer)
+            return guard.answer(403, 1, "connection refused: not in allowed_networks and no valid auth_token")
         try:
-            args = handler.listener.parser.parse("feature", request.get_json(silent=True)).args
+            free = _checked(peer)
+        except guard.Refused as refused:
+            if refused.code != 429:
+                log.info("refused feature transfer to %s: %d %s", peer, refused.code, refused.info)
+            return refused.response()
+        try:
+            response = _transfer(peer, free)
+        except guard.Refused as refused:
+            free()
+            log.info("refused feature transfer to %s: %d %s", peer, refused.code, refused.info)
+            return refused.response()
+        except BaseException:
+            free()
+            raise
+        return response
+
+    def _checked(peer):
+        """The request's cheap checks, then a slot taken: its ``free``."""
+        if request.mimetype != "application/json":
+            raise guard.Refused(400, f"request body must be application/json, not {request.mimetype[:60]!r}")
+        if request.args.get("compression", "lz4") not in COMPRESSIONS:
+            raise guard.Refused(400, f"compression must be one of {', '.join(COMPRESSIONS)}")
+        if request.content_length is not None and request.content_length > limit:
+            raise guard.Refused(413, f"request body of {request.content_length} bytes is over {limit} bytes, "
+                                     f"the limit of {what}")
+        return slots.take(peer)
+
+    def _transfer(peer, free):
+        payload = guard.json_body(guard.read_body(limit, what, timeout))
+        try:
+            args = handler.listener.parser.parse("feature", payload).args
         except RequestError as exc:
-            return refuse(400, exc.status, str(exc))
+            raise guard.Refused(400, str(exc), exc.status) from None
+        compression = request.args.get("compression", "lz4")
         directory = cfg.dataset_cache_dir
         if not directory.parent.is_dir():
-            return refuse(503, 2, "this handler does not see the data directory; ask a handler that does")
+            raise guard.Refused(503, "this handler does not see the data directory; ask a handler that does", 2)
         path = directory / dataset_uri(args)
         if not is_current(path):
-            return refuse(409, 2, "the dataset cache of this request is not computed; send it as a feature_request")
+            raise guard.Refused(409, "the dataset cache of this request is not computed; send it as a "
+                                     "feature_request", 2)
         where = layout(path)
         start, stop = where.rows(args["start_time"], args["end_time"])
         columns = cache_columns(args["fields"])
         missing = set(columns) - where.fields if stop == start else set(columns) - set(where.blocks)
         if missing:  # a cache is keyed by its fields: only a bug gets here
-            return refuse(500, 2, f"the dataset cache has no column {sorted(missing)[0][:60]!r}")
-        started, peer = time.monotonic(), request.remote_addr
+            raise guard.Refused(500, f"the dataset cache has no column {sorted(missing)[0][:60]!r}", 2)
+        started, sent = time.monotonic(), [0]
 
         def body():
-            sent = 0
             for piece in ahead(stream(where, columns, start, stop, compression), spawn):
-                sent += len(piece)
+                sent[0] += len(piece)
                 yield piece
             log.info("feature transfer to %s: %d rows x %d fields, %.1f MB in %.1f ms", peer, stop - start,
-                     len(columns), sent / 1e6, (time.monotonic() - started) * 1000)
+                     len(columns), sent[0] / 1e6, (time.monotonic() - started) * 1000)
 
-        return Response(body(), mimetype=MEDIA_TYPE)
+        def stalled():
+            log.warning("feature transfer to %s released: the client took nothing of it for %g s (transfer_timeout)"
+                        " after %.1f MB", peer, timeout, sent[0] / 1e6)
+
+        response = Response(guard.paced(body(), timeout, stalled), mimetype=MEDIA_TYPE)
+        response.call_on_close(free)
+        return response
