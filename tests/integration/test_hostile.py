@@ -23,6 +23,8 @@ import socketio
 from clients import WireClient, run_pyqlib
 from conftest import wait_until
 
+from qlib_server.config import ServerConfig
+
 pytestmark = pytest.mark.integration
 
 ANSWER_WITHIN = 5.0  # seconds: a hostile request not answered by then counts as a hung client
@@ -31,6 +33,7 @@ CODES = ["SH600000", "SZ000001"]
 CALENDAR = {"start_time": "2019-01-01", "end_time": "2019-12-31", "freq": "day", "future": False}
 INSTRUMENT = {"instruments": {"market": "csi300", "filter_pipe": []}, "as_list": True}
 FEATURE = {"instruments": {"market": "csi300", "filter_pipe": []}, "fields": ["$close"], "disk_cache": 1}
+MAX_FIELDS = ServerConfig.model_fields["max_fields"].default  # the servers here run on the default limits
 BODIES = {"calendar": CALENDAR, "instrument": INSTRUMENT, "feature": FEATURE}
 
 
@@ -104,7 +107,8 @@ def hostile_requests(marker: Path, max_body_bytes: int) -> list[tuple[str, str, 
         ("old client version", "calendar", {"head": {"version": "0.1.0"}, "body": json.dumps(CALENDAR)}),
         ("instruments as a number", "feature", envelope({**FEATURE, "instruments": 42})),
         ("fields as a mapping", "feature", envelope({**FEATURE, "fields": {"$close": 1}})),
-        ("too many fields", "feature", envelope({**FEATURE, "fields": [f"Ref($close, {i})" for i in range(300)]})),
+        ("too many fields", "feature",
+         envelope({**FEATURE, "fields": [f"Ref($close, {i})" for i in range(MAX_FIELDS + 1)]})),
         ("expression nested too deep", "feature", envelope({**FEATURE, "fields": ["(" * 40 + "$close" + ")" * 40]})),
         ("year 99999", "calendar", envelope({**CALENDAR, "start_time": "99999-01-01"})),
         ("start after end", "feature", envelope({**FEATURE, "start_time": "2020-01-01", "end_time": "2019-01-01"})),
@@ -214,7 +218,7 @@ def test_an_oversized_request_below_the_transport_limit_is_answered_naming_the_l
             print(f"\n{encoding} body of {size / 1e6:.1f} MB: status {answer['status']} in "
                   f"{time.monotonic() - sent:.2f}s: {answer['detailed_info']}")
             assert answer["status"] == 1 and answer["result"] is None
-            limit = "max_body_bytes" if encoding != "raw" else "1 to 256 expressions"
+            limit = "max_body_bytes" if encoding != "raw" else f"1 to {MAX_FIELDS} expressions"
             assert limit in answer["detailed_info"]
         assert client.request("calendar", CALENDAR, timeout=30)["status"] == 0, "the connection still serves"
 
