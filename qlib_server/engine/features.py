@@ -59,7 +59,7 @@ class Block:
     present: list
 
 
-def blocks(instruments: list, names: list, start: int, end: int, freq: str, *, expression_of: Callable,
+def blocks(instruments: list, names: list, start: int, end: int, *, expression_of: Callable,
            extent_of: Callable, read: Callable, by_qlib: Callable, size: int = BLOCK,
            threads: int = THREADS) -> Iterator[Block]:
     """The fields ``names`` (Qlib field strings) of ``instruments``, by blocks of at most ``size``, computed
@@ -77,7 +77,10 @@ def blocks(instruments: list, names: list, start: int, end: int, freq: str, *, e
             log.info("field %s computed by Qlib: %s", name, reason)
             extents.append(None)
     uses = [_subexpressions(e) for e in expressions]
-    later = [set().union(*uses[c + 1:]) for c in range(len(uses))]  # what the fields after each one read
+    later: list[set] = [set()]  # what the fields after each one read (built from the last field back)
+    for used in reversed(uses[1:]):
+        later.append(later[-1] | used)
+    later.reverse()
 
     def block(chunk: list) -> Block:
         cached_read = _memo(read)
@@ -146,7 +149,7 @@ def of_qlib(instruments: list, names: list, start_time, end_time, freq: str, siz
             raise Unsupported(f"look-back {left}, look-ahead {right}")
         return max(0, start - int(left)), end + int(right)
 
-    return blocks(instruments, names, start, end, freq, expression_of=ExpressionD.get_expression_instance,
+    return blocks(instruments, names, start, end, expression_of=ExpressionD.get_expression_instance,
                   extent_of=extent_of, read=feature_reader(C.dpm.get_data_uri(freq), freq),
                   by_qlib=lambda inst, name: ExpressionD.expression(inst, name, start_time, end_time, freq),
                   size=size)
