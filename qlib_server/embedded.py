@@ -35,8 +35,9 @@ class WorkerLost(QlibServerError):
     """A compute process died (killed, or crashed) before it answered."""
 
 
-def compute_main(cfg_values: dict, tasks, results, nice: int = 0) -> None:
-    """Entry point of one compute process: answer each task read from ``tasks`` on ``results``."""
+def compute_main(cfg_values: dict, tasks, results, nice: int = 0, warm: bool = False) -> None:
+    """Entry point of one compute process: answer each task read from ``tasks`` on ``results`` (after saying
+    it is ready: Qlib loaded and, for ``warm``, a feature worker, the engine's kernels)."""
     from .worker import compute
 
     die_with_parent()
@@ -44,7 +45,8 @@ def compute_main(cfg_values: dict, tasks, results, nice: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cfg = ServerConfig(**cfg_values)
     setup_logging(cfg)
-    compute.init_qlib(cfg, warm=True)
+    compute.init_qlib(cfg, warm=warm)
+    results.send("ready")
     while True:
         try:
             task, expression_cache = tasks.recv()
@@ -56,14 +58,22 @@ def compute_main(cfg_values: dict, tasks, results, nice: int = 0) -> None:
 class ComputeProcess:
     """A spawned process computing the tasks of one worker, fed through a pair of pipes."""
 
-    def __init__(self, cfg: ServerConfig, ctx, name: str, nice: int = 0):
+    def __init__(self, cfg: ServerConfig, ctx, name: str, nice: int = 0, warm: bool = False):
         task_reader, self.tasks = ctx.Pipe(duplex=False)
         self.results, result_writer = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=compute_main, args=(cfg.model_dump(), task_reader, result_writer, nice),
+        self.proc = ctx.Process(target=compute_main, args=(cfg.model_dump(), task_reader, result_writer, nice, warm),
                                 name=name, daemon=True)
         self.proc.start()
         task_reader.close()
         result_writer.close()
+
+    def wait_ready(self) -> None:
+        """Wait until the process has loaded Qlib (and the kernels it warms): its first message."""
+        try:
+            select.select([self.results], [], [])  # cooperative under gevent
+            self.results.recv()
+        except (EOFError, OSError) as exc:
+            raise WorkerLost(f"compute process {self.proc.pid} died while starting ({exc!r})") from None
 
     def run(self, task: dict, expression_cache: bool) -> tuple:
         """Compute ``task`` in the process; the calling (green) thread waits, the server goes on."""
@@ -97,9 +107,11 @@ class EmbeddedProcessor(DataProcessor):
         self.computers: list = [None] * len(self.queues)
 
     def _work(self, i: int) -> None:
-        nice = self.cfg.feature_nice if self.queues[i] == self.cfg.task_queue else 0
-        computer = self.computers[i] = ComputeProcess(self.cfg, self.ctx, f"qlib-server-compute-{i}", nice)
+        features = self.queues[i] == self.cfg.task_queue
+        computer = self.computers[i] = ComputeProcess(self.cfg, self.ctx, f"qlib-server-compute-{i}",
+                                                      self.cfg.feature_nice if features else 0, warm=features)
         try:
+            computer.wait_ready()  # consume (and so count as ready) only once no task waits for the start
             work(self.cfg, self.broker_factory(self.cfg), self.busy[i], self.stops[i], self.queues[i], computer.run,
                  lambda event: self.status.on_report(i, event))
         except WorkerLost as exc:  # its task is back in the queue; the supervisor starts another worker

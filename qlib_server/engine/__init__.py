@@ -19,7 +19,12 @@ WARM_FIELDS = (
 
 def warm() -> None:
     """Load every kernel before a request needs one (Qlib must be initialised): numba compiles a kernel on its
-    first call ever and keeps the machine code on disk, so a worker pays that when it starts, not on a request."""
+    first call ever and keeps the machine code on disk, so a worker pays that when it starts, not on a request.
+    Workers starting together take turns (a file lock): the first compiles, the others load what it wrote."""
+    import fcntl
+    import os
+    import tempfile
+
     import numpy as np
     from qlib.data.data import ExpressionD
 
@@ -27,5 +32,8 @@ def warm() -> None:
 
     raw = np.concatenate([[0], np.linspace(1, 2, 8)]).astype("<f4")
     evaluator = Evaluator(["WARM"], 0, 7, lambda instrument, field: raw)
-    for field in WARM_FIELDS:
-        evaluator.series(ExpressionD.get_expression_instance(field))
+    lock = os.path.join(tempfile.gettempdir(), f"qlib-server-kernels-{os.getuid()}.lock")
+    with open(lock, "a") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        for field in WARM_FIELDS:
+            evaluator.series(ExpressionD.get_expression_instance(field))

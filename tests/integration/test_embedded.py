@@ -278,3 +278,37 @@ def test_the_embedded_server_shows_its_handler_processor_and_workers_on_its_stat
     assert (len(shown["handlers"]), len(shown["processors"])) == (1, 1)
     assert [w["lane"] for w in shown["processors"][0]["workers"]] == ["main", "main", "light"]
     assert shown["processors"][0]["pid"] == shown["handlers"][0]["pid"]  # one process
+
+
+def test_the_server_is_ready_only_once_its_feature_workers_have_loaded_the_kernels(tmp_path, dataset, monkeypatch):
+    """Feature workers load (or, in a fresh clone, compile) the engine's kernels one after the other, under a
+    file lock, before they take a task; /readyz says ready only then. Holding that lock here keeps them
+    loading: the light lane answers meanwhile and the server is not ready until the lock is released."""
+    import fcntl
+    import os
+
+    import requests
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the compute processes find the lock file there
+    lock = open(tmp_path / f"qlib-server-kernels-{os.getuid()}.lock", "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    config = {"provider_uri": str(dataset), "region": "cn", "flask_server": "127.0.0.1", "flask_port": free_port(),
+              "max_process": 2, "logging_level": "INFO"}
+    config_path = tmp_path / "embedded.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    with open(tmp_path / "embedded.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "qlib_server", "serve", "-c", str(config_path), "--embedded"],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    server = ServerProcess(config, config_path, tmp_path / "embedded.log", proc)
+    try:
+        wait_until(lambda: server.ready(processors=False) or proc.poll() is not None, 120, what="handler up")
+        with WireClient(server.url) as client:
+            answer = client.request("calendar", {"start_time": START, "end_time": END, "freq": "day"}, timeout=120)
+        assert answer["status"] == 0 and answer["result"]
+        readyz = requests.get(f"{server.url}/readyz", timeout=5)
+        assert readyz.status_code == 503 and readyz.json()["processors"] is False
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        wait_until(server.ready, 120, what="ready once the kernels are loaded")
+    finally:
+        lock.close()
+        server.stop()
