@@ -320,6 +320,9 @@ class RequestParser:
         disk_cache = body.get("disk_cache", 1)
         if disk_cache not in (0, 1) or isinstance(disk_cache, float):
             raise RequestError(f"disk_cache must be 0 or 1, got {_show(disk_cache)}")
+        stream = body.get("stream", False)  # qlib_server.client streams the cache: it needs no HDF5 file
+        if not isinstance(stream, bool):
+            raise RequestError(f"stream must be true or false, got {_show(stream)}")
         start, end = _time(body.get("start_time"), "start_time"), _time(body.get("end_time"), "end_time")
         if start and end and start > end:
             raise RequestError(f"start_time {start} is after end_time {end}")
@@ -330,6 +333,7 @@ class RequestParser:
             "end_time": end,
             "freq": _freq(body.get("freq", "day")),
             "disk_cache": int(disk_cache),
+            **({"stream": True} if stream else {}),
         }
 
 

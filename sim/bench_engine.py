@@ -79,7 +79,7 @@ computed = dataset.compute(DatasetD._provider, {{"market": "csi300", "filter_pip
                            "day")
 engine = time.perf_counter() - t
 t = time.perf_counter()
-datacache.write_table(Path(tempfile.mkdtemp()) / "c", computed.by_date(), {{"market": "csi300"}}, "day", str(cal[-1]))
+datacache.write_records(Path(tempfile.mkdtemp()) / "c", dataset.CacheRows(computed.names, computed.codes, "us", computed.date_parts, computed.by_date))
 write = time.perf_counter() - t
 print(json.dumps({{"engine_s": engine, "write_s": write, "fallbacks": sum(features.FALLBACKS.values())}}))
 """

@@ -192,6 +192,7 @@ class ServerConnection:
         """The frame of a feature request, streamed from the server's dataset cache (computed first,
         through the pipeline, when the server has no current cache of it)."""
         deadline = time.monotonic() + self.timeout
+        body = {**body, "stream": True}  # this client streams the cache: the server writes no HDF5 file for it
         payload: dict[str, Any] = {"head": {"version": self._version}, "body": json.dumps(body, default=str)}
         computed, failures, pause = False, 0, FIRST_PAUSE
         late = f"no feature data from qlib-server at {self.address} within {self.timeout:g}s"

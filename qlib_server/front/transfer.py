@@ -9,23 +9,22 @@ the request's dataset cache is not current here, the answer is 409 and the clien
 request as a ``feature_request`` event (computed once, de-duplicated), then asks again.
 
 The stream holds exactly the requested dates and fields: one batch of about ``CHUNK_BYTES`` at a time
-is read from the HDF5 file, encoded and written, so neither side holds more than a few chunks. Batch
+is taken from the cache's records file (mapped, see :mod:`qlib_server.state.records`), encoded and
+written, so neither side holds more than a few chunks. Batch
 columns: ``datetime``; ``instrument``, an int32 index into the schema metadata ``instruments`` (a JSON
 list of ``[code, rows]`` sorted by code, from which the client places each row of a batch where it
 belongs in the frame at once); then ``fixed_size_list`` columns, each a row of up to ``GROUP_COLUMNS``
-requested fields of one values block of the cache (their names, spaces removed as in Qlib's cache
-columns, in the field metadata ``columns``): rows are sent as the block holds them, not field by
+requested fields (their names, spaces removed as in Qlib's cache
+columns, in the field metadata ``columns``): rows are sent as the file holds them, not field by
 field, and pyarrow compresses the groups of a batch on all cores. The schema metadata ``rows`` says
 how many rows follow.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
-import pickle
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -36,13 +35,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import tables
 from flask import Response, request
 from gevent.monkey import get_original
-from qlib.data.cache import DatasetCache, DiskDatasetCache
+from qlib.data.cache import DiskDatasetCache
 
 from ..errors import RequestError
-from ..state.sources import is_current
+from ..state import records
+from ..state.sources import RECORDS, is_current
 from . import guard
 
 log = logging.getLogger(__name__)
@@ -67,76 +66,51 @@ def cache_columns(fields: list) -> list[str]:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where things are in one dataset cache file (pandas' HDF5 table format), read once per version."""
+    """One dataset cache's records file, mapped (:mod:`qlib_server.state.records`), and what was worked out
+    of it: read once per version of the file."""
 
-    spans: pd.DataFrame  # Qlib's index: date → [start, end) rows
-    blocks: dict  # column → (values block, position in it)
-    dtypes: dict  # column → numpy dtype
-    date_dtype: np.dtype
-    fields: frozenset  # the cache's columns, from its meta
-    table: Any  # the open HDF5 table (read-only; closed when this layout leaves the cache); None: no rows
-    lock: contextlib.AbstractContextManager  # one reader of the table at a time (pytables: not thread-safe); OS lock
+    records: records.Records
+    position: dict  # column → its position in a row's values
     counts: OrderedDict  # (start, stop) → ``[code, rows]`` of each instrument in those rows (the windows sent last)
+    lock: Any  # guards ``counts`` (transfers run in several threads)
+
+    @property
+    def fields(self) -> frozenset:
+        return frozenset(self.position)
 
     def rows(self, start_time, end_time) -> tuple[int, int]:
         """Rows ``[start, stop)`` holding the dates from ``start_time`` to ``end_time``."""
-        spans = self.spans.loc[start_time:end_time]
-        if spans.shape[0] == 0:
-            return 0, 0
-        return int(spans["start"].iloc[0]), int(spans["end"].iloc[-1])
+        return self.records.rows(start_time, end_time)
 
 
 _layouts: OrderedDict[tuple, Layout] = OrderedDict()
 _os_lock = get_original("threading", "Lock")  # a lock of OS threads, also where gevent patched threading
+_layouts_lock = _os_lock()
 
 
 def layout(cache_path: Path) -> Layout:
     """The :class:`Layout` of the cache (kept for the 32 caches used last, by file size and mtime)."""
-    st = cache_path.stat()
-    version = (str(cache_path), st.st_size, st.st_mtime_ns)
-    if version in _layouts:
-        _layouts.move_to_end(version)
-        return _layouts[version]
-    spans = DiskDatasetCache.IndexManager(cache_path).get_index()
-    fields = frozenset(pickle.loads(cache_path.with_suffix(".meta").read_bytes())["info"]["fields"])
-    blocks, dtypes, date_dtype, table = {}, {}, np.dtype("M8[ns]"), None
-    h5 = tables.open_file(cache_path, mode="r")
-    node = f"/{DatasetCache.HDF_KEY}/table"
-    if node in h5:  # a cache of no rows is in pandas' fixed format: no table, no rows to read
-        table = h5.get_node(node)
-        date_dtype = np.dtype(str(table.attrs.datetime_dtype))
-        for name in table.colnames:
-            if name.startswith("values_block_"):
-                for position, column in enumerate(getattr(table.attrs, f"{name}_kind")):
-                    blocks[column] = (name, position)
-                    dtypes[column] = np.dtype(str(getattr(table.attrs, f"{name}_dtype")))
-    else:
-        h5.close()
-    found = Layout(spans, blocks, dtypes, date_dtype, fields, table, _os_lock(), OrderedDict())
-    _layouts[version] = found
-    while len(_layouts) > 32:
-        _close(_layouts.popitem(last=False)[1])
+    path = records.path_of(cache_path)
+    st = path.stat()
+    version = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    with _layouts_lock:
+        if version in _layouts:
+            _layouts.move_to_end(version)
+            return _layouts[version]
+    table = records.read(path)
+    found = Layout(table, {column: i for i, column in enumerate(table.columns)}, OrderedDict(), _os_lock())
+    with _layouts_lock:
+        _layouts[version] = found
+        while len(_layouts) > 32:
+            _layouts.popitem(last=False)  # its mapping goes when the last transfer of it ends
     return found
-
-
-def _close(where: Layout) -> None:
-    if where.table is not None:
-        with where.lock:
-            where.table._v_file.close()
-
-
-@atexit.register
-def close_layouts() -> None:
-    """Close every cache file kept open."""
-    while _layouts:
-        _close(_layouts.popitem()[1])
 
 
 def _factorize(codes: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Instrument codes (fixed-width bytes) → (int32 index of each, distinct codes as text)."""
     if codes.dtype.itemsize in (1, 2, 4, 8):  # as unsigned integers: a hash, not a sort of strings
         width = codes.dtype.itemsize
-        index, distinct = pd.factorize(codes.view(f"u{width}"))
+        index, distinct = pd.factorize(np.ascontiguousarray(codes).view(f"u{width}"))
         return index.astype(np.int32), [c.decode() for c in distinct.view(f"S{width}")]
     distinct, index = np.unique(codes, return_inverse=True)
     return index.astype(np.int32), [c.decode() for c in distinct]
@@ -148,58 +122,53 @@ def _ranges(start: int, stop: int, rows: int):
 
 
 def _instruments(where: Layout, start: int, stop: int, rows: int) -> list[list]:
-    """``[code, rows]`` of every instrument in rows ``[start, stop)``, sorted by code: one pass over the
-    instrument column, a chunk at a time, the first time these rows are sent."""
+    """``[code, rows]`` of every instrument in rows ``[start, stop)``, sorted by code: the file's own list for
+    all its rows; otherwise one pass over the instrument column, a chunk at a time, the first time these rows
+    are sent."""
+    if (start, stop) == (0, len(where.records.table)):
+        return where.records.instruments
     found = where.counts.get((start, stop))
     if found is not None:
         return found
     counts: dict[str, int] = {}
     for first, last in _ranges(start, stop, rows):
-        with where.lock:
-            codes = where.table.read(first, last, field="instrument")
-        index, distinct = _factorize(codes)
+        index, distinct = _factorize(where.records.table["instrument"][first:last])
         for code, n in zip(distinct, np.bincount(index, minlength=len(distinct)).tolist()):
             counts[code] = counts.get(code, 0) + n
     found = [[code, counts[code]] for code in sorted(counts)]
-    with where.lock:  # transfers run in several threads
+    with where.lock:
         where.counts[start, stop] = found
         while len(where.counts) > 64:
             where.counts.popitem(last=False)
     return found
 
 
-def _groups(where: Layout, columns: list[str]) -> list[tuple[str, list[str], list[int]]]:
-    """(values block, requested columns in it, their positions in the block), at most
-    ``GROUP_COLUMNS`` columns each (pyarrow compresses the groups of a batch on all cores)."""
-    groups: dict[str, tuple[list, list]] = {}
-    for column in columns:
-        block, position = where.blocks[column]
-        names, positions = groups.setdefault(block, ([], []))
-        names.append(column)
-        positions.append(position)
-    return [(block, names[i:i + GROUP_COLUMNS], positions[i:i + GROUP_COLUMNS])
-            for block, (names, positions) in groups.items() for i in range(0, len(names), GROUP_COLUMNS)]
+def _groups(where: Layout, columns: list[str]) -> list[tuple[list[str], list[int]]]:
+    """(requested columns, their positions in a row's values), at most ``GROUP_COLUMNS`` columns each
+    (pyarrow compresses the groups of a batch on all cores)."""
+    return [(columns[i:i + GROUP_COLUMNS], [where.position[c] for c in columns[i:i + GROUP_COLUMNS]])
+            for i in range(0, len(columns), GROUP_COLUMNS)]
 
 
 def _schema(where: Layout, groups: list, instruments: list, rows: int) -> pa.Schema:
-    fields = [pa.field("datetime", pa.from_numpy_dtype(where.date_dtype)), pa.field("instrument", pa.int32())]
-    for i, (_, names, _) in enumerate(groups):
-        value_type = pa.from_numpy_dtype(where.dtypes[names[0]])
-        fields.append(pa.field(f"block{i}", pa.list_(value_type, len(names)), nullable=False,
+    fields = [pa.field("datetime", pa.from_numpy_dtype(where.records.table.dtype["datetime"])),
+              pa.field("instrument", pa.int32())]
+    for i, (names, _) in enumerate(groups):
+        fields.append(pa.field(f"block{i}", pa.list_(pa.float32(), len(names)), nullable=False,
                                metadata={"columns": json.dumps(names)}))
     return pa.schema(fields, metadata={"rows": str(rows), "instruments": json.dumps(instruments)})
 
 
-def _batch(records: np.ndarray, groups: list, index_of: dict, where: Layout, schema: pa.Schema) -> pa.RecordBatch:
-    local, distinct = _factorize(records["instrument"])
+def _batch(rows: np.ndarray, groups: list, index_of: dict, schema: pa.Schema) -> pa.RecordBatch:
+    local, distinct = _factorize(rows["instrument"])
     codes = np.array([index_of[c] for c in distinct], dtype=np.int32)[local]
-    arrays = [pa.array(records["datetime"].view(where.date_dtype)), pa.array(codes)]
-    for block, names, positions in groups:
-        values = records[block]
+    arrays = [pa.array(np.ascontiguousarray(rows["datetime"])), pa.array(codes)]
+    values = rows["values"]
+    for names, positions in groups:
         span = slice(positions[0], positions[-1] + 1)
-        values = values[:, span] if positions == list(range(span.start, span.stop)) else values[:, positions]
-        flat = pa.array(np.ascontiguousarray(values).reshape(-1))
-        arrays.append(pa.FixedSizeListArray.from_arrays(flat, len(names)))
+        part = values[:, span] if positions == list(range(span.start, span.stop)) else values[:, positions]
+        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(part).reshape(-1)),
+                                                        len(names)))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
@@ -228,7 +197,7 @@ class _Chunks:
 
 def stream(where: Layout, columns: list[str], start: int, stop: int, compression: str):
     """Yield the Arrow IPC stream of rows ``[start, stop)`` and ``columns`` of the cache, chunk by chunk."""
-    rows = max(1024, CHUNK_BYTES // (4 * max(1, len(where.blocks))))
+    rows = max(1024, CHUNK_BYTES // max(1, where.records.table.dtype.itemsize))
     if stop > start:
         instruments = _instruments(where, start, stop, rows)
         groups = _groups(where, columns)
@@ -240,9 +209,7 @@ def stream(where: Layout, columns: list[str], start: int, stop: int, compression
     writer = pa.ipc.new_stream(pa.PythonFile(chunks, mode="w"), schema, options=options)
     index_of = {code: i for i, (code, _) in enumerate(instruments)}
     for first, last in _ranges(start, stop, rows):
-        with where.lock:
-            records = where.table.read(first, last)
-        writer.write_batch(_batch(records, groups, index_of, where, schema))
+        writer.write_batch(_batch(where.records.table[first:last], groups, index_of, schema))
         yield chunks.take()
     writer.close()
     yield chunks.take()
@@ -340,13 +307,13 @@ def register(handler) -> None:
         if not directory.parent.is_dir():
             raise guard.Refused(503, "this handler does not see the data directory; ask a handler that does", 2)
         path = directory / dataset_uri(args)
-        if not is_current(path):
+        if not is_current(path, form=RECORDS):
             raise guard.Refused(409, "the dataset cache of this request is not computed; send it as a "
                                      "feature_request", 2)
         where = layout(path)
         start, stop = where.rows(args["start_time"], args["end_time"])
         columns = cache_columns(args["fields"])
-        missing = set(columns) - where.fields if stop == start else set(columns) - set(where.blocks)
+        missing = set(columns) - where.fields
         if missing:  # a cache is keyed by its fields: only a bug gets here
             raise guard.Refused(500, f"the dataset cache has no column {sorted(missing)[0][:60]!r}", 2)
         started, sent = time.monotonic(), [0]

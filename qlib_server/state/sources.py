@@ -2,9 +2,12 @@
 
 Qlib keys a dataset cache by the request, not by the data it was computed from. Before a worker computes
 one (:mod:`qlib_server.worker.datacache`), it records the stat (size and mtime, or missing) of every file
-the cache depends on; it writes that record last, atomically, as ``<uri>.sources`` beside Qlib's
-``<uri>``, ``<uri>.index`` and ``<uri>.meta``. A cache is current only while its record matches the disk:
-workers serve and the front streams (:mod:`qlib_server.front.transfer`) only a current cache.
+the cache depends on; it writes that record last, atomically, as ``<uri>.sources`` beside the cache's files.
+The record also names the forms written: ``records`` (the file ``qlib_server.client`` streams, see
+:mod:`qlib_server.state.records`), always; ``hdf5`` (Qlib's ``<uri>``, ``<uri>.index`` and ``<uri>.meta``,
+which the stock pyqlib client reads from a mount) when a stock client asked. A form of a cache is current
+only while its record matches the disk: workers serve and the front streams
+(:mod:`qlib_server.front.transfer`) only a current cache.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from qlib.data.cache import DiskDatasetCache
+
+from . import records
 
 SOURCES = ".sources"
 
@@ -32,20 +37,30 @@ def sources_path(cache_path: Path) -> Path:
     return cache_path.with_suffix(SOURCES)
 
 
-def write_sources(cache_path: Path, sources: dict) -> None:
-    """Write the record of a cache's sources atomically (a temporary file renamed into place)."""
+#: the forms of a dataset cache: the records file (always written) and Qlib's HDF5 files
+RECORDS, HDF5 = "records", "hdf5"
+
+
+def write_sources(cache_path: Path, sources: dict, forms: tuple = (RECORDS, HDF5)) -> None:
+    """Write the record of a cache's sources and of the ``forms`` written, atomically (a temporary file
+    renamed into place)."""
     target = sources_path(cache_path)
     temporary = target.with_name(target.name + ".tmp")
-    temporary.write_text(json.dumps({"files": sources}, separators=(",", ":")))
+    temporary.write_text(json.dumps({"files": sources, "forms": list(forms)}, separators=(",", ":")))
     os.replace(temporary, target)
 
 
-def is_current(cache_path: Path, stat: Callable[[Path], Optional[list]] = stat_of) -> bool:
-    """Whether the cache is complete (Qlib's three files and the record of its sources) and computed
-    from the data on disk now (every recorded stat still holds)."""
+def is_current(cache_path: Path, stat: Callable[[Path], Optional[list]] = stat_of, form: str = HDF5) -> bool:
+    """Whether the cache's ``form`` is complete (its files and the record of its sources, which names it) and
+    computed from the data on disk now (every recorded stat still holds)."""
     try:
-        files = json.loads(sources_path(cache_path).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        record = json.loads(sources_path(cache_path).read_text())
+        files, forms = record["files"], record.get("forms", [HDF5])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+    if form not in forms:
+        return False
+    complete = (DiskDatasetCache.check_cache_exists(cache_path) if form == HDF5
+                else records.path_of(cache_path).exists())
     root = cache_path.parent.parent
-    return DiskDatasetCache.check_cache_exists(cache_path) and all(stat(root / n) == v for n, v in files.items())
+    return complete and all(stat(root / n) == v for n, v in files.items())

@@ -9,6 +9,7 @@ default: it makes a cold dataset three times slower and pyqlib's default client 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -94,10 +95,14 @@ def feature(args: dict, expression_cache: bool) -> str:
     _check_market(args["instruments"], args["freq"])
     if args["disk_cache"] == 0 and not expression_cache:
         return ""  # nothing to prepare: the client computes from its own mount
+    from . import datacache
+
     # An empty result is a cache of no rows (see datacache.write_empty): the client reads an empty frame.
-    return D.features_uri(
-        args["instruments"], args["fields"], args["start_time"], args["end_time"], args["freq"], args["disk_cache"]
-    )
+    # A client that streams the cache (``stream``) needs no HDF5 file: only the records are written for it.
+    with datacache.records_only() if args.get("stream") else contextlib.nullcontext():
+        return D.features_uri(
+            args["instruments"], args["fields"], args["start_time"], args["end_time"], args["freq"], args["disk_cache"]
+        )
 
 
 def run(task_type: str, args: dict, expression_cache: bool = False):

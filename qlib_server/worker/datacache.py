@@ -16,6 +16,7 @@ never completed), and it is deleted and computed again.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import pickle
@@ -32,8 +33,8 @@ from qlib.config import C
 from qlib.data.cache import CacheUtils, DatasetCache, DiskDatasetCache, H
 from qlib.utils import code_to_fname, remove_fields_space
 
-from ..state import keys
-from ..state.sources import is_current, sources_path, stat_of, write_sources
+from ..state import keys, records
+from ..state.sources import HDF5, RECORDS, is_current, sources_path, stat_of, write_sources
 from . import dataset, storage
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,10 @@ def cache_sources(root: Path, instruments, fields: Iterable[str], freq: str) -> 
 def clear(cache_path: Path) -> None:
     """Delete a cache: the record of its sources first, so that what is left never reads as complete."""
     target = sources_path(cache_path)
+    kept = records.path_of(cache_path)
     for path in (target, cache_path, cache_path.with_suffix(".meta"), cache_path.with_suffix(".index"),
-                 cache_path.with_suffix(".data"), target.with_name(target.name + ".tmp")):
+                 cache_path.with_suffix(".data"), target.with_name(target.name + ".tmp"), kept,
+                 kept.with_name(kept.name + ".tmp")):
         path.unlink(missing_ok=True)
 
 
@@ -189,14 +192,41 @@ def drop_stale(directory: Path, redis_client) -> dict:
     stat = functools.cache(stat_of)  # caches share their sources: stat each file once
     for uri in uris:
         path = directory / uri
-        if is_current(path, stat):
+        if is_current(path, stat, form=RECORDS):  # written with every cache, whatever other form it has
             counts["kept"] += 1
             continue
         with cache_lock(redis_client, lock_name(path)):
-            if not is_current(path):  # a worker may have just completed it
+            if not is_current(path, form=RECORDS):  # a worker may have just completed it
                 clear(path)
                 counts["dropped"] += 1
     return counts
+
+
+#: whether the dataset caches this thread computes now need Qlib's HDF5 form (a stock pyqlib client asked)
+_HDF5_WANTED: contextvars.ContextVar[bool] = contextvars.ContextVar("hdf5_wanted", default=True)
+
+
+@contextlib.contextmanager
+def records_only():
+    """Within the block, a dataset cache is computed (or found current) in the records form only: the request
+    comes from ``qlib_server.client``, which streams it, and no stock client needs Qlib's HDF5 file."""
+    token = _HDF5_WANTED.set(False)
+    try:
+        yield
+    finally:
+        _HDF5_WANTED.reset(token)
+
+
+def write_records(cache_path: Path, rows: dataset.CacheRows) -> None:
+    """Write the records file of a cache (see :mod:`qlib_server.state.records`)."""
+    writer = records.Writer(records.path_of(cache_path), rows.columns, rows.codes, rows.unit)
+    try:
+        for part in rows.parts():
+            writer.add(*part)
+    except BaseException:
+        writer.abandon()
+        raise
+    writer.close()
 
 
 class ServerDatasetCache(DiskDatasetCache):
@@ -217,16 +247,18 @@ class ServerDatasetCache(DiskDatasetCache):
             return super()._dataset_uri(instruments, fields, start_time, end_time, freq, disk_cache, inst_processors)
         uri = self._uri(instruments, fields, None, None, freq, disk_cache)
         path = self.get_cache_dir(freq) / uri
-        if not self.check_cache_exists(path):
+        form = HDF5 if _HDF5_WANTED.get() else RECORDS
+        if not is_current(path, form=form):
             with CacheUtils.writer_lock(self.r, lock_name(path)):
-                if not self.check_cache_exists(path):  # another worker may have computed it meanwhile
+                if not is_current(path, form=form):  # another worker may have computed it meanwhile
                     self.gen_dataset_cache(path, instruments, fields, freq)
         return uri
 
     def gen_dataset_cache(self, cache_path, instruments, fields, freq, inst_processors=None):
-        """Qlib's generation, with the sources recorded before computing and written last, the cache
-        written in one pass (:func:`write_table`), and an empty result written as a cache of no rows. Unlike
-        Qlib's it returns no frame: the server only asks for a cache's uri (``_dataset_uri``)."""
+        """Qlib's generation, with the sources recorded before computing and written last, the records file
+        always written and Qlib's HDF5 files where a stock client needs them (:func:`records_only`), each in
+        one pass, and an empty result written as a cache of no rows. Unlike Qlib's it returns no frame: the
+        server only asks for a cache's uri (``_dataset_uri``)."""
         inst_processors = [] if inst_processors is None else inst_processors  # Qlib's default, not shared
         from qlib.data.data import Cal
 
@@ -236,8 +268,12 @@ class ServerDatasetCache(DiskDatasetCache):
         H.clear()  # compute from the files just recorded, not from calendars and features held in memory
         storage.forget()
         calendar = Cal.calendar(freq=freq)
-        pieces = dataset.cache_pieces(self.provider, instruments, fields, calendar[0], calendar[-1], freq,
-                                      inst_processors, scratch=cache_path.parent)
-        if not write_table(cache_path, pieces, instruments, freq, str(calendar[-1]), inst_processors):
-            write_empty(cache_path, instruments, fields, freq, str(calendar[-1]))
-        write_sources(cache_path, sources)
+        rows = dataset.cache_rows(self.provider, instruments, fields, calendar[0], calendar[-1], freq,
+                                  inst_processors, scratch=cache_path.parent)
+        write_records(cache_path, rows)
+        forms: tuple = (RECORDS,)
+        if _HDF5_WANTED.get():
+            if not write_table(cache_path, rows.frames(), instruments, freq, str(calendar[-1]), inst_processors):
+                write_empty(cache_path, instruments, fields, freq, str(calendar[-1]))
+            forms = (RECORDS, HDF5)
+        write_sources(cache_path, sources, forms)

@@ -10,11 +10,12 @@ and the frame is built once. What this module does not build itself (an expressi
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -53,29 +54,73 @@ class Computed:
             data[j] = self.dense[column_of[remove_fields_space(name)]][self.rows]
         return pd.DataFrame(data.T, index=index, columns=[str(c) for c in column_names], copy=False)
 
-    def by_date(self) -> Iterator[pd.DataFrame]:
-        """The frame in the dataset cache's layout (:func:`cache_layout`), in pieces of consecutive days of
-        about :data:`CHUNK_BYTES` each."""
+    def date_parts(self, reuse: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The rows in the dataset cache's order (by day, then instrument), in parts of consecutive days of
+        about :data:`CHUNK_BYTES`: each part's days (datetime64), instruments (positions in ``codes``) and
+        ``values[field, row]``. With ``reuse``, every part's values are in one buffer (fresh memory costs page
+        faults): a part is valid only until the next is asked for."""
         per_day = self.rows.sum(axis=0)
         target = max(1, CHUNK_BYTES // (4 * max(1, len(self.names))))
+        buffer = np.empty((len(self.names), 0), dtype=np.float32)
         first = 0
         while first < len(per_day):
             last = first + max(1, int(np.searchsorted(np.cumsum(per_day[first:]), target, side="right")))
-            rows = self.rows[:, first:last].T  # (days, instruments)
-            day, which = np.nonzero(rows)
+            day, which = np.nonzero(self.rows[:, first:last].T)  # (days, instruments)
             if len(day):
                 width = last - first
                 taken = which * width + day  # positions in each field's (instruments, days) piece
-                index = pd.MultiIndex.from_arrays(
-                    [pd.DatetimeIndex(self.times[day + first + self.start]), np.array(self.codes, dtype=object)[which]],
-                    names=["datetime", "instrument"])
-                data = np.empty((len(self.names), len(day)), dtype=np.float32)
+                if not reuse or buffer.shape[1] < len(day):
+                    buffer = np.empty((len(self.names), max(len(day), target if reuse else 0)), dtype=np.float32)
+                data = buffer[:, :len(day)]
                 for k in range(len(self.names)):
                     np.take(np.ascontiguousarray(self.dense[k, :, first:last]).reshape(-1), taken, out=data[k])
-                piece = pd.DataFrame(data.T, index=index, columns=list(self.names), copy=False)
-                piece.attrs[CODE_WIDTH] = max(len(code) for code in self.codes)
-                yield piece
+                yield self.times[day + first + self.start], which, data
             first = last
+
+    def by_date(self) -> Iterator[pd.DataFrame]:
+        """The frame in the dataset cache's layout (:func:`cache_layout`), in the pieces of :meth:`date_parts`."""
+        codes = np.array(self.codes, dtype=object)
+        width = max(len(code) for code in self.codes)
+        for datetimes, which, data in self.date_parts():
+            index = pd.MultiIndex.from_arrays([pd.DatetimeIndex(datetimes), codes[which]],
+                                              names=["datetime", "instrument"])
+            piece = pd.DataFrame(data.T, index=index, columns=list(self.names), copy=False)
+            piece.attrs[CODE_WIDTH] = width
+            yield piece
+
+
+@dataclass
+class CacheRows:
+    """A feature set to write as a dataset cache, in its two forms: ``parts()`` for the records file
+    (:meth:`Computed.date_parts`) and ``frames()`` for Qlib's HDF5 file (:meth:`Computed.by_date`)."""
+
+    columns: list  # the cache's columns: each field once, spaces removed, sorted (Qlib's)
+    codes: list
+    unit: str  # of the days
+    parts: Callable[[], Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]]  # each valid until the next
+    frames: Callable[[], Iterator[pd.DataFrame]]
+
+
+def cache_rows(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=(),
+               scratch: Optional[Path] = None) -> CacheRows:
+    """The feature set of a dataset cache, computed by the engine (by Qlib where it must be)."""
+    from qlib.utils import normalize_cache_fields
+
+    computed = compute(provider, instruments, fields, start_time, end_time, freq, inst_processors, scratch)
+    if computed is not None:
+        return CacheRows(computed.names, computed.codes, np.datetime_data(computed.times.dtype)[0],
+                         functools.partial(computed.date_parts, reuse=True), computed.by_date)
+    frame = cache_layout(provider.dataset(instruments, fields, start_time, end_time, freq,
+                                          inst_processors=list(inst_processors)))
+    if frame.empty:
+        return CacheRows(normalize_cache_fields(fields), [], "ns", lambda: iter(()), lambda: iter(()))
+    which, codes = pd.factorize(frame.index.get_level_values("instrument"), sort=True)
+    days = frame.index.get_level_values("datetime").to_numpy()
+
+    def parts():
+        yield days, which, frame.to_numpy(np.float32).T
+
+    return CacheRows(list(frame.columns), list(codes), np.datetime_data(days.dtype)[0], parts, lambda: iter([frame]))
 
 
 def compute(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=(),
@@ -138,20 +183,6 @@ def dataset(provider, instruments, fields, start_time, end_time, freq: str, inst
     if computed is None:
         return provider.dataset(instruments, fields, start_time, end_time, freq, inst_processors=list(inst_processors))
     return computed.by_instrument(provider.get_column_names(fields))
-
-
-def cache_pieces(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=(),
-                 scratch: Optional[Path] = None) -> Iterator[pd.DataFrame]:
-    """The feature set in the dataset cache's layout (:func:`cache_layout`), in pieces of consecutive days
-    (one piece, Qlib's, where Qlib computes it; none when it has no rows)."""
-    computed = compute(provider, instruments, fields, start_time, end_time, freq, inst_processors, scratch)
-    if computed is not None:
-        yield from computed.by_date()
-        return
-    frame = cache_layout(provider.dataset(instruments, fields, start_time, end_time, freq,
-                                          inst_processors=list(inst_processors)))
-    if not frame.empty:
-        yield frame
 
 
 def cache_layout(frame: pd.DataFrame) -> pd.DataFrame:

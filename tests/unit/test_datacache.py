@@ -15,7 +15,7 @@ from qlib.data.cache import DiskDatasetCache
 
 from qlib_server.config import make_config
 from qlib_server.datagen import extend_dataset, generate_dataset
-from qlib_server.state import keys, sources
+from qlib_server.state import keys, records, sources
 from qlib_server.state.sources import is_current, write_sources
 from qlib_server.worker import datacache
 from qlib_server.worker.datacache import cache_sources, clear, references, write_empty
@@ -36,8 +36,14 @@ def make_cache(root, uri, instruments, fields=FIELDS):
     path = root / "dataset_cache" / uri
     sources = cache_sources(root, instruments, fields, "day")
     write_empty(path, instruments, fields, "day", "2018-03-23")
+    write_no_records(path, fields)
     write_sources(path, sources)
     return path
+
+
+def write_no_records(path, fields):
+    """The records form of a cache of no rows (the form ``qlib_server.client`` streams)."""
+    records.Writer(records.path_of(path), sorted({f.replace(" ", "") for f in fields}), [], "ns").close()
 
 
 def touch_later(path):
@@ -173,6 +179,7 @@ def test_a_refresh_waits_for_the_worker_writing_a_cache_and_keeps_it_once_comple
     path = data.resolve() / "dataset_cache" / "busy"
     sources = cache_sources(data, ["SH600000"], FIELDS, "day")
     write_empty(path, ["SH600000"], FIELDS, "day", "2018-03-23")  # written, its record not yet
+    write_no_records(path, FIELDS)
     held = redis_lock.Lock(client, keys.QLIB_CACHE_LOCK + datacache.lock_name(path), expire=5, auto_renewal=True)
     held.acquire()
     finished = threading.Timer(0.5, lambda: (write_sources(path, sources), held.release()))

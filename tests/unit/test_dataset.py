@@ -72,7 +72,7 @@ def test_the_cache_layout_is_qlibs_frame_as_qlibs_cache_writer_lays_it_out(provi
     H.clear()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(provider, "dataset", lambda *a, **k: pytest.fail("the frame was left to Qlib"))
-        pieces = list(dataset.cache_pieces(provider, instruments, FIELDS, calendar[0], calendar[-1], "day"))
+        pieces = list(dataset.cache_rows(provider, instruments, FIELDS, calendar[0], calendar[-1], "day").frames())
     ours = pd.concat(pieces)
     assert_same_frame(ours, theirs)
     assert list(ours.index.names) == ["datetime", "instrument"] and list(ours.columns) == sorted(set(ours.columns))
@@ -88,11 +88,40 @@ def test_the_cache_layout_comes_in_pieces_of_consecutive_days_that_make_qlibs_fr
     theirs = dataset.cache_layout(provider.dataset(market, FIELDS, calendar[0], calendar[-1], "day"))
     H.clear()
     monkeypatch.setattr(dataset, "CHUNK_BYTES", 4 * len(set(FIELDS)) * 100)  # about 100 rows a piece
-    pieces = list(dataset.cache_pieces(provider, market, FIELDS, calendar[0], calendar[-1], "day"))
+    pieces = list(dataset.cache_rows(provider, market, FIELDS, calendar[0], calendar[-1], "day").frames())
     assert len(pieces) > 10
     days = [piece.index.get_level_values("datetime") for piece in pieces]
     assert all(a.max() < b.min() for a, b in zip(days, days[1:]))  # a day is never split between pieces
     assert_same_frame(pd.concat(pieces), theirs)
+
+
+@pytest.mark.parametrize("by", ["engine", "qlib"])
+def test_the_records_file_of_a_cache_holds_qlibs_frame_row_for_row(provider, monkeypatch, tmp_path, by):
+    from qlib.data.cache import H
+    from qlib.data.data import Cal
+
+    from qlib_server.state import records
+    from qlib_server.worker import datacache
+
+    calendar = Cal.calendar(freq="day")
+    market = {"market": "csi300", "filter_pipe": []}
+    H.clear()
+    theirs = dataset.cache_layout(provider.dataset(market, FIELDS, calendar[0], calendar[-1], "day"))
+    H.clear()
+    monkeypatch.setattr(dataset, "CHUNK_BYTES", 4 * len(set(FIELDS)) * 100)  # several parts
+    if by == "qlib":
+        monkeypatch.setattr(dataset, "compute", lambda *a, **k: None)
+    datacache.write_records(tmp_path / "c", dataset.cache_rows(provider, market, FIELDS, calendar[0], calendar[-1],
+                                                               "day"))
+    table = records.read(records.path_of(tmp_path / "c"))
+    codes = [c.decode() for c in table.table["instrument"]]
+    index = pd.MultiIndex.from_arrays([pd.DatetimeIndex(table.table["datetime"]), codes],
+                                      names=["datetime", "instrument"])
+    ours = pd.DataFrame(np.array(table.table["values"]), index=index, columns=table.columns)
+    assert_same_frame(ours, theirs)
+    assert table.instruments == [[c, int(n)] for c, n in theirs.groupby(level="instrument").size().items()]
+    first, stop = table.rows(calendar[10], calendar[20])
+    assert (first, stop) == (len(theirs.loc[:calendar[9]]), len(theirs.loc[:calendar[20]]))
 
 
 def test_a_set_larger_than_memory_allows_is_computed_in_a_scratch_file_that_leaves_nothing(provider, monkeypatch,

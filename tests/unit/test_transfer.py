@@ -17,6 +17,7 @@ from qlib_server.client.connection import ServerConnection, same_host
 from qlib_server.client.frames import datetime_unit, read_frame
 from qlib_server.front import transfer
 from qlib_server.protocol import request_id
+from qlib_server.state import records
 
 FIELDS = ["$close", "Mean($close,5)", "Ref($close,1)/$close-1"]
 
@@ -24,7 +25,7 @@ FIELDS = ["$close", "Mean($close,5)", "Ref($close,1)/$close-1"]
 @pytest.fixture(autouse=True)
 def closed_after():
     yield
-    transfer.close_layouts()
+    transfer._layouts.clear()
 
 
 def write_cache(path, codes=("SH600000", "SZ000001", "SH6"), days=40, fields=FIELDS, frame=None,
@@ -45,6 +46,10 @@ def write_cache(path, codes=("SH600000", "SZ000001", "SH6"), days=40, fields=FIE
                           "end": np.arange(1, days + 1, dtype=np.int32) * len(codes)}, index=dates)
     spans.to_hdf(path.with_suffix(".index"), key="df", mode="w", format="table")
     path.with_suffix(".meta").write_bytes(pickle.dumps({"info": {"fields": list(frame.columns)}}))
+    writer = records.Writer(records.path_of(path), list(frame.columns), sorted(codes), dates_unit)
+    which = pd.factorize(frame.index.get_level_values("instrument"), sort=True)[0]
+    writer.add(frame.index.get_level_values("datetime").to_numpy(), which, frame.to_numpy(np.float32).T)
+    writer.close()
 
 
 def served(path, fields, start, end, compression="lz4", unit=None) -> tuple[pd.DataFrame, bytes]:
@@ -133,30 +138,28 @@ def test_a_truncated_stream_is_an_error_not_a_short_frame(tmp_path):
         read_frame(io.BytesIO(data[: len(data) // 2]), FIELDS)
 
 
-def test_a_wide_cache_of_several_dtypes_reads_as_qlib_reads_it(tmp_path):
-    """More fields than one column group holds, float32, float64 and bool blocks, a subset in another order."""
+def test_a_wide_cache_asked_for_a_subset_in_another_order_reads_as_qlib_reads_it(tmp_path):
+    """More fields than one column group holds (every column float32: Qlib casts each field to float32)."""
     path = tmp_path / "abc"
     wide = [f"Mean($close,{n})" for n in range(2, 2 + 2 * transfer.GROUP_COLUMNS + 5)]
     rng = np.random.default_rng(1)
     rows = 30 * 4
-    frame = pd.DataFrame({f: rng.normal(size=rows).astype(np.float32) for f in sorted(wide)})
-    frame["Gt($close,$open)"] = rng.normal(size=rows) > 0
-    frame["$volume"] = rng.normal(size=rows)  # float64
+    frame = pd.DataFrame({f: rng.normal(size=rows).astype(np.float32) for f in sorted(wide + ["$volume"])})
     write_cache(path, codes=("SZ3", "SH1", "SH2", "SZ0"), days=30, frame=frame)
-    asked = ["$volume", *wide[::-1][: transfer.GROUP_COLUMNS + 3], "Gt($close, $open)", wide[7]]
+    asked = ["$volume", *wide[::-1][: transfer.GROUP_COLUMNS + 3], wide[7]]
     for window in [(None, None), ("2019-01-08", "2019-01-31")]:
         got, data = served(path, asked, *window)
         pdt.assert_frame_equal(got, DiskDatasetCache.read_data_from_cache(path, *window, asked))
-    assert len(pa.ipc.open_stream(io.BytesIO(data)).schema) == 2 + 4  # float64, 2 float32 groups, bool
+    assert len(pa.ipc.open_stream(io.BytesIO(data)).schema) == 2 + 2  # two groups of float32 columns
 
 
 def test_a_stream_with_more_rows_of_an_instrument_than_announced_is_an_error(tmp_path):
     path = tmp_path / "abc"
     write_cache(path, days=10)
     where = transfer.layout(path)
-    where.counts[0, 30] = [["SH6", 9], ["SH600000", 11], ["SZ000001", 10]]  # one row of SH6 too few
+    where.counts[3, 30] = [["SH6", 8], ["SH600000", 10], ["SZ000001", 9]]  # one row of SH6 too few
     with pytest.raises(ConnectionError):
-        read_frame(io.BytesIO(b"".join(transfer.stream(where, ["$close"], 0, 30, "lz4"))), ["$close"])
+        read_frame(io.BytesIO(b"".join(transfer.stream(where, ["$close"], 3, 30, "lz4"))), ["$close"])
 
 
 def test_pieces_made_ahead_in_a_thread_arrive_in_order_and_are_closed_when_the_reader_stops():
