@@ -79,7 +79,9 @@ computed = dataset.compute(DatasetD._provider, {{"market": "csi300", "filter_pip
                            "day")
 engine = time.perf_counter() - t
 t = time.perf_counter()
-datacache.write_records(Path(tempfile.mkdtemp()) / "c", dataset.CacheRows(computed.names, computed.codes, "us", computed.date_parts, computed.by_date))
+rows = dataset.CacheRows(computed.names, computed.codes, "us", int(computed.rows.sum()),
+                         lambda: computed.date_parts(reuse=True), computed.by_date)
+datacache.write_records(Path(tempfile.mkdtemp()) / "c", rows)
 write = time.perf_counter() - t
 print(json.dumps({{"engine_s": engine, "write_s": write, "fallbacks": sum(features.FALLBACKS.values())}}))
 """

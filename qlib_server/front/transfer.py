@@ -30,10 +30,9 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 from flask import Response, request
 from gevent.monkey import get_original
@@ -71,7 +70,7 @@ class Layout:
 
     records: records.Records
     position: dict  # column → its position in a row's values
-    counts: OrderedDict  # (start, stop) → ``[code, rows]`` of each instrument in those rows (the windows sent last)
+    counts: OrderedDict  # (start, stop) → rows of each code in those rows (the windows sent last)
     lock: Any  # guards ``counts`` (transfers run in several threads)
 
     @property
@@ -106,52 +105,38 @@ def layout(cache_path: Path) -> Layout:
     return found
 
 
-def _factorize(codes: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Instrument codes (fixed-width bytes) → (int32 index of each, distinct codes as text)."""
-    if codes.dtype.itemsize in (1, 2, 4, 8):  # as unsigned integers: a hash, not a sort of strings
-        width = codes.dtype.itemsize
-        index, distinct = pd.factorize(np.ascontiguousarray(codes).view(f"u{width}"))
-        return index.astype(np.int32), [c.decode() for c in distinct.view(f"S{width}")]
-    distinct, index = np.unique(codes, return_inverse=True)
-    return index.astype(np.int32), [c.decode() for c in distinct]
-
-
 def _ranges(start: int, stop: int, rows: int):
     for offset in range(start, stop, rows):
         yield offset, min(stop, offset + rows)
 
 
-def _instruments(where: Layout, start: int, stop: int, rows: int) -> list[list]:
-    """``[code, rows]`` of every instrument in rows ``[start, stop)``, sorted by code: the file's own list for
-    all its rows; otherwise one pass over the instrument column, a chunk at a time, the first time these rows
-    are sent."""
-    if (start, stop) == (0, len(where.records.table)):
-        return where.records.instruments
+def _counts(where: Layout, start: int, stop: int) -> np.ndarray:
+    """Rows of each of the file's codes in rows ``[start, stop)`` (the file's own counts for all its rows)."""
+    if (start, stop) == (0, len(where.records)):
+        return where.records.counts
     found = where.counts.get((start, stop))
-    if found is not None:
-        return found
-    counts: dict[str, int] = {}
-    for first, last in _ranges(start, stop, rows):
-        index, distinct = _factorize(where.records.table["instrument"][first:last])
-        for code, n in zip(distinct, np.bincount(index, minlength=len(distinct)).tolist()):
-            counts[code] = counts.get(code, 0) + n
-    found = [[code, counts[code]] for code in sorted(counts)]
-    with where.lock:
-        where.counts[start, stop] = found
-        while len(where.counts) > 64:
-            where.counts.popitem(last=False)
+    if found is None:
+        found = np.bincount(where.records.instrument[start:stop], minlength=len(where.records.codes))
+        with where.lock:
+            where.counts[start, stop] = found
+            while len(where.counts) > 64:
+                where.counts.popitem(last=False)
     return found
 
 
-def _groups(where: Layout, columns: list[str]) -> list[tuple[list[str], list[int]]]:
-    """(requested columns, their positions in a row's values), at most ``GROUP_COLUMNS`` columns each
-    (pyarrow compresses the groups of a batch on all cores)."""
+def _groups(where: Layout, columns: list[str], compression: str) -> list[tuple[list[str], Any]]:
+    """(columns, what of a row's values they are: a slice or positions) of each column group sent. All the file's
+    columns asked for, uncompressed: one group of the rows as the file holds them (sent without a copy; the
+    client puts the columns in the requested order). Otherwise groups of at most ``GROUP_COLUMNS`` requested
+    columns (pyarrow compresses the groups of a batch on all cores)."""
+    if compression == "none" and set(columns) == set(where.position):
+        return [(list(where.records.columns), slice(None))]
     return [(columns[i:i + GROUP_COLUMNS], [where.position[c] for c in columns[i:i + GROUP_COLUMNS]])
             for i in range(0, len(columns), GROUP_COLUMNS)]
 
 
 def _schema(where: Layout, groups: list, instruments: list, rows: int) -> pa.Schema:
-    fields = [pa.field("datetime", pa.from_numpy_dtype(where.records.table.dtype["datetime"])),
+    fields = [pa.field("datetime", pa.from_numpy_dtype(where.records.datetime.dtype)),
               pa.field("instrument", pa.int32())]
     for i, (names, _) in enumerate(groups):
         fields.append(pa.field(f"block{i}", pa.list_(pa.float32(), len(names)), nullable=False,
@@ -159,16 +144,16 @@ def _schema(where: Layout, groups: list, instruments: list, rows: int) -> pa.Sch
     return pa.schema(fields, metadata={"rows": str(rows), "instruments": json.dumps(instruments)})
 
 
-def _batch(rows: np.ndarray, groups: list, index_of: dict, schema: pa.Schema) -> pa.RecordBatch:
-    local, distinct = _factorize(rows["instrument"])
-    codes = np.array([index_of[c] for c in distinct], dtype=np.int32)[local]
-    arrays = [pa.array(np.ascontiguousarray(rows["datetime"])), pa.array(codes)]
-    values = rows["values"]
-    for names, positions in groups:
-        span = slice(positions[0], positions[-1] + 1)
-        part = values[:, span] if positions == list(range(span.start, span.stop)) else values[:, positions]
-        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(part).reshape(-1)),
-                                                        len(names)))
+def _batch(where: Layout, first: int, last: int, groups: list, wire: Optional[np.ndarray],
+           schema: pa.Schema) -> pa.RecordBatch:
+    codes = where.records.instrument[first:last]
+    arrays = [pa.array(where.records.datetime[first:last]), pa.array(codes if wire is None else wire[codes])]
+    values = where.records.values[first:last]
+    for names, which in groups:
+        part = values[:, which]
+        if not part.flags.c_contiguous:
+            part = np.ascontiguousarray(part)
+        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1)), len(names)))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
@@ -190,29 +175,44 @@ class _Chunks:
     def close(self) -> None:
         self.closed = True
 
-    def take(self) -> bytes:
-        data, self.parts = b"".join(self.parts), []
-        return data
+    def take(self) -> list[bytes]:
+        """What was written, small parts joined (a large one is passed on as it is: no second copy)."""
+        taken: list[bytes] = []
+        small: list[bytes] = []
+        for part in self.parts:
+            if len(part) < 1 << 16:
+                small.append(part)
+                continue
+            if small:
+                taken.append(b"".join(small))
+                small = []
+            taken.append(part)
+        if small:
+            taken.append(b"".join(small))
+        self.parts = []
+        return taken
 
 
 def stream(where: Layout, columns: list[str], start: int, stop: int, compression: str):
-    """Yield the Arrow IPC stream of rows ``[start, stop)`` and ``columns`` of the cache, chunk by chunk."""
-    rows = max(1024, CHUNK_BYTES // max(1, where.records.table.dtype.itemsize))
+    """Yield the Arrow IPC stream of rows ``[start, stop)`` and ``columns`` of the cache, piece by piece."""
+    rows = max(1024, CHUNK_BYTES // max(1, 12 + 4 * len(where.records.columns)))
     if stop > start:
-        instruments = _instruments(where, start, stop, rows)
-        groups = _groups(where, columns)
+        counts = _counts(where, start, stop)
+        present = counts > 0
+        instruments = [[code, int(n)] for code, n in zip(where.records.codes, counts.tolist()) if n]
+        wire = None if present.all() else (np.cumsum(present) - 1).astype(np.int32)  # file code → stream's
+        groups = _groups(where, columns, compression)
         schema = _schema(where, groups, instruments, stop - start)
     else:  # no rows: a stream of no batches
-        instruments, groups, schema = [], [], pa.schema([], metadata={"rows": "0", "instruments": "[]"})
+        wire, groups, schema = None, [], pa.schema([], metadata={"rows": "0", "instruments": "[]"})
     chunks = _Chunks()
     options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
     writer = pa.ipc.new_stream(pa.PythonFile(chunks, mode="w"), schema, options=options)
-    index_of = {code: i for i, (code, _) in enumerate(instruments)}
     for first, last in _ranges(start, stop, rows):
-        writer.write_batch(_batch(where.records.table[first:last], groups, index_of, schema))
-        yield chunks.take()
+        writer.write_batch(_batch(where, first, last, groups, wire, schema))
+        yield from chunks.take()
     writer.close()
-    yield chunks.take()
+    yield from chunks.take()
 
 
 def ahead(pieces, spawn):

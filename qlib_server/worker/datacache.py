@@ -219,7 +219,7 @@ def records_only():
 
 def write_records(cache_path: Path, rows: dataset.CacheRows) -> None:
     """Write the records file of a cache (see :mod:`qlib_server.state.records`)."""
-    writer = records.Writer(records.path_of(cache_path), rows.columns, rows.codes, rows.unit)
+    writer = records.Writer(records.path_of(cache_path), rows.columns, rows.codes, rows.unit, rows.rows)
     try:
         for part in rows.parts():
             writer.add(*part)

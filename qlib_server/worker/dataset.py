@@ -95,8 +95,9 @@ class CacheRows:
     (:meth:`Computed.date_parts`) and ``frames()`` for Qlib's HDF5 file (:meth:`Computed.by_date`)."""
 
     columns: list  # the cache's columns: each field once, spaces removed, sorted (Qlib's)
-    codes: list
+    codes: list  # sorted
     unit: str  # of the days
+    rows: int
     parts: Callable[[], Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]]  # each valid until the next
     frames: Callable[[], Iterator[pd.DataFrame]]
 
@@ -109,18 +110,19 @@ def cache_rows(provider, instruments, fields, start_time, end_time, freq: str, i
     computed = compute(provider, instruments, fields, start_time, end_time, freq, inst_processors, scratch)
     if computed is not None:
         return CacheRows(computed.names, computed.codes, np.datetime_data(computed.times.dtype)[0],
-                         functools.partial(computed.date_parts, reuse=True), computed.by_date)
+                         int(computed.rows.sum()), functools.partial(computed.date_parts, reuse=True), computed.by_date)
     frame = cache_layout(provider.dataset(instruments, fields, start_time, end_time, freq,
                                           inst_processors=list(inst_processors)))
     if frame.empty:
-        return CacheRows(normalize_cache_fields(fields), [], "ns", lambda: iter(()), lambda: iter(()))
+        return CacheRows(normalize_cache_fields(fields), [], "ns", 0, lambda: iter(()), lambda: iter(()))
     which, codes = pd.factorize(frame.index.get_level_values("instrument"), sort=True)
     days = frame.index.get_level_values("datetime").to_numpy()
 
     def parts():
         yield days, which, frame.to_numpy(np.float32).T
 
-    return CacheRows(list(frame.columns), list(codes), np.datetime_data(days.dtype)[0], parts, lambda: iter([frame]))
+    return CacheRows(list(frame.columns), list(codes), np.datetime_data(days.dtype)[0], len(frame), parts,
+                     lambda: iter([frame]))
 
 
 def compute(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=(),

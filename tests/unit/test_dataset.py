@@ -114,12 +114,12 @@ def test_the_records_file_of_a_cache_holds_qlibs_frame_row_for_row(provider, mon
     datacache.write_records(tmp_path / "c", dataset.cache_rows(provider, market, FIELDS, calendar[0], calendar[-1],
                                                                "day"))
     table = records.read(records.path_of(tmp_path / "c"))
-    codes = [c.decode() for c in table.table["instrument"]]
-    index = pd.MultiIndex.from_arrays([pd.DatetimeIndex(table.table["datetime"]), codes],
-                                      names=["datetime", "instrument"])
-    ours = pd.DataFrame(np.array(table.table["values"]), index=index, columns=table.columns)
+    codes = np.array(table.codes, dtype=object)[table.instrument]
+    index = pd.MultiIndex.from_arrays([pd.DatetimeIndex(table.datetime), codes], names=["datetime", "instrument"])
+    ours = pd.DataFrame(np.array(table.values), index=index, columns=table.columns)
     assert_same_frame(ours, theirs)
-    assert table.instruments == [[c, int(n)] for c, n in theirs.groupby(level="instrument").size().items()]
+    counts = theirs.groupby(level="instrument").size()
+    assert [[c, n] for c, n in zip(table.codes, table.counts.tolist())] == [[c, int(n)] for c, n in counts.items()]
     first, stop = table.rows(calendar[10], calendar[20])
     assert (first, stop) == (len(theirs.loc[:calendar[9]]), len(theirs.loc[:calendar[20]]))
 
