@@ -128,7 +128,7 @@ def _append(files: dict, recorded: dict, root: Path, now: dict) -> Change:
         if name == calendar or old == new:
             continue
         if name.startswith("instruments/"):  # spans are extended in place: checked once the new days are known
-            _present(name, old, new, recorded)
+            _present(name, old, new, recorded, shrinks=True)  # only where its dates are shorter
             instruments.append(name)
             continue
         data = _intact(name, old, new, recorded, root)
@@ -147,12 +147,12 @@ def _append(files: dict, recorded: dict, root: Path, now: dict) -> Change:
     return Change(APPEND, reason, len(old_days), len(days), tuple(new_days))
 
 
-def _present(name: str, old: Optional[list], new: Optional[list], recorded: dict) -> list:
+def _present(name: str, old: Optional[list], new: Optional[list], recorded: dict, shrinks: bool = False) -> list:
     """The recorded stat of a file whose stat changed from ``old`` to ``new``, when it was there, is there, did
-    not shrink and has a recorded digest."""
+    not shrink (unless it ``shrinks`` in an append) and has a recorded digest."""
     if old is None or new is None:
         raise _Rewrite(f"{name}: {'appeared' if old is None else 'vanished'}")
-    if new[0] < old[0]:
+    if new[0] < old[0] and not shrinks:
         raise _Rewrite(f"{name}: shrank from {old[0]} to {new[0]} bytes")
     if recorded.get(name) is None:
         raise _Rewrite(f"{name}: changed, and no digest of it was recorded")
