@@ -128,7 +128,7 @@ def _append(files: dict, recorded: dict, root: Path, now: dict) -> Change:
         if name == calendar or old == new:
             continue
         if name.startswith("instruments/"):  # spans are extended in place: checked once the new days are known
-            _present(name, old, new, recorded, shrinks=True)  # only where its dates are shorter
+            _present(name, old, new, recorded, shrinks=True)  # its spans say what changed (below)
             instruments.append(name)
             continue
         data = _intact(name, old, new, recorded, root)
