@@ -23,7 +23,7 @@ import pickle
 import re
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +34,8 @@ from qlib.data.cache import CacheUtils, DatasetCache, DiskDatasetCache, H
 from qlib.utils import code_to_fname, remove_fields_space
 
 from ..state import keys, records
-from ..state.sources import HDF5, RECORDS, is_current, sources_path, stat_of, write_sources
-from . import dataset, storage
+from ..state.sources import HDF5, RECORDS, digests_path, is_current, read_record, sources_path, stat_of, write_sources
+from . import changes, dataset, storage
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,10 @@ def cache_sources(root: Path, instruments, fields: Iterable[str], freq: str) -> 
 def clear(cache_path: Path) -> None:
     """Delete a cache: the record of its sources first, so that what is left never reads as complete."""
     target = sources_path(cache_path)
-    kept = records.path_of(cache_path)
+    kept, digests = records.path_of(cache_path), digests_path(cache_path)
     for path in (target, cache_path, cache_path.with_suffix(".meta"), cache_path.with_suffix(".index"),
                  cache_path.with_suffix(".data"), target.with_name(target.name + ".tmp"), kept,
-                 kept.with_name(kept.name + ".tmp")):
+                 kept.with_name(kept.name + ".tmp"), digests, digests.with_name(digests.name + ".tmp")):
         path.unlink(missing_ok=True)
 
 
@@ -229,6 +229,39 @@ def write_records(cache_path: Path, rows: dataset.CacheRows) -> None:
     writer.close()
 
 
+def record_frames(table: records.Records) -> Iterator[pd.DataFrame]:
+    """A records file as the pieces of consecutive whole days that :func:`write_table` writes."""
+    codes = np.array(table.codes, dtype=object)
+    width = max([len(c) for c in table.codes] + [1])
+    target = max(1, dataset.CHUNK_BYTES // (4 * max(1, len(table.columns))))
+    first = 0
+    for last in table.ends.tolist():
+        if last - first < target and last < len(table):
+            continue  # a piece ends with a day
+        index = pd.MultiIndex.from_arrays([pd.DatetimeIndex(table.datetime[first:last]),
+                                           codes[table.instrument[first:last]]], names=["datetime", "instrument"])
+        piece = pd.DataFrame(np.array(table.values[first:last]), index=index, columns=list(table.columns), copy=False)
+        piece.attrs[dataset.CODE_WIDTH] = width
+        yield piece
+        first = last
+
+
+def add_hdf5(cache_path: Path, instruments, freq: str) -> None:
+    """Add Qlib's HDF5 form to a cache current in its records form only (computed for ``qlib_server.client``,
+    or extended since), from its records: the stock client then reads what was computed, nothing computed
+    again. The caller holds the cache's lock."""
+    from qlib.data.data import Cal
+
+    record = read_record(cache_path)
+    assert record is not None, "add_hdf5 of a cache with no record"
+    table = records.read(records.path_of(cache_path))
+    H.clear()
+    last_update = str(Cal.calendar(freq=freq)[-1])
+    if not write_table(cache_path, record_frames(table), instruments, freq, last_update):
+        write_empty(cache_path, instruments, table.columns, freq, last_update)
+    write_sources(cache_path, record["files"], (RECORDS, HDF5))
+
+
 class ServerDatasetCache(DiskDatasetCache):
     """Qlib's disk dataset cache, serving a cache only while it is current (see the module docstring)."""
 
@@ -250,7 +283,11 @@ class ServerDatasetCache(DiskDatasetCache):
         form = HDF5 if _HDF5_WANTED.get() else RECORDS
         if not is_current(path, form=form):
             with CacheUtils.writer_lock(self.r, lock_name(path)):
-                if not is_current(path, form=form):  # another worker may have computed it meanwhile
+                if is_current(path, form=form):  # another worker computed it meanwhile
+                    pass
+                elif form == HDF5 and is_current(path, form=RECORDS):  # streamed so far: Qlib's files from it
+                    add_hdf5(path, instruments, freq)
+                else:
                     self.gen_dataset_cache(path, instruments, fields, freq)
         return uri
 
@@ -265,6 +302,7 @@ class ServerDatasetCache(DiskDatasetCache):
         cache_path = Path(cache_path)
         self.clear_cache(cache_path)
         sources = cache_sources(cache_path.parent.parent, instruments, fields, freq)
+        digests = changes.digests(cache_path.parent.parent, sources)  # after the stats: a change meanwhile shows
         H.clear()  # compute from the files just recorded, not from calendars and features held in memory
         storage.forget()
         calendar = Cal.calendar(freq=freq)
@@ -276,4 +314,4 @@ class ServerDatasetCache(DiskDatasetCache):
             if not write_table(cache_path, rows.frames(), instruments, freq, str(calendar[-1]), inst_processors):
                 write_empty(cache_path, instruments, fields, freq, str(calendar[-1]))
             forms = (RECORDS, HDF5)
-        write_sources(cache_path, sources, forms)
+        write_sources(cache_path, sources, forms, digests)
