@@ -121,7 +121,8 @@ def clear(cache_path: Path) -> None:
     kept, digests = records.path_of(cache_path), digests_path(cache_path)
     for path in (target, cache_path, cache_path.with_suffix(".meta"), cache_path.with_suffix(".index"),
                  cache_path.with_suffix(".data"), target.with_name(target.name + ".tmp"), kept,
-                 kept.with_name(kept.name + ".tmp"), digests, digests.with_name(digests.name + ".tmp")):
+                 kept.with_name(kept.name + ".tmp"), digests, digests.with_name(digests.name + ".tmp"),
+                 *records.segment_files(cache_path)):
         path.unlink(missing_ok=True)
 
 
@@ -219,7 +220,8 @@ def records_only():
 
 def write_records(cache_path: Path, rows: dataset.CacheRows) -> None:
     """Write the records file of a cache (see :mod:`qlib_server.state.records`)."""
-    writer = records.Writer(records.path_of(cache_path), rows.columns, rows.codes, rows.unit, rows.rows)
+    segment = records.segment_path(cache_path)
+    writer = records.Writer(segment, rows.columns, rows.codes, rows.unit, rows.rows)
     try:
         for part in rows.parts():
             writer.add(*part)
@@ -227,6 +229,7 @@ def write_records(cache_path: Path, rows: dataset.CacheRows) -> None:
         writer.abandon()
         raise
     writer.close()
+    records.publish(cache_path, [(segment, rows.rows)])
 
 
 def record_frames(table: records.Records) -> Iterator[pd.DataFrame]:
@@ -238,9 +241,10 @@ def record_frames(table: records.Records) -> Iterator[pd.DataFrame]:
     for last in table.ends.tolist():
         if last - first < target and last < len(table):
             continue  # a piece ends with a day
-        index = pd.MultiIndex.from_arrays([pd.DatetimeIndex(table.datetime[first:last]),
-                                           codes[table.instrument[first:last]]], names=["datetime", "instrument"])
-        piece = pd.DataFrame(np.array(table.values[first:last]), index=index, columns=list(table.columns), copy=False)
+        datetime, instrument, values = table.take(first, last)
+        index = pd.MultiIndex.from_arrays([pd.DatetimeIndex(datetime), codes[instrument]],
+                                          names=["datetime", "instrument"])
+        piece = pd.DataFrame(values, index=index, columns=list(table.columns), copy=False)
         piece.attrs[dataset.CODE_WIDTH] = width
         yield piece
         first = last
@@ -254,7 +258,7 @@ def add_hdf5(cache_path: Path, instruments, freq: str) -> None:
 
     record = read_record(cache_path)
     assert record is not None, "add_hdf5 of a cache with no record"
-    table = records.read(records.path_of(cache_path))
+    table = records.read(cache_path)
     H.clear()
     last_update = str(Cal.calendar(freq=freq)[-1])
     if not write_table(cache_path, record_frames(table), instruments, freq, last_update):

@@ -43,7 +43,9 @@ def make_cache(root, uri, instruments, fields=FIELDS):
 
 def write_no_records(path, fields):
     """The records form of a cache of no rows (the form ``qlib_server.client`` streams)."""
-    records.Writer(records.path_of(path), sorted({f.replace(" ", "") for f in fields}), [], "ns", 0).close()
+    segment = records.segment_path(path)
+    records.Writer(segment, sorted({f.replace(" ", "") for f in fields}), [], "ns", 0).close()
+    records.publish(path, [(segment, 0)])
 
 
 def touch_later(path):

@@ -113,10 +113,11 @@ def test_the_records_file_of_a_cache_holds_qlibs_frame_row_for_row(provider, mon
         monkeypatch.setattr(dataset, "compute", lambda *a, **k: None)
     datacache.write_records(tmp_path / "c", dataset.cache_rows(provider, market, FIELDS, calendar[0], calendar[-1],
                                                                "day"))
-    table = records.read(records.path_of(tmp_path / "c"))
-    codes = np.array(table.codes, dtype=object)[table.instrument]
-    index = pd.MultiIndex.from_arrays([pd.DatetimeIndex(table.datetime), codes], names=["datetime", "instrument"])
-    ours = pd.DataFrame(np.array(table.values), index=index, columns=table.columns)
+    table = records.read(tmp_path / "c")
+    datetime, instrument, values = table.take(0, len(table))
+    codes = np.array(table.codes, dtype=object)[instrument]
+    index = pd.MultiIndex.from_arrays([pd.DatetimeIndex(datetime), codes], names=["datetime", "instrument"])
+    ours = pd.DataFrame(values, index=index, columns=table.columns)
     assert_same_frame(ours, theirs)
     counts = theirs.groupby(level="instrument").size()
     assert [[c, n] for c, n in zip(table.codes, table.counts.tolist())] == [[c, int(n)] for c, n in counts.items()]
