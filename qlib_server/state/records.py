@@ -86,6 +86,7 @@ class Records:
 
     segments: list
     offsets: list
+    files: list  # the segment files' names (in the cache's directory)
     columns: list
     codes: list
     unit: str
@@ -139,7 +140,8 @@ def read(cache_path: Path) -> Records:
     ends = np.concatenate([s.ends + o for s, o in zip(segments, offsets)])
     if len(days) > 1 and np.any(np.diff(days.view("<i8")) <= 0):
         raise ValueError(f"{cache_path.name}: segments out of day order")
-    return Records(segments, offsets, footer["columns"], footer["codes"], footer["unit"], days, ends,
+    return Records(segments, offsets, [e["file"] for e in manifest["segments"]], footer["columns"], footer["codes"],
+                   footer["unit"], days, ends,
                    np.sum([s.counts for s in segments], axis=0).astype(np.int64))
 
 

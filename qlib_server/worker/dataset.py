@@ -39,6 +39,7 @@ class Computed:
     start: int
     rows: np.ndarray
     dense: np.ndarray
+    checkpoint: object = None  # the engine's checkpoint (``engine.checkpoint.Checkpoint``), when asked for
 
     def by_instrument(self, column_names: list) -> pd.DataFrame:
         """Qlib's ``dataset`` frame: rows by instrument then day, the requested columns in their order."""
@@ -100,17 +101,21 @@ class CacheRows:
     rows: int
     parts: Callable[[], Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]]  # each valid until the next
     frames: Callable[[], Iterator[pd.DataFrame]]
+    checkpoint: object = None  # what extends the cache when days are appended (the engine's), if anything
 
 
 def cache_rows(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=(),
                scratch: Optional[Path] = None) -> CacheRows:
-    """The feature set of a dataset cache, computed by the engine (by Qlib where it must be)."""
+    """The feature set of a dataset cache, computed by the engine (by Qlib where it must be), with the engine's
+    checkpoint for a later extension."""
     from qlib.utils import normalize_cache_fields
 
-    computed = compute(provider, instruments, fields, start_time, end_time, freq, inst_processors, scratch)
+    computed = compute(provider, instruments, fields, start_time, end_time, freq, inst_processors, scratch,
+                       checkpoint=True)
     if computed is not None:
         return CacheRows(computed.names, computed.codes, np.datetime_data(computed.times.dtype)[0],
-                         int(computed.rows.sum()), functools.partial(computed.date_parts, reuse=True), computed.by_date)
+                         int(computed.rows.sum()), functools.partial(computed.date_parts, reuse=True), computed.by_date,
+                         computed.checkpoint)
     frame = cache_layout(provider.dataset(instruments, fields, start_time, end_time, freq,
                                           inst_processors=list(inst_processors)))
     if frame.empty:
@@ -126,7 +131,7 @@ def cache_rows(provider, instruments, fields, start_time, end_time, freq: str, i
 
 
 def compute(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=(),
-            scratch: Optional[Path] = None) -> Optional[Computed]:
+            scratch: Optional[Path] = None, checkpoint: bool = False) -> Optional[Computed]:
     """The feature set computed by the engine, or None where Qlib must compute it (``inst_processors``, an
     expression cache, a provider that does not align to the calendar, a field Qlib left in another dtype, no
     rows at all). A set over :data:`IN_MEMORY_BYTES` is held in a file under ``scratch`` (deleted at once,
@@ -135,6 +140,7 @@ def compute(provider, instruments, fields, start_time, end_time, freq: str, inst
     from qlib.utils import normalize_cache_fields
 
     from ..engine import features
+    from ..engine.checkpoint import Checkpoint
     from ..engine.values import Unsupported
 
     window = Cal.calendar(start_time, end_time, freq)
@@ -149,8 +155,10 @@ def compute(provider, instruments, fields, start_time, end_time, freq: str, inst
     rows = np.zeros((len(codes), len(window)), dtype=bool)  # where a row exists: any field has an entry there
     dense = _dense((len(names), len(codes), len(window)), scratch)
     first = start = 0
+    saved = []
     try:
-        for block in features.of_qlib(codes, names, window[0], window[-1], freq):
+        for block in features.of_qlib(codes, names, window[0], window[-1], freq, checkpoint=checkpoint):
+            saved.append(block.checkpoint)
             start = block.start  # the window's first calendar position
             n = len(block.instruments)
             mine = rows[first:first + n]
@@ -166,7 +174,8 @@ def compute(provider, instruments, fields, start_time, end_time, freq: str, inst
         return None
     if not rows.any():
         return None  # Qlib's own empty frame (it evaluates the expressions again: they gave no rows)
-    return Computed(codes, list(names), times, start, rows, dense)
+    kept = Checkpoint(list(names), start, start + len(window) - 1, saved) if checkpoint else None
+    return Computed(codes, list(names), times, start, rows, dense, kept)
 
 
 def _dense(shape: tuple, scratch: Optional[Path]) -> np.ndarray:
