@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import numpy as np
 from qlib.data import base
 
-from . import windows
+from . import extend, windows
+from .checkpoint import BlockCheckpoint, Checkpoint
 from .evaluate import Evaluator
 from .values import Series, Unsupported
 
@@ -57,17 +58,22 @@ class Block:
     end: int
     values: list
     present: list
+    checkpoint: Optional[BlockCheckpoint] = None
 
 
 def blocks(instruments: list, names: list, start: int, end: int, *, expression_of: Callable,
            extent_of: Callable, read: Callable, by_qlib: Callable, size: int = BLOCK,
-           threads: int = THREADS) -> Iterator[Block]:
+           threads: int = THREADS, checkpoint: bool = False) -> Iterator[Block]:
     """The fields ``names`` (Qlib field strings) of ``instruments``, by blocks of at most ``size``, computed
     by ``threads`` threads (the kernels and NumPy release the GIL), yielded in order.
 
     ``expression_of(name)`` is Qlib's expression object; ``extent_of(expression)`` its query range for
     ``[start, end]``; ``read(instrument, field)`` a raw feature file (or None); ``by_qlib(instrument, name)``
-    Qlib's own series for one instrument (a pandas Series on calendar positions)."""
+    Qlib's own series for one instrument (a pandas Series on calendar positions).
+
+    With ``checkpoint``, each block also carries its :class:`~.checkpoint.BlockCheckpoint` (``end`` must be the
+    data's last day): ``Checkpoint(names, start, end, [block.checkpoint ...])`` is what :func:`extend_blocks`
+    extends when days are appended."""
     expressions = [expression_of(name) for name in names]
     extents = []
     for name, expression in zip(names, expressions):
@@ -81,21 +87,26 @@ def blocks(instruments: list, names: list, start: int, end: int, *, expression_o
     for used in reversed(uses[1:]):
         later.append(later[-1] | used)
     later.reverse()
+    prepared = extend.prepare(names, expressions, extents, start, end) if checkpoint else None
 
     def block(chunk: list) -> Block:
         cached_read = _memo(read)
         evaluators: dict = {}
         values, present = [], []
+        fallback = None
         for c, (name, expression, extent) in enumerate(zip(names, expressions, extents)):
             try:
                 if extent is None:
                     raise Unsupported("its query range")
                 evaluator = evaluators.get(extent)
                 if evaluator is None:
-                    evaluator = evaluators[extent] = Evaluator(chunk, extent[0], extent[1], cached_read)
+                    evaluator = prepared and extend.recorder(prepared, chunk, extent, cached_read) \
+                        or Evaluator(chunk, extent[0], extent[1], cached_read)
+                    evaluators[extent] = evaluator
                 series = evaluator.series(expression)
                 array, where = _cut(series, extent[0], start, end)
             except Unsupported as reason:
+                fallback = fallback or f"{name}: {reason}"
                 with _QLIB:  # Qlib's caches are not made for threads
                     FALLBACKS[str(reason)] += 1
                     log.info("field %s computed by Qlib for %d instruments: %s", name, len(chunk), reason)
@@ -105,7 +116,8 @@ def blocks(instruments: list, names: list, start: int, end: int, *, expression_o
             for evaluator in evaluators.values():  # keep only what a later field of this block reuses
                 for key in [k for k in evaluator.memo if k not in later[c]]:
                     del evaluator.memo[key]
-        return Block(chunk, start, end, values, present)
+        saved = extend.block_checkpoint(prepared, chunk, evaluators, fallback) if prepared else None
+        return Block(chunk, start, end, values, present, saved)
 
     by_bytes = BLOCK_BYTES // max(1, 4 * len(names) * (end - start + 1))
     size = max(1, min(size, by_bytes, -(-len(instruments) // threads)))  # every thread gets a block
@@ -135,7 +147,8 @@ def _memo(read: Callable) -> Callable:
     return cached_read
 
 
-def of_qlib(instruments: list, names: list, start_time, end_time, freq: str, size: int = BLOCK) -> Iterator[Block]:
+def of_qlib(instruments: list, names: list, start_time, end_time, freq: str, size: int = BLOCK,
+            checkpoint: bool = False) -> Iterator[Block]:
     """:func:`blocks` for the fields ``names`` of ``instruments`` over ``[start_time, end_time]``, as Qlib's
     ``LocalExpressionProvider.expression`` would compute each (Qlib must be initialised)."""
     from qlib.config import C
@@ -152,7 +165,41 @@ def of_qlib(instruments: list, names: list, start_time, end_time, freq: str, siz
     return blocks(instruments, names, start, end, expression_of=ExpressionD.get_expression_instance,
                   extent_of=extent_of, read=feature_reader(C.dpm.get_data_uri(freq), freq),
                   by_qlib=lambda inst, name: ExpressionD.expression(inst, name, start_time, end_time, freq),
-                  size=size)
+                  size=size, checkpoint=checkpoint)
+
+
+def extend_blocks(saved: Checkpoint, end: int, *, expression_of: Callable, read: Callable,
+                  threads: int = THREADS) -> Iterator[Block]:
+    """The rows of ``saved``'s fields that change when the data, which ended at calendar position ``saved.end``,
+    now end at ``end``: per block of ``saved`` (same instruments, in order), a :class:`Block` over
+    ``[first, end]`` (``first``: the first row a look-ahead or a new day changes; the rows before it are
+    unchanged), with its next checkpoint (``Checkpoint(saved.names, saved.start, end, [block.checkpoint ...])``).
+
+    Bit for bit what :func:`blocks` gives for ``[saved.start, end]`` on those rows. Raises :class:`Unsupported`
+    (before the first block) where the request must be computed again in full (see :mod:`.incremental`)."""
+    expressions = [expression_of(name) for name in saved.names]
+    plans, first = extend.extend(saved, end, expressions)
+
+    def block(saved_block) -> Block:
+        values, present, next_checkpoint = extend.extend_block(saved_block, plans, expressions, _memo(read),
+                                                               saved.end, end, first)
+        return Block(list(saved_block.instruments), first, end, values, present, next_checkpoint)
+
+    if threads <= 1 or len(saved.blocks) <= 1:
+        yield from map(block, saved.blocks)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="qlib-server-extend") as pool:
+        yield from pool.map(block, saved.blocks)
+
+
+def of_qlib_extend(saved: Checkpoint, freq: str) -> Iterator[Block]:
+    """:func:`extend_blocks` to the last day of Qlib's calendar (Qlib must be initialised on the new data)."""
+    from qlib.config import C
+    from qlib.data.data import Cal, ExpressionD
+
+    end = len(Cal.calendar(freq=freq)) - 1
+    return extend_blocks(saved, end, expression_of=ExpressionD.get_expression_instance,
+                         read=feature_reader(C.dpm.get_data_uri(freq), freq))
 
 
 def _subexpressions(expression) -> set:

@@ -1,0 +1,153 @@
+"""The daily update: a full computation over T days, extended by 1 day, then 5, then 1 more, equals the full
+computation over the longer data on every changed row (values, NaN and index entries), and the rows before
+the first changed one are those the full computation over the longer data has.
+
+The data for T days is a prefix of the data for T + k days: the generated dataset, with disturbances around
+the last days (NaN runs and flat prices across day T, an instrument delisted in the appended days, one listed
+in them), cut to its first T days.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from qlib_server.engine import features
+from qlib_server.engine.checkpoint import Checkpoint
+from qlib_server.engine.values import Unsupported
+
+from .conftest import DAYS
+from .test_differential import EXPRESSIONS, alpha158, alpha360, per_operator
+
+T0 = DAYS - 8  # the first checkpoint's last day; then 1, 5 and 1 days are appended
+STEPS = (1, 5, 1)
+
+
+class Data:
+    """The test dataset's feature files, disturbed around day T0, and readers of its first days."""
+
+    def __init__(self, root, codes):
+        self.root, self.codes, self.files = root, codes, {}
+
+    def raw(self, code: str, field: str):
+        if (code, field) not in self.files:
+            path = self.root / "features" / code.lower() / f"{field.lower()}.day.bin"
+            raw = np.fromfile(path, dtype="<f4") if path.exists() else None
+            self.files[code, field] = None if raw is None else self._disturbed(self.codes.index(code), field, raw)
+        return self.files[code, field]
+
+    @staticmethod
+    def _disturbed(i: int, field: str, raw: np.ndarray) -> np.ndarray:
+        raw = raw.copy()
+        first = int(raw[0])
+        values = raw[1:]
+
+        def at(position):
+            return position - first
+
+        if first + len(values) < T0 - 20:
+            return raw  # delisted long before
+        if i == 1:  # suspended across day T0
+            values[at(T0 - 3):at(T0 + 3)] = np.nan
+        if i == 2 and field != "volume":  # flat across day T0 (ties, zero variance)
+            values[at(T0 - 12):at(T0 + 4)] = values[at(T0 - 12)]
+        if i == 3:  # delisted among the appended days
+            return raw[:1 + at(T0 + 3)]
+        if i == 4:  # listed among the appended days
+            return np.concatenate([[T0 + 3], values[at(T0 + 3):]]).astype("<f4")
+        if i == 6:  # a NaN run ending on day T0, zero volume after it
+            values[at(T0 - 30):at(T0 + 1)] = np.nan if field != "volume" else 0.0
+        if i == 8 and field == "close":  # a NaN on the first appended day only
+            values[at(T0 + 1)] = np.nan
+        raw[1:] = values
+        return raw
+
+    def reader(self, end: int):
+        """``read`` of the data whose last day is calendar position ``end``."""
+        def read(code: str, field: str):
+            raw = self.raw(code, field)
+            if raw is None or int(raw[0]) > end:
+                return None
+            return raw[:1 + end - int(raw[0]) + 1]
+
+        return read
+
+
+@pytest.fixture(scope="module")
+def data(qlib_data, codes):
+    return Data(qlib_data, codes)
+
+
+def compute(data: Data, names: list, codes: list, end: int, checkpoint: bool = False):
+    """Every block of the full computation over ``[0, end]`` (nothing left to Qlib: None for such a field)."""
+    from qlib.data.data import ExpressionD
+
+    def extent_of(expression):
+        left, right = expression.get_extended_window_size()
+        if not (np.isfinite(left) and np.isfinite(right)):
+            raise Unsupported("infinite window")
+        return max(0, 0 - int(left)), end + int(right)
+
+    def by_qlib(code, name):  # a field the engine leaves to Qlib: no values here (the test skips it)
+        return pd.Series([], dtype=np.float32)
+
+    before = features.fallbacks()
+    blocks = list(features.blocks(codes, names, 0, end, expression_of=ExpressionD.get_expression_instance,
+                                  extent_of=extent_of, read=data.reader(end), by_qlib=by_qlib, size=5, threads=2,
+                                  checkpoint=checkpoint))
+    return blocks, features.fallbacks() - before
+
+
+def by_code(blocks: list, c: int) -> dict:
+    return {code: (b.values[c][i], b.present[c][i]) for b in blocks for i, code in enumerate(b.instruments)}
+
+
+def assert_extends(data: Data, names: list, codes: list) -> str:
+    """Extends ``names`` over STEPS and compares; returns "unsupported" where the full computation left a field
+    to Qlib (and then the extension must refuse), "equal" otherwise."""
+    from qlib.data.data import ExpressionD
+
+    blocks, fallbacks = compute(data, names, codes, T0, checkpoint=True)
+    saved = Checkpoint(names, 0, T0, [b.checkpoint for b in blocks])
+    if fallbacks:
+        with pytest.raises(Unsupported):
+            list(features.extend_blocks(saved, T0 + 1, expression_of=ExpressionD.get_expression_instance,
+                                        read=data.reader(T0 + 1)))
+        return "unsupported"
+    end = T0
+    for k in STEPS:
+        old_blocks = blocks
+        end += k
+        saved = Checkpoint.from_bytes(saved.to_bytes())
+        want, fallbacks = compute(data, names, codes, end)
+        try:
+            blocks = list(features.extend_blocks(saved, end, expression_of=ExpressionD.get_expression_instance,
+                                                 read=data.reader(end)))
+        except Unsupported:
+            assert fallbacks, "the extension refused what the full computation computes"
+            return "unsupported"
+        assert not fallbacks, "the extension computed what the full computation leaves to Qlib"
+        first = blocks[0].start
+        assert all(b.start == first and b.end == end for b in blocks)
+        assert [b.instruments for b in blocks] == [b.instruments for b in old_blocks]
+        for c, name in enumerate(names):
+            full, ext, old = by_code(want, c), by_code(blocks, c), by_code(old_blocks, c)
+            for code in codes:
+                (w_values, w_present), (e_values, e_present), (o_values, o_present) = full[code], ext[code], old[code]
+                assert np.array_equal(o_present[:first], w_present[:first]), f"{name} {code}: index before {first}"
+                assert np.array_equal(o_values[:first], w_values[:first], equal_nan=True), f"{name} {code}: before"
+                assert np.array_equal(e_present, w_present[first:]), f"{name} {code}: another index after {k} days"
+                if not np.array_equal(e_values, w_values[first:], equal_nan=True):
+                    off = first + np.flatnonzero(~((e_values == w_values[first:])
+                                                   | np.isnan(e_values) & np.isnan(w_values[first:])))
+                    raise AssertionError(f"{name} of {code} extended by {k} to {end}: differs at {off[:5]}, "
+                                         f"{e_values[off[:3] - first]} != {w_values[off[:3]]}")
+        saved = Checkpoint(names, 0, end, [b.checkpoint for b in blocks])
+        blocks = want  # the next round's rows before its first changed one
+    return "equal"
+
+
+def test_alpha158_with_a_label_extended_by_1_5_1_days_equals_the_full_computation(data, codes):
+    assert assert_extends(data, alpha158(), codes) == "equal"
