@@ -151,3 +151,54 @@ def assert_extends(data: Data, names: list, codes: list) -> str:
 
 def test_alpha158_with_a_label_extended_by_1_5_1_days_equals_the_full_computation(data, codes):
     assert assert_extends(data, alpha158(), codes) == "equal"
+
+
+def test_alpha360_extended_by_1_5_1_days_equals_the_full_computation(data, codes):
+    assert assert_extends(data, alpha360(), codes) == "equal"
+
+
+def supported_per_operator():
+    return [name for name in per_operator() if "ChangeInstrument" not in name and "Mask" not in name]
+
+
+@pytest.mark.parametrize("name", supported_per_operator())
+def test_each_operator_extended_equals_the_full_computation(data, codes, name):
+    assert assert_extends(data, [name], codes) in ("equal", "unsupported")
+
+
+@pytest.mark.parametrize("name", ["Mask($close, 'SH600000')", "$close / ChangeInstrument('SH600000', $close)"])
+def test_another_instruments_series_is_not_extended(data, codes, name):
+    from qlib.data.data import ExpressionD
+
+    blocks, _ = compute(data, [name], codes, T0, checkpoint=True)
+    saved = Checkpoint([name], 0, T0, [b.checkpoint for b in blocks])
+    assert all(b.unsupported for b in saved.blocks)
+    with pytest.raises(Unsupported, match="another instrument"):
+        list(features.extend_blocks(saved, T0 + 1, expression_of=ExpressionD.get_expression_instance,
+                                    read=data.reader(T0 + 1)))
+
+
+WINDOWS_AT_ONCE = ["Mean($close, 0)", "Std($close, 0)", "Skew($neg, 0)", "Kurt($close, 0)", "Med($close, 0)",
+                   "Quantile($neg, 0, 0.3)", "Rank($close, 0)", "IdxMax($neg, 0)", "Mad($close, 0)", "WMA($close, 0)",
+                   "EMA($close, 0)", "Count($neg, 0)", "Max($neg, 0)", "Slope($close, 0)", "Rsquare($close, 0)",
+                   "Std(Mean($close, 5) / $close, 20)", "Mean(Std($close, 3), 0)", "Med(Mean($close, 3), 0)",
+                   "Ref(Mean(Ref($close, -2), 4), -3)", "Mean(Ref($close, -2), 5) - Ref(Sum($neg, 3), 2)",
+                   "Corr(Ref($close, -1), $volume, 7)", "Delta(Mean($close, 3), 2)", "Ref(Std($close, 4), 0)",
+                   "Rsquare(Ref($close, -2), 6)", "EMA(Ref($close, -1), 0.3)", "Mean($close, 0.4)",
+                   "Cov(Mean($close, 2), $neg, 4)", "If(Mean($close, 3) > $close, Sum($close, 4), Ref($close, -1))"]
+
+
+def test_a_request_of_many_windows_nested_and_looking_ahead_extended_equals_the_full_computation(data, codes):
+    assert assert_extends(data, WINDOWS_AT_ONCE, codes) == "equal"
+
+
+def test_first_values_extended_equal_the_full_computation_where_every_series_has_one(data, codes):
+    # Delta(x, 0) of an empty series raises in Qlib: leave out the instrument listed after day T0
+    names = ["Delta($close, 0)", "Delta(Mean($neg, 3), 0)", "Ref($neg, 0) + Ref(Ref($close, -1), 0)"]
+    assert assert_extends(data, names, [c for i, c in enumerate(codes) if i != 4]) == "equal"
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(EXPRESSIONS, EXPRESSIONS)
+def test_random_expressions_extended_equal_the_full_computation_or_are_refused(data, codes, one, two):
+    assert assert_extends(data, [one, two, f"Ref({one}, -2)"], codes) in ("equal", "unsupported")
