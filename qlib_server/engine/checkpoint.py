@@ -60,25 +60,34 @@ class Checkpoint:
         return cls.load(io.BytesIO(data))
 
     def save(self, file: Union[str, Path, BinaryIO]) -> None:
-        """Written as an ``.npz`` archive (a path or a binary file)."""
-        arrays: dict = {}
+        """Written as an ``.npz`` archive (a path or a binary file): the structure as JSON, and the arrays of
+        each dtype one after the other in one array (a few members to read, however many nodes)."""
+        packed: dict = {}  # dtype -> [flat arrays, size so far]
         blocks = []
-        for b, block in enumerate(self.blocks):
+        for block in self.blocks:
             groups = []
-            for g, group in enumerate(block.groups):
+            for group in block.groups:
                 nodes = []
-                for n, (key, record) in enumerate(group.records.items()):
-                    nodes.append([key, sorted(record)])
-                    for what, array in record.items():
-                        arrays[f"b{b}.g{g}.n{n}.{what}"] = np.asarray(array)
+                for key, record in group.records.items():
+                    arrays = {}
+                    for what, array in sorted(record.items()):
+                        array = np.asarray(array)
+                        kind = array.dtype.str
+                        pieces = packed.setdefault(kind, [[], 0])
+                        arrays[what] = [kind, pieces[1], list(array.shape)]
+                        pieces[0].append(array.ravel())
+                        pieces[1] += array.size
+                    nodes.append([key, arrays])
                 groups.append({"extent": [int(v) for v in group.extent], "fields": [int(f) for f in group.fields],
                                "nodes": nodes})
             blocks.append({"instruments": list(block.instruments), "unsupported": block.unsupported,
                            "groups": groups})
         meta = {"format": FORMAT, "names": list(self.names), "start": int(self.start), "end": int(self.end),
-                "blocks": blocks}
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        np.savez(file, **arrays)  # type: ignore[arg-type]
+                "blocks": blocks, "dtypes": sorted(packed)}
+        members = {f"a{i}": np.concatenate(packed[kind][0]) if packed[kind][0] else np.zeros(0, dtype=kind)
+                   for i, kind in enumerate(meta["dtypes"])}
+        members["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        np.savez(file, **members)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, file: Union[str, Path, BinaryIO]) -> Checkpoint:
@@ -87,12 +96,22 @@ class Checkpoint:
             meta = json.loads(archive["meta"].tobytes().decode())
             if meta.get("format") != FORMAT:
                 raise ValueError(f"checkpoint format {meta.get('format')}, not {FORMAT}")
-            blocks = []
-            for b, block in enumerate(meta["blocks"]):
-                groups = []
-                for g, group in enumerate(block["groups"]):
-                    records = {key: {what: archive[f"b{b}.g{g}.n{n}.{what}"] for what in whats}
-                               for n, (key, whats) in enumerate(group["nodes"])}
-                    groups.append(Group(tuple(group["extent"]), list(group["fields"]), records))
-                blocks.append(BlockCheckpoint(block["instruments"], groups, block["unsupported"]))
+            flat = {kind: archive[f"a{i}"] for i, kind in enumerate(meta["dtypes"])}
+        blocks = []
+        for block in meta["blocks"]:
+            groups = []
+            for group in block["groups"]:
+                records = {}
+                for key, arrays in group["nodes"]:
+                    records[key] = {what: _view(flat[kind], offset, shape)
+                                    for what, (kind, offset, shape) in arrays.items()}
+                groups.append(Group(tuple(group["extent"]), list(group["fields"]), records))
+            blocks.append(BlockCheckpoint(block["instruments"], groups, block["unsupported"]))
         return cls(meta["names"], meta["start"], meta["end"], blocks)
+
+
+def _view(flat: np.ndarray, offset: int, shape: list) -> np.ndarray:
+    size = int(np.prod(shape)) if shape else 1
+    view = flat[offset:offset + size].reshape(shape)
+    view.flags.writeable = False
+    return view

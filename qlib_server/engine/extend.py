@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
+
 from .checkpoint import BlockCheckpoint, Checkpoint, Group
 from .incremental import Extender, Recorder, cut
 from .plan import Plan, look_ahead, plan
@@ -28,7 +30,7 @@ class Prepared:
 
 def first_changed(expressions: list, start: int, end: int) -> int:
     """The first calendar position of ``[start, ...]`` whose values appending days after ``end`` can change."""
-    return max(start, min((end + 1 - look_ahead(e) for e in expressions), default=end + 1))
+    return max(start, min((end + 1 - ahead for ahead in look_ahead(expressions)), default=end + 1))
 
 
 def prepare(names: list, expressions: list, extents: list, start: int, end: int) -> Prepared:
@@ -108,3 +110,23 @@ def extend_block(block: BlockCheckpoint, plans: dict, expressions: list, read: C
     if any(v is None for v in values):
         raise Unsupported("a field is in no group of the checkpoint")
     return values, present, BlockCheckpoint(list(block.instruments), groups)
+
+
+def merge(blocks: list) -> BlockCheckpoint:
+    """One block of the instruments of ``blocks`` (checkpoints of the same request), rows one after the other."""
+    for block in blocks:
+        if block.unsupported:
+            raise Unsupported(block.unsupported)
+    groups = []
+    for g, group in enumerate(blocks[0].groups):
+        records = {key: {what: np.concatenate([b.groups[g].records[key][what] for b in blocks])
+                         for what in record} for key, record in group.records.items()}
+        groups.append(Group(group.extent, group.fields, records))
+    return BlockCheckpoint([i for b in blocks for i in b.instruments], groups)
+
+
+def split(block: BlockCheckpoint, rows: slice) -> BlockCheckpoint:
+    """The checkpoint of ``block``'s instruments ``rows``."""
+    groups = [Group(g.extent, g.fields, {key: {what: a[rows] for what, a in record.items()}
+                                         for key, record in g.records.items()}) for g in block.groups]
+    return BlockCheckpoint(block.instruments[rows], groups)

@@ -147,6 +147,26 @@ def _memo(read: Callable) -> Callable:
     return cached_read
 
 
+class _MemoTail:
+    """``read`` and its ``tail`` (where it has one) remembering what they read."""
+
+    def __init__(self, read: Callable):
+        self.read, self.files = read, {}
+        if hasattr(read, "tail"):
+            self.tail = self._tail
+
+    def __call__(self, instrument, field):
+        if (instrument, field) not in self.files:
+            self.files[instrument, field] = self.read(instrument, field)
+        return self.files[instrument, field]
+
+    def _tail(self, instrument, field, since):
+        key = (instrument, field, since)
+        if key not in self.files:
+            self.files[key] = self.read.tail(instrument, field, since)
+        return self.files[key]
+
+
 def of_qlib(instruments: list, names: list, start_time, end_time, freq: str, size: int = BLOCK,
             checkpoint: bool = False) -> Iterator[Block]:
     """:func:`blocks` for the fields ``names`` of ``instruments`` over ``[start_time, end_time]``, as Qlib's
@@ -169,27 +189,34 @@ def of_qlib(instruments: list, names: list, start_time, end_time, freq: str, siz
 
 
 def extend_blocks(saved: Checkpoint, end: int, *, expression_of: Callable, read: Callable,
-                  threads: int = THREADS) -> Iterator[Block]:
+                  rows: int = 1024) -> Iterator[Block]:
     """The rows of ``saved``'s fields that change when the data, which ended at calendar position ``saved.end``,
     now end at ``end``: per block of ``saved`` (same instruments, in order), a :class:`Block` over
     ``[first, end]`` (``first``: the first row a look-ahead or a new day changes; the rows before it are
     unchanged), with its next checkpoint (``Checkpoint(saved.names, saved.start, end, [block.checkpoint ...])``).
 
     Bit for bit what :func:`blocks` gives for ``[saved.start, end]`` on those rows. Raises :class:`Unsupported`
-    (before the first block) where the request must be computed again in full (see :mod:`.incremental`)."""
+    (before the first block) where the request must be computed again in full (see :mod:`.incremental`).
+    Consecutive blocks are computed together, up to ``rows`` instruments at once (the few rows an extension
+    computes make the work per operator small: fewer, larger blocks)."""
     expressions = [expression_of(name) for name in saved.names]
     plans, first = extend.extend(saved, end, expressions)
-
-    def block(saved_block) -> Block:
-        values, present, next_checkpoint = extend.extend_block(saved_block, plans, expressions, _memo(read),
-                                                               saved.end, end, first)
-        return Block(list(saved_block.instruments), first, end, values, present, next_checkpoint)
-
-    if threads <= 1 or len(saved.blocks) <= 1:
-        yield from map(block, saved.blocks)
-        return
-    with ThreadPoolExecutor(threads, thread_name_prefix="qlib-server-extend") as pool:
-        yield from pool.map(block, saved.blocks)
+    batches: list = [[]]
+    for saved_block in saved.blocks:
+        if batches[-1] and sum(len(b.instruments) for b in batches[-1]) + len(saved_block.instruments) > rows:
+            batches.append([])
+        batches[-1].append(saved_block)
+    for batch in batches:
+        if not batch:
+            continue
+        values, present, after = extend.extend_block(extend.merge(batch), plans, expressions, _MemoTail(read),
+                                                     saved.end, end, first)
+        row = 0
+        for saved_block in batch:
+            these = slice(row, row + len(saved_block.instruments))
+            row = these.stop
+            yield Block(list(saved_block.instruments), first, end, [v[these] for v in values],
+                        [p[these] for p in present], extend.split(after, these))
 
 
 def of_qlib_extend(saved: Checkpoint, freq: str) -> Iterator[Block]:
@@ -245,17 +272,42 @@ def _by_qlib(chunk: list, name: str, start: int, end: int, by_qlib: Callable) ->
     return out, where
 
 
-def feature_reader(data_root: Path, freq: str) -> Callable[[str, str], Optional[np.ndarray]]:
-    """``read(instrument, field)`` of a Qlib data directory, as Qlib's file storage finds the file."""
-    from qlib.utils import code_to_fname
+class FeatureReader:
+    """``read(instrument, field)`` of a Qlib data directory, as Qlib's file storage finds the file: the raw
+    file (float32, its first value the start index), or None where there is none.
 
-    features = Path(data_root) / "features"
+    ``read.tail(instrument, field, since)`` reads only the values from calendar position ``since`` on:
+    ``(first, count, values)``, the file's start index and number of values, and its values from position
+    ``max(first, since)`` (what an extension reads)."""
 
-    def read(instrument: str, field: str) -> Optional[np.ndarray]:
-        path = features / code_to_fname(instrument).lower() / f"{field.lower()}.{freq.lower()}.bin"
+    def __init__(self, data_root: Path, freq: str):
+        self.features, self.freq = Path(data_root) / "features", freq.lower()
+
+    def path(self, instrument: str, field: str) -> str:
+        from qlib.utils import code_to_fname
+
+        return os.path.join(self.features, code_to_fname(instrument).lower(), f"{field.lower()}.{self.freq}.bin")
+
+    def __call__(self, instrument: str, field: str) -> Optional[np.ndarray]:
         try:
-            return np.fromfile(path, dtype="<f4")
+            return np.fromfile(self.path(instrument, field), dtype="<f4")
         except FileNotFoundError:
             return None
 
-    return read
+    def tail(self, instrument: str, field: str, since: int) -> Optional[tuple]:
+        try:
+            with open(self.path(instrument, field), "rb") as file:
+                head = file.read(4)
+                if len(head) < 4:
+                    return 0, -1, np.zeros(0, dtype="<f4")
+                first = int(np.frombuffer(head, dtype="<f4")[0])
+                count = os.fstat(file.fileno()).st_size // 4 - 1
+                file.seek(4 * (1 + max(0, since - first)))
+                return first, count, np.frombuffer(file.read(), dtype="<f4")
+        except FileNotFoundError:
+            return None
+
+
+def feature_reader(data_root: Path, freq: str) -> FeatureReader:
+    """``read(instrument, field)`` of a Qlib data directory (a :class:`FeatureReader`)."""
+    return FeatureReader(data_root, freq)

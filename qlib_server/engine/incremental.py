@@ -46,7 +46,9 @@ Records = dict  # node key -> {what: array}
 
 
 def _crc(data: np.ndarray) -> np.ndarray:
-    return np.array([zlib.crc32(np.ascontiguousarray(data).tobytes())], dtype=np.uint32)
+    """Each row's CRC32 (of its float32 bytes)."""
+    data = np.ascontiguousarray(data)
+    return np.array([zlib.crc32(row.tobytes()) for row in data], dtype=np.uint32)
 
 
 def _feature_record(data: np.ndarray, lo: np.ndarray, hi: np.ndarray, node: Node, f0: int) -> dict:
@@ -75,7 +77,7 @@ class Recorder(Evaluator):
         self.records: Records = {}
 
     def _compute(self, e) -> Series:
-        node = self.plan.nodes.get(str(e))
+        node = self.plan.nodes.get(self.plan.key(e))
         if node is None:
             return super()._compute(e)
         if node.kind == "window":
@@ -187,6 +189,8 @@ class Part:
             if self.data.dtype.kind not in "fiub":
                 raise Unsupported(f"a window over {self.data.dtype} values")
             self._float64 = np.ascontiguousarray(self.data, dtype=np.float64)
+            if self._float64 is not self.data:  # read-only as Series.float64 (the kernels' same signatures)
+                self._float64.flags.writeable = False
         return self._float64
 
     def outside(self) -> np.ndarray:
@@ -234,7 +238,7 @@ class Extender:
     def value(self, e) -> Value:
         if not isinstance(e, base.Expression):
             return e
-        key = str(e)
+        key = self.plan.key(e)
         if key not in self.memo:
             node = self.plan.nodes.get(key)
             if node is None:
@@ -288,22 +292,30 @@ class Extender:
         data = np.full((n, width), np.nan, dtype=np.float32)
         lo = np.zeros(n, dtype=np.int64)
         hi = np.zeros(n, dtype=np.int64)
+        since = self.start + node.base  # the first calendar position read
+        tail = getattr(self.read, "tail", None)
         for i, instrument in enumerate(self.instruments):
-            raw = self.read(instrument, node.expression._name)
-            if raw is None:
+            if tail is not None:  # (start index, number of values, the values from max(start index, since))
+                found = tail(instrument, node.expression._name, since)
+            else:
+                raw = self.read(instrument, node.expression._name)
+                found = None if raw is None else (int(raw[0]) if raw.size else 0, raw.size - 1,
+                                                  raw[1 + max(0, since - int(raw[0])):] if raw.size else raw)
+            if found is None:
                 continue
-            if raw.size == 0:
+            first, count, values = found
+            if count < 0:
                 raise Unsupported(f"the feature file of {instrument} {node.key} is empty")
-            first = int(raw[0])
-            begin, stop = max(self.start, first), min(self.start + self.end + 1, first + raw.size - 1)
+            begin, stop = max(self.start, first), min(self.start + self.end + 1, first + count)
             if begin < stop:
                 lo[i], hi[i] = begin - self.start, stop - self.start
-                a = max(begin, self.start + node.base)
+                a = max(begin, since)
                 if a < stop:
-                    data[i, a - self.start - node.base:stop - self.start - node.base] = raw[1 + a - first:1 + stop - first]
+                    offset = max(first, since)
+                    data[i, a - since:stop - since] = values[a - offset:stop - offset]
         saved, f0 = self.saved[node.key], self.plan.f0
         if not (np.array_equal(_before(lo, hi, f0), _before(saved["lo"], saved["hi"], f0))
-                and _crc(data[:, :max(0, f0 - node.base)])[0] == saved["crc"][0]):
+                and np.array_equal(_crc(data[:, :max(0, f0 - node.base)]), saved["crc"])):
             raise Unsupported(f"the history of {node.key} changed since the checkpoint")
         then = self.after.nodes[node.key]
         self.records[node.key] = _feature_record(data[:, then.base - node.base:], lo, hi, then, self.after.f0)

@@ -110,9 +110,8 @@ def window_of(e) -> Window:
     raise Unsupported(f"operator {kind.__name__} (not extended incrementally)")
 
 
-def _node(e) -> Node:
+def _node(e, key: str) -> Node:
     kind = type(e)
-    key = str(e)
     if kind is base.Feature:
         return Node(key, e, "feature", (), 0)
     if kind in evaluate._UNARY:
@@ -136,6 +135,12 @@ class Plan:
     order: list
     roots: list
     f0: int
+    ids: dict = field(default_factory=dict)  # id(expression) -> key, for the expressions planned
+
+    def key(self, expression) -> str:
+        """``str(expression)``, without formatting it again for an expression of the plan."""
+        found = self.ids.get(id(expression))
+        return found if found is not None else str(expression)
 
 
 def plan(expressions: list, f0: int, out_start: int) -> Plan:
@@ -143,22 +148,26 @@ def plan(expressions: list, f0: int, out_start: int) -> Plan:
     changed rows wanted from ``out_start`` on. Raises :class:`Unsupported` for what is not extended."""
     nodes: dict = {}
     order: list = []
+    ids: dict = {}
 
     def visit(e) -> Node | None:
         if not isinstance(e, base.Expression):
             return None
-        key = str(e)
+        key = ids.get(id(e))
+        if key is None:
+            key = ids[id(e)] = str(e)
         if key in nodes:
             return nodes[key]
         if type(e) in (ops.ChangeInstrument, ops.Mask):
             raise Unsupported(f"{type(e).__name__} (another instrument's series)")
-        node = _node(e)
+        node = _node(e, key)
         nodes[key] = node  # Qlib's memo: one node per str
         ahead = 0
         for operand in node.inputs:
             child = visit(operand)
             if child is not None:
                 ahead = max(ahead, child.ahead)
+                ids[id(operand)] = child.key
         if node.kind in ("ref", "delta") and node.n < 0:
             ahead += -node.n
         node.ahead = ahead
@@ -184,19 +193,20 @@ def plan(expressions: list, f0: int, out_start: int) -> Plan:
             reach = w.tail()
             for operand in w.operands:
                 if isinstance(operand, base.Expression):
-                    nodes[str(operand)].needs.append(0 if reach is None else node.frozen - reach)
+                    nodes[ids[id(operand)]].needs.append(0 if reach is None else node.frozen - reach)
             for mask in w.masks:
-                nodes[str(mask)].needs.append(node.frozen)
+                nodes[ids[id(mask)]].needs.append(node.frozen)
             continue
         for operand in node.inputs:
             if isinstance(operand, base.Expression):
                 need = node.base
                 if node.kind in ("ref", "delta"):
                     need = node.base - node.n if node.kind == "ref" else min(node.base, node.base - node.n)
-                nodes[str(operand)].needs.append(need)
-    return Plan(nodes, order, roots, f0)
+                nodes[ids[id(operand)]].needs.append(need)
+    return Plan(nodes, order, roots, f0, ids)
 
 
-def look_ahead(expression) -> int:
-    """How many positions past ``p`` the value of ``expression`` at ``p`` reads (Unsupported as :func:`plan`)."""
-    return plan([expression], 0, 0).nodes[str(expression)].ahead
+def look_ahead(expressions: list) -> list:
+    """How many positions past ``p`` each expression's value at ``p`` reads (Unsupported as :func:`plan`)."""
+    planned = plan(expressions, 0, 0)
+    return [planned.nodes[key].ahead for key in planned.roots]

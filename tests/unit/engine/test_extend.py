@@ -64,15 +64,27 @@ class Data:
         raw[1:] = values
         return raw
 
-    def reader(self, end: int):
-        """``read`` of the data whose last day is calendar position ``end``."""
-        def read(code: str, field: str):
-            raw = self.raw(code, field)
-            if raw is None or int(raw[0]) > end:
-                return None
-            return raw[:1 + end - int(raw[0]) + 1]
+    def reader(self, end: int, tail: bool = True):
+        """``read`` of the data whose last day is calendar position ``end`` (with ``tail``, as
+        :class:`~qlib_server.engine.features.FeatureReader` has it)."""
+        data = self
 
-        return read
+        class Read:
+            def __call__(self, code: str, field: str):
+                raw = data.raw(code, field)
+                if raw is None or int(raw[0]) > end:
+                    return None
+                return raw[:1 + end - int(raw[0]) + 1]
+
+            def tail(self, code: str, field: str, since: int):
+                raw = self(code, field)
+                if raw is None:
+                    return None
+                first = int(raw[0])
+                return first, raw.size - 1, raw[1 + max(0, since - first):]
+
+        read = Read()
+        return read if tail else read.__call__
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +116,7 @@ def by_code(blocks: list, c: int) -> dict:
     return {code: (b.values[c][i], b.present[c][i]) for b in blocks for i, code in enumerate(b.instruments)}
 
 
-def assert_extends(data: Data, names: list, codes: list) -> str:
+def assert_extends(data: Data, names: list, codes: list, tail: bool = True) -> str:
     """Extends ``names`` over STEPS and compares; returns "unsupported" where the full computation left a field
     to Qlib (and then the extension must refuse), "equal" otherwise."""
     from qlib.data.data import ExpressionD
@@ -124,7 +136,7 @@ def assert_extends(data: Data, names: list, codes: list) -> str:
         want, fallbacks = compute(data, names, codes, end)
         try:
             blocks = list(features.extend_blocks(saved, end, expression_of=ExpressionD.get_expression_instance,
-                                                 read=data.reader(end)))
+                                                 read=data.reader(end, tail), rows=12))
         except Unsupported:
             assert fallbacks, "the extension refused what the full computation computes"
             return "unsupported"
@@ -201,4 +213,21 @@ def test_first_values_extended_equal_the_full_computation_where_every_series_has
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(EXPRESSIONS, EXPRESSIONS)
 def test_random_expressions_extended_equal_the_full_computation_or_are_refused(data, codes, one, two):
-    assert assert_extends(data, [one, two, f"Ref({one}, -2)"], codes) in ("equal", "unsupported")
+    # whole feature files read (a reader without tail), blocks computed one by one
+    assert assert_extends(data, [one, two, f"Ref({one}, -2)"], codes, tail=False) in ("equal", "unsupported")
+
+
+def test_the_feature_readers_tail_is_the_end_of_the_file_it_reads(qlib_data, tmp_path):
+    read = features.feature_reader(qlib_data, "day")
+    for code, field in [("SH600000", "close"), ("SZ000001", "neg"), ("SH600012", "volume")]:
+        raw = read(code, field)
+        first = int(raw[0])
+        for since in (0, first - 1, first, first + 7, first + raw.size - 2, first + raw.size + 3):
+            start, count, values = read.tail(code, field, since)
+            assert (start, count) == (first, raw.size - 1)
+            assert np.array_equal(values, raw[1 + max(0, since - first):], equal_nan=True)
+    assert read.tail("SH699999", "close", 3) is None and read("SH699999", "close") is None
+    empty = tmp_path / "features" / "sh600000"
+    empty.mkdir(parents=True)
+    (empty / "close.day.bin").write_bytes(b"")
+    assert features.feature_reader(tmp_path, "day").tail("SH600000", "close", 0)[1] == -1
