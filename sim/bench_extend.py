@@ -3,8 +3,8 @@ one appended day from that checkpoint; CPU time (every thread) and wall time, an
 
     python -m sim.bench_extend [--instruments 300] [--days 2500] [--repeat 3]
 
-The data: a generated dataset of ``days + 1`` days; the "old" data is its first ``days`` days (a prefix, as a
-daily append leaves history untouched). Prints a table; checks that the extension equals the full computation
+The data: a generated dataset of ``days + 1`` days, and a copy of its first ``days`` days (every feature file
+cut after that day: the data before the append, of which the longer data is a continuation). Prints a table; checks that the extension equals the full computation
 over the longer data on the changed rows.
 """
 
@@ -47,15 +47,17 @@ def main(argv=None) -> int:
               feature_provider={"class": "LocalFeatureProvider", "kwargs": {"backend": storage.BACKEND}})
     names = Alpha158DL.get_feature_config()[0]
     codes = sorted(p.name.upper() for p in (root / "features").iterdir())
-    full_read = features.feature_reader(root, "day")
+    before = work / "before"
+    for path in (root / "features").glob("*/*.bin"):
+        raw = np.fromfile(path, dtype="<f4")
+        cut = before / "features" / path.parent.name / path.name
+        cut.parent.mkdir(parents=True, exist_ok=True)
+        if int(raw[0]) < args.days:
+            raw[:1 + args.days - int(raw[0])].tofile(cut)
+    readers = {args.days - 1: features.feature_reader(before, "day"), args.days: features.feature_reader(root, "day")}
 
     def reader(end):
-        def read(code, field):
-            raw = full_read(code, field)
-            if raw is None or int(raw[0]) > end:
-                return None
-            return raw[:2 + end - int(raw[0])]
-        return read
+        return readers[end]
 
     def compute(end, checkpoint):
         def extent_of(expression):

@@ -28,9 +28,11 @@ class Prepared:
     reason: Optional[str] = None
 
 
-def first_changed(expressions: list, start: int, end: int) -> int:
-    """The first calendar position of ``[start, ...]`` whose values appending days after ``end`` can change."""
-    return max(start, min((end + 1 - ahead for ahead in look_ahead(expressions)), default=end + 1))
+def first_changed(expressions: list, start: int, end: int, aheads: Optional[list] = None) -> int:
+    """The first calendar position of ``[start, ...]`` whose values appending days after ``end`` can change
+    (``aheads``: the expressions' look-aheads, when known)."""
+    aheads = look_ahead(expressions) if aheads is None else aheads
+    return max(start, min((end + 1 - ahead for ahead in aheads), default=end + 1))
 
 
 def prepare(names: list, expressions: list, extents: list, start: int, end: int) -> Prepared:
@@ -77,8 +79,9 @@ def extend(saved: Checkpoint, end: int, expressions: list) -> tuple:
     """The old and the new plans of every group of ``saved`` extended to ``end``, and the first changed row."""
     if end < saved.end:
         raise ValueError(f"the data end at {end}, before the checkpoint's {saved.end}")
-    first = first_changed(expressions, saved.start, saved.end)
-    then = first_changed(expressions, saved.start, end)
+    aheads = look_ahead(expressions)
+    first = first_changed(expressions, saved.start, saved.end, aheads)
+    then = first_changed(expressions, saved.start, end, aheads)
     plans: dict = {}
     for block in saved.blocks:
         if block.unsupported:

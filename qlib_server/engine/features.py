@@ -296,16 +296,19 @@ class FeatureReader:
 
     def tail(self, instrument: str, field: str, since: int) -> Optional[tuple]:
         try:
-            with open(self.path(instrument, field), "rb") as file:
-                head = file.read(4)
-                if len(head) < 4:
-                    return 0, -1, np.zeros(0, dtype="<f4")
-                first = int(np.frombuffer(head, dtype="<f4")[0])
-                count = os.fstat(file.fileno()).st_size // 4 - 1
-                file.seek(4 * (1 + max(0, since - first)))
-                return first, count, np.frombuffer(file.read(), dtype="<f4")
+            fd = os.open(self.path(instrument, field), os.O_RDONLY)
         except FileNotFoundError:
             return None
+        try:
+            head = os.pread(fd, 4, 0)
+            if len(head) < 4:
+                return 0, -1, np.zeros(0, dtype="<f4")
+            first = int(np.frombuffer(head, dtype="<f4")[0])
+            size = os.fstat(fd).st_size
+            offset = 4 * (1 + max(0, since - first))
+            return first, size // 4 - 1, np.frombuffer(os.pread(fd, max(0, size - offset), offset), dtype="<f4")
+        finally:
+            os.close(fd)
 
 
 def feature_reader(data_root: Path, freq: str) -> FeatureReader:
