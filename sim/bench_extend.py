@@ -4,8 +4,8 @@ one appended day from that checkpoint; CPU time (every thread) and wall time, an
     python -m sim.bench_extend [--instruments 300] [--days 2500] [--repeat 3]
 
 The data: a generated dataset of ``days + 1`` days, and a copy of its first ``days`` days (every feature file
-cut after that day: the data before the append, of which the longer data is a continuation). Prints a table; checks that the extension equals the full computation
-over the longer data on the changed rows.
+cut after that day: the data before the append, of which the longer data is a continuation). Prints a table;
+checks that the extension equals the full computation over the longer data on the changed rows.
 """
 
 from __future__ import annotations

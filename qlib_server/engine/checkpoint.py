@@ -62,7 +62,7 @@ class Checkpoint:
     def save(self, file: Union[str, Path, BinaryIO]) -> None:
         """Written as an ``.npz`` archive (a path or a binary file): the structure as JSON, and the arrays of
         each dtype one after the other in one array (a few members to read, however many nodes)."""
-        packed: dict = {}  # dtype -> [flat arrays, size so far]
+        packed: dict[str, list] = {}  # dtype -> [flat arrays, size so far]
         blocks = []
         for block in self.blocks:
             groups = []
@@ -82,10 +82,10 @@ class Checkpoint:
                                "nodes": nodes})
             blocks.append({"instruments": list(block.instruments), "unsupported": block.unsupported,
                            "groups": groups})
+        dtypes = sorted(packed)
         meta = {"format": FORMAT, "names": list(self.names), "start": int(self.start), "end": int(self.end),
-                "blocks": blocks, "dtypes": sorted(packed)}
-        members = {f"a{i}": np.concatenate(packed[kind][0]) if packed[kind][0] else np.zeros(0, dtype=kind)
-                   for i, kind in enumerate(meta["dtypes"])}
+                "blocks": blocks, "dtypes": dtypes}
+        members = {f"a{i}": np.concatenate(packed[kind][0]) for i, kind in enumerate(dtypes)}
         members["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         np.savez(file, **members)  # type: ignore[arg-type]
 

@@ -11,7 +11,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from .checkpoint import BlockCheckpoint, Checkpoint, Group
-from .incremental import Extender, Recorder, cut
+from .incremental import Extender, Recorder
+from .parts import cut
 from .plan import Plan, look_ahead, plan
 from .values import Unsupported
 
@@ -107,12 +108,34 @@ def extend_block(block: BlockCheckpoint, plans: dict, expressions: list, read: C
         offset, query_end = group.extent
         before, after = plans[tuple(group.extent), tuple(group.fields)]
         extender = Extender(block.instruments, offset, query_end + k - offset, read, before, after, group.records)
-        for c in group.fields:
+        later = _later(before, [expressions[c] for c in group.fields])
+        for c, keep in zip(group.fields, later):
             values[c], present[c] = cut(extender.part(expressions[c]), first - offset, end - offset)
+            for key in [key for key in extender.memo if key not in keep]:  # only what later fields read
+                del extender.memo[key]
         groups.append(Group((offset, query_end + k), list(group.fields), extender.records))
     if any(v is None for v in values):
         raise Unsupported("a field is in no group of the checkpoint")
     return values, present, BlockCheckpoint(list(block.instruments), groups)
+
+
+def _later(planned: Plan, roots: list) -> list:
+    """For each of ``roots``, the keys of the nodes the roots after it read."""
+    def reach(key: str, into: set) -> None:
+        if key in into:
+            return
+        into.add(key)
+        for operand in planned.nodes[key].inputs:
+            if operand is not None and planned.ids.get(id(operand)) is not None:
+                reach(planned.ids[id(operand)], into)
+
+    later: list = [set()]
+    for root in reversed(roots[1:]):
+        keys = set(later[-1])
+        reach(planned.key(root), keys)
+        later.append(keys)
+    later.reverse()
+    return later
 
 
 def merge(blocks: list) -> BlockCheckpoint:

@@ -151,7 +151,8 @@ class _MemoTail:
     """``read`` and its ``tail`` (where it has one) remembering what they read."""
 
     def __init__(self, read: Callable):
-        self.read, self.files = read, {}
+        self.read = read
+        self.files: dict = {}
         if hasattr(read, "tail"):
             self.tail = self._tail
 
@@ -163,7 +164,7 @@ class _MemoTail:
     def _tail(self, instrument, field, since):
         key = (instrument, field, since)
         if key not in self.files:
-            self.files[key] = self.read.tail(instrument, field, since)
+            self.files[key] = getattr(self.read, "tail")(instrument, field, since)  # noqa: B009
         return self.files[key]
 
 

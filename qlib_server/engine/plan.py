@@ -17,6 +17,7 @@ checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from qlib.data import base, ops
 
@@ -49,7 +50,7 @@ class Window:
 @dataclass
 class Node:
     key: str
-    expression: object
+    expression: Any
     kind: str  # feature, unary, binary, if, ref, delta, first, window
     inputs: tuple  # operand expressions (window masks included)
     ahead: int

@@ -92,21 +92,21 @@ def data(qlib_data, codes):
     return Data(qlib_data, codes)
 
 
-def compute(data: Data, names: list, codes: list, end: int, checkpoint: bool = False):
-    """Every block of the full computation over ``[0, end]`` (nothing left to Qlib: None for such a field)."""
+def compute(data: Data, names: list, codes: list, end: int, checkpoint: bool = False, start: int = 0):
+    """Every block of the full computation over ``[start, end]`` (a field left to Qlib: no values)."""
     from qlib.data.data import ExpressionD
 
     def extent_of(expression):
         left, right = expression.get_extended_window_size()
         if not (np.isfinite(left) and np.isfinite(right)):
             raise Unsupported("infinite window")
-        return max(0, 0 - int(left)), end + int(right)
+        return max(0, start - int(left)), end + int(right)
 
     def by_qlib(code, name):  # a field the engine leaves to Qlib: no values here (the test skips it)
         return pd.Series([], dtype=np.float32)
 
     before = features.fallbacks()
-    blocks = list(features.blocks(codes, names, 0, end, expression_of=ExpressionD.get_expression_instance,
+    blocks = list(features.blocks(codes, names, start, end, expression_of=ExpressionD.get_expression_instance,
                                   extent_of=extent_of, read=data.reader(end), by_qlib=by_qlib, size=5, threads=2,
                                   checkpoint=checkpoint))
     return blocks, features.fallbacks() - before
@@ -116,24 +116,25 @@ def by_code(blocks: list, c: int) -> dict:
     return {code: (b.values[c][i], b.present[c][i]) for b in blocks for i, code in enumerate(b.instruments)}
 
 
-def assert_extends(data: Data, names: list, codes: list, tail: bool = True) -> str:
+def assert_extends(data: Data, names: list, codes: list, tail: bool = True, start: int = 0,
+                   steps: tuple = STEPS) -> str:
     """Extends ``names`` over STEPS and compares; returns "unsupported" where the full computation left a field
     to Qlib (and then the extension must refuse), "equal" otherwise."""
     from qlib.data.data import ExpressionD
 
-    blocks, fallbacks = compute(data, names, codes, T0, checkpoint=True)
-    saved = Checkpoint(names, 0, T0, [b.checkpoint for b in blocks])
+    blocks, fallbacks = compute(data, names, codes, T0, checkpoint=True, start=start)
+    saved = Checkpoint(names, start, T0, [b.checkpoint for b in blocks])
     if fallbacks:
         with pytest.raises(Unsupported):
             list(features.extend_blocks(saved, T0 + 1, expression_of=ExpressionD.get_expression_instance,
                                         read=data.reader(T0 + 1)))
         return "unsupported"
     end = T0
-    for k in STEPS:
+    for k in steps:
         old_blocks = blocks
         end += k
         saved = Checkpoint.from_bytes(saved.to_bytes())
-        want, fallbacks = compute(data, names, codes, end)
+        want, fallbacks = compute(data, names, codes, end, start=start)
         try:
             blocks = list(features.extend_blocks(saved, end, expression_of=ExpressionD.get_expression_instance,
                                                  read=data.reader(end, tail), rows=12))
@@ -148,6 +149,7 @@ def assert_extends(data: Data, names: list, codes: list, tail: bool = True) -> s
             full, ext, old = by_code(want, c), by_code(blocks, c), by_code(old_blocks, c)
             for code in codes:
                 (w_values, w_present), (e_values, e_present), (o_values, o_present) = full[code], ext[code], old[code]
+                first -= start  # columns of the full blocks
                 assert np.array_equal(o_present[:first], w_present[:first]), f"{name} {code}: index before {first}"
                 assert np.array_equal(o_values[:first], w_values[:first], equal_nan=True), f"{name} {code}: before"
                 assert np.array_equal(e_present, w_present[first:]), f"{name} {code}: another index after {k} days"
@@ -156,13 +158,19 @@ def assert_extends(data: Data, names: list, codes: list, tail: bool = True) -> s
                                                    | np.isnan(e_values) & np.isnan(w_values[first:])))
                     raise AssertionError(f"{name} of {code} extended by {k} to {end}: differs at {off[:5]}, "
                                          f"{e_values[off[:3] - first]} != {w_values[off[:3]]}")
-        saved = Checkpoint(names, 0, end, [b.checkpoint for b in blocks])
+                first += start
+        saved = Checkpoint(names, start, end, [b.checkpoint for b in blocks])
         blocks = want  # the next round's rows before its first changed one
     return "equal"
 
 
 def test_alpha158_with_a_label_extended_by_1_5_1_days_equals_the_full_computation(data, codes):
     assert assert_extends(data, alpha158(), codes) == "equal"
+
+
+def test_alpha158_of_a_request_starting_mid_calendar_extended_by_0_2_1_days_equals_the_full_computation(data, codes):
+    # each field's query starts at its own look-back: the running states start there, not at day 0
+    assert assert_extends(data, alpha158() + WINDOWS_AT_ONCE[-4:], codes, start=120, steps=(0, 2, 1)) == "equal"
 
 
 def test_alpha360_extended_by_1_5_1_days_equals_the_full_computation(data, codes):
