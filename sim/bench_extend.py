@@ -11,6 +11,7 @@ checks that the extension equals the full computation over the longer data on th
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +31,14 @@ def main(argv=None) -> int:
     parser.add_argument("--days", type=int, default=2500)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="bench-extend-"))
+    try:
+        return _run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
+
+def _run(args, work: Path) -> int:
     import qlib
     from qlib.contrib.data.loader import Alpha158DL
     from qlib.data.data import ExpressionD
@@ -40,7 +48,6 @@ def main(argv=None) -> int:
     from qlib_server.engine.checkpoint import Checkpoint
     from qlib_server.worker import storage
 
-    work = Path(tempfile.mkdtemp(prefix="bench-extend-"))
     root = generate_dataset(work / "data", instruments=args.instruments, days=args.days + 1, start="2012-01-04",
                             markets={"csi300": args.instruments})
     qlib.init(provider_uri=str(root), region="cn", logging_level="ERROR",
