@@ -47,12 +47,13 @@ def digests_path(cache_path: Path) -> Path:
 
 
 def write_sources(cache_path: Path, sources: dict, forms: tuple = (RECORDS, HDF5),
-                  digests: Optional[dict] = None) -> None:
+                  digests: Optional[dict] = None, request: Optional[dict] = None) -> None:
     """Write the record of a cache's sources and of the ``forms`` written, atomically (a temporary file renamed
     into place); before it, the ``digests`` of the sources when taken (what tells a later append of days from
-    a rewrite; a file of its own, which requests never read)."""
+    a rewrite) and the ``request`` computed (what a refresh extends): a file of their own, which requests never
+    read."""
     if digests is not None:
-        _replace(digests_path(cache_path), {"digests": digests})
+        _replace(digests_path(cache_path), {"digests": digests, **({"request": request} if request else {})})
     _replace(sources_path(cache_path), {"files": sources, "forms": list(forms)})
 
 
@@ -71,13 +72,14 @@ def read_record(cache_path: Path) -> Optional[dict]:
     return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
 
 
-def read_digests(cache_path: Path) -> Optional[dict]:
-    """The digests of a cache's sources taken when it was computed, None when there are none."""
+def read_digests(cache_path: Path, what: str = "digests") -> Optional[dict]:
+    """The digests of a cache's sources taken when it was computed (or, ``what="request"``, the request it was
+    computed for: ``instruments``, ``fields``, ``freq``), None when there are none."""
     try:
-        digests = json.loads(digests_path(cache_path).read_text())["digests"]
+        found = json.loads(digests_path(cache_path).read_text())[what]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return digests if isinstance(digests, dict) else None
+    return found if isinstance(found, dict) else None
 
 
 def is_current(cache_path: Path, stat: Callable[[Path], Optional[list]] = stat_of, form: str = HDF5) -> bool:

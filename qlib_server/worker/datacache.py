@@ -35,7 +35,7 @@ from qlib.utils import code_to_fname, remove_fields_space
 
 from ..state import keys, records
 from ..state.sources import HDF5, RECORDS, digests_path, is_current, read_record, sources_path, stat_of, write_sources
-from . import changes, dataset, storage
+from . import changes, dataset, extension, storage
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ def clear(cache_path: Path) -> None:
     for path in (target, cache_path, cache_path.with_suffix(".meta"), cache_path.with_suffix(".index"),
                  cache_path.with_suffix(".data"), target.with_name(target.name + ".tmp"), kept,
                  kept.with_name(kept.name + ".tmp"), digests, digests.with_name(digests.name + ".tmp"),
+                 cache_path.with_suffix(".checkpoint"), cache_path.with_suffix(".checkpoint.tmp"),
                  *records.segment_files(cache_path)):
         path.unlink(missing_ok=True)
 
@@ -186,9 +187,10 @@ def write_table(cache_path: Path, pieces: Iterable[pd.DataFrame], instruments, f
 
 
 def drop_stale(directory: Path, redis_client) -> dict:
-    """Delete every dataset cache in ``directory`` that is not current, each under its lock (so none is
-    deleted while a worker writes it); return how many were kept and dropped."""
-    counts = {"kept": 0, "dropped": 0}
+    """Delete every dataset cache in ``directory`` that is not current and cannot be extended (the data changed
+    otherwise than by appended days: :func:`extension.extendable`), each under its lock (so none is deleted
+    while a worker writes it); return how many were kept and dropped, and the caches to extend."""
+    counts: dict = {"kept": 0, "dropped": 0, "to_extend": []}
     uris = sorted({p.name.split(".")[0] for p in directory.iterdir()}) if directory.is_dir() else []
     stat = functools.cache(stat_of)  # caches share their sources: stat each file once
     for uri in uris:
@@ -197,7 +199,11 @@ def drop_stale(directory: Path, redis_client) -> dict:
             counts["kept"] += 1
             continue
         with cache_lock(redis_client, lock_name(path)):
-            if not is_current(path, form=RECORDS):  # a worker may have just completed it
+            if is_current(path, form=RECORDS):  # a worker may have just completed it
+                counts["kept"] += 1
+            elif extension.extendable(path):
+                counts["to_extend"].append(path)
+            else:
                 clear(path)
                 counts["dropped"] += 1
     return counts
@@ -266,6 +272,36 @@ def add_hdf5(cache_path: Path, instruments, freq: str) -> None:
     write_sources(cache_path, record["files"], (RECORDS, HDF5))
 
 
+def compute_cache(cache_path: Path, provider, instruments, fields, freq: str, inst_processors=(),
+                  hdf5: bool = True) -> None:
+    """Compute a dataset cache over the whole calendar: the sources recorded (stats, then digests) before computing
+    and written last, the records always written, with the engine's checkpoint (what extends the cache when days
+    are appended, :mod:`.extension`), Qlib's HDF5 files with ``hdf5`` (a stock client needs them), each in one
+    pass, and an empty result written as a cache of no rows. The caller holds the cache's lock."""
+    from qlib.data.data import Cal
+
+    from .extension import save_checkpoint
+
+    clear(cache_path)
+    root = cache_path.parent.parent
+    sources = cache_sources(root, instruments, fields, freq)
+    digests = changes.digests(root, sources)  # after the stats: a change made meanwhile shows later
+    H.clear()  # compute from the files just recorded, not from calendars and features held in memory
+    storage.forget()
+    calendar = Cal.calendar(freq=freq)
+    rows = dataset.cache_rows(provider, instruments, fields, calendar[0], calendar[-1], freq, inst_processors,
+                              scratch=cache_path.parent)
+    write_records(cache_path, rows)
+    save_checkpoint(cache_path, rows.checkpoint)
+    forms: tuple = (RECORDS,)
+    if hdf5:
+        if not write_table(cache_path, rows.frames(), instruments, freq, str(calendar[-1]), inst_processors):
+            write_empty(cache_path, instruments, fields, freq, str(calendar[-1]))
+        forms = (RECORDS, HDF5)
+    request = None if inst_processors else {"instruments": instruments, "fields": list(fields), "freq": freq}
+    write_sources(cache_path, sources, forms, digests, request)
+
+
 class ServerDatasetCache(DiskDatasetCache):
     """Qlib's disk dataset cache, serving a cache only while it is current (see the module docstring)."""
 
@@ -291,31 +327,15 @@ class ServerDatasetCache(DiskDatasetCache):
                     pass
                 elif form == HDF5 and is_current(path, form=RECORDS):  # streamed so far: Qlib's files from it
                     add_hdf5(path, instruments, freq)
+                elif extension.try_extend(path, instruments, fields, freq):  # days appended: new rows only
+                    if form == HDF5:
+                        add_hdf5(path, instruments, freq)
                 else:
                     self.gen_dataset_cache(path, instruments, fields, freq)
         return uri
 
     def gen_dataset_cache(self, cache_path, instruments, fields, freq, inst_processors=None):
-        """Qlib's generation, with the sources recorded before computing and written last, the records file
-        always written and Qlib's HDF5 files where a stock client needs them (:func:`records_only`), each in
-        one pass, and an empty result written as a cache of no rows. Unlike Qlib's it returns no frame: the
-        server only asks for a cache's uri (``_dataset_uri``)."""
-        inst_processors = [] if inst_processors is None else inst_processors  # Qlib's default, not shared
-        from qlib.data.data import Cal
-
-        cache_path = Path(cache_path)
-        self.clear_cache(cache_path)
-        sources = cache_sources(cache_path.parent.parent, instruments, fields, freq)
-        digests = changes.digests(cache_path.parent.parent, sources)  # after the stats: a change meanwhile shows
-        H.clear()  # compute from the files just recorded, not from calendars and features held in memory
-        storage.forget()
-        calendar = Cal.calendar(freq=freq)
-        rows = dataset.cache_rows(self.provider, instruments, fields, calendar[0], calendar[-1], freq,
-                                  inst_processors, scratch=cache_path.parent)
-        write_records(cache_path, rows)
-        forms: tuple = (RECORDS,)
-        if _HDF5_WANTED.get():
-            if not write_table(cache_path, rows.frames(), instruments, freq, str(calendar[-1]), inst_processors):
-                write_empty(cache_path, instruments, fields, freq, str(calendar[-1]))
-            forms = (RECORDS, HDF5)
-        write_sources(cache_path, sources, forms, digests)
+        """Qlib's generation, as :func:`compute_cache` does it. Unlike Qlib's it returns no frame: the server only
+        asks for a cache's uri (``_dataset_uri``)."""
+        compute_cache(Path(cache_path), self.provider, instruments, fields, freq, inst_processors or [],
+                      hdf5=_HDF5_WANTED.get())

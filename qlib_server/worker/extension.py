@@ -53,6 +53,23 @@ def save_checkpoint(cache_path: Path, checkpoint) -> None:
     os.replace(temporary, target)
 
 
+def extendable(cache_path: Path) -> bool:
+    """Whether a cache that is not current may be extended: the data only had days appended since it was
+    computed, and it has what an extension needs (its request, its checkpoint)."""
+    record, digests = read_record(cache_path), read_digests(cache_path)
+    if record is None or digests is None or read_digests(cache_path, "request") is None \
+            or not checkpoint_path(cache_path).exists():
+        return False
+    return changes.classify(record["files"], digests, cache_path.parent.parent).kind == changes.APPEND
+
+
+def extend_cache(cache_path: Path) -> bool:
+    """:func:`try_extend` for the request the cache was computed for (a refresh's extension)."""
+    request = read_digests(cache_path, "request")
+    return request is not None and try_extend(cache_path, request["instruments"], request["fields"],
+                                              request["freq"])
+
+
 def try_extend(cache_path: Path, instruments, fields, freq: str) -> bool:
     """Bring a cache that is not current up to the data by extending it, when the data only had days appended;
     False (nothing changed) when it must be computed again. The caller holds the cache's lock."""
@@ -88,8 +105,9 @@ def _extend(cache_path: Path, instruments, fields, freq: str, change: changes.Ch
     root = cache_path.parent.parent
     sources = cache_sources(root, instruments, fields, freq)
     digests = changes.digests(root, sources)  # after the stats: a change made meanwhile shows later
+    request = {"instruments": instruments, "fields": list(fields), "freq": freq}
     if not change.new_days:  # only stats changed (same bytes, or values past the calendar): a fresh record
-        write_sources(cache_path, sources, (RECORDS,), digests)
+        write_sources(cache_path, sources, (RECORDS,), digests, request)
         return True
     try:
         saved = Checkpoint.load(checkpoint_path(cache_path))
@@ -120,7 +138,7 @@ def _extend(cache_path: Path, instruments, fields, freq: str, change: changes.Ch
     for stale in (cache_path, cache_path.with_suffix(".index"), cache_path.with_suffix(".meta")):
         stale.unlink(missing_ok=True)  # Qlib's HDF5 form is made again from the records when a stock client asks
     records.publish(cache_path, segments)
-    write_sources(cache_path, sources, (RECORDS,), digests)
+    write_sources(cache_path, sources, (RECORDS,), digests, request)
     return True
 
 

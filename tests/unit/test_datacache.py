@@ -188,4 +188,4 @@ def test_a_refresh_waits_for_the_worker_writing_a_cache_and_keeps_it_once_comple
     finished.start()
     counts = datacache.drop_stale(path.parent, client)
     finished.join()
-    assert counts == {"kept": 0, "dropped": 0} and is_current(path)
+    assert counts == {"kept": 1, "dropped": 0, "to_extend": []} and is_current(path)
