@@ -70,8 +70,9 @@ class Computed:
             if len(day):
                 width = last - first
                 taken = which * width + day  # positions in each field's (instruments, days) piece
-                if not reuse or buffer.shape[1] < len(day):
-                    buffer = np.empty((len(self.names), max(len(day), target if reuse else 0)), dtype=np.float32)
+                if not reuse or buffer.shape[1] < len(day):  # sized for the largest part to come, at most
+                    size = max(len(day), min(target, int(per_day[first:].sum()))) if reuse else len(day)
+                    buffer = np.empty((len(self.names), size), dtype=np.float32)
                 data = buffer[:, :len(day)]
                 for k in range(len(self.names)):
                     np.take(np.ascontiguousarray(self.dense[k, :, first:last]).reshape(-1), taken, out=data[k])
