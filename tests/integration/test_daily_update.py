@@ -6,7 +6,9 @@ Each test changes its own copy of the session dataset; the server runs on its de
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +18,7 @@ import requests
 from clients import local_qlib, run_pyqlib, run_server_client
 from conftest import wait_until
 
-from qlib_server.datagen_updates import append_days, list_instrument, rewrite_value
+from qlib_server.datagen_updates import add_field, append_days, delist_instrument, list_instrument, rewrite_value
 from qlib_server.state import records
 
 pytestmark = pytest.mark.integration
@@ -94,3 +96,54 @@ def test_an_instrument_listed_in_the_market_is_computed_again(start_server, data
     after, local = run_server_client(SCRIPT, server.port, None), local_qlib(SCRIPT, data)
     assert "SH600999" in after.index.get_level_values("instrument")
     assert_same(after, local)
+
+
+def test_an_instrument_delisted_from_the_market_is_computed_again(start_server, data):
+    server = start_server(provider_uri=str(data))
+    before = run_server_client(SCRIPT, server.port, None)
+    append_days(data, 1)
+    delist_instrument(data, "csi300", "SZ000003", last_day=600)
+    wait_until(lambda: caches(data) == {}, 120, what="the stale cache dropped by the refresh")
+    after, local = run_server_client(SCRIPT, server.port, None), local_qlib(SCRIPT, data)
+    assert len(after.loc["SZ000003"]) < len(before.loc["SZ000003"])
+    assert_same(after, local)
+
+
+def test_a_field_added_to_the_data_is_computed_again(start_server, data):
+    script = "result = D.features(D.instruments('csi300'), ['$close', 'Mean($close + $adj, 5)', '$adj'])"
+    server = start_server(provider_uri=str(data))
+    before = run_server_client(script, server.port, None)
+    assert before["$adj"].isna().all()
+    append_days(data, 1)
+    add_field(data, "adj")
+    wait_until(lambda: caches(data) == {}, 120, what="the stale cache dropped by the refresh")
+    after, local = run_server_client(script, server.port, None), local_qlib(script, data)
+    assert after["$adj"].notna().mean() > 0.9
+    assert_same(after, local)
+
+
+READER = f"""
+import hashlib, time
+result = []
+deadline = time.monotonic() + 40
+while time.monotonic() < deadline:
+    frame = D.features(D.instruments('csi300'), {FIELDS!r})
+    result.append(hashlib.sha256(frame.to_numpy().tobytes() + repr(frame.index.tolist()).encode()).hexdigest())
+"""
+
+
+def test_clients_reading_while_a_cache_is_extended_get_the_old_or_the_new_frame_never_a_mix(start_server, data):
+    server = start_server(provider_uri=str(data))
+    old = local_qlib(SCRIPT, data)
+    run_server_client(SCRIPT, server.port, None)
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(run_server_client, READER, server.port, None)
+        wait_until(lambda: server.log().count("feature transfer to") >= 3, 60, what="the reader reading")
+        append_days(data, 1)
+        wait_until(lambda: extended(data, 2), 120, what="the cache extended by the refresh")
+        seen = reading.result()
+    new = local_qlib(SCRIPT, data)
+    digest = {name: hashlib.sha256(frame.to_numpy().tobytes() + repr(frame.index.tolist()).encode()).hexdigest()
+              for name, frame in (("old", old), ("new", new))}
+    assert set(seen) <= set(digest.values()), "a frame that is neither the old data's nor the new data's"
+    assert digest["old"] in seen and digest["new"] in seen, "the reader saw only one version"
