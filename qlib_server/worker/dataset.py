@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 #: a feature set larger than this is held in a scratch file (mapped) while it is computed, not in memory
-IN_MEMORY_BYTES = 512 << 20
+IN_MEMORY_BYTES = 1 << 30
 #: rows of one piece of the cache written at a time (about this many bytes of values)
 CHUNK_BYTES = 128 << 20
 #: the ``attrs`` key of a piece holding the length of the longest instrument code of all the pieces
