@@ -33,6 +33,7 @@ from qlib.config import C
 from qlib.data.cache import CacheUtils, DatasetCache, DiskDatasetCache, H
 from qlib.utils import code_to_fname, remove_fields_space
 
+from ..inst_processors import build, dataset_uri
 from ..state import keys, records
 from ..state.sources import HDF5, RECORDS, is_current, sources_path, stat_of, write_sources
 from . import dataset, storage
@@ -98,14 +99,14 @@ def cache_sources(root: Path, instruments, fields: Iterable[str], freq: str) -> 
     computed from, by path relative to ``root``: the calendar, the market's instrument file, and each
     raw field named (in the fields or the filter rules) of each instrument the market ever lists."""
     expressions, names = list(fields), [f"calendars/{freq.lower()}.txt"]
-    if isinstance(instruments, dict):
+    if isinstance(instruments, dict) and "market" in instruments:
         names.append(f"instruments/{instruments['market'].lower()}.txt")
         try:
             codes = {line.split()[0] for line in (root / names[-1]).read_text().splitlines() if line.strip()}
         except FileNotFoundError:
             codes = set()
         expressions += [f.get("rule_expression", "") for f in instruments.get("filter_pipe") or []]
-    else:
+    else:  # codes, or a dict of codes and their spans
         codes = {instruments} if isinstance(instruments, str) else set(instruments)
     raw, pit, literals = references(expressions)
     for code in sorted(codes | literals):
@@ -217,6 +218,15 @@ def records_only():
         _HDF5_WANTED.reset(token)
 
 
+def with_timestamps(instruments):
+    """A dict of codes and spans with its dates as Timestamps (what ``D.list_instruments`` gives Qlib);
+    any other instruments as they are."""
+    if not isinstance(instruments, dict) or "market" in instruments:
+        return instruments
+    return {code: [(pd.Timestamp(start), pd.Timestamp(end)) for start, end in spans]
+            for code, spans in instruments.items()}
+
+
 def write_records(cache_path: Path, rows: dataset.CacheRows) -> None:
     """Write the records file of a cache (see :mod:`qlib_server.state.records`)."""
     writer = records.Writer(records.path_of(cache_path), rows.columns, rows.codes, rows.unit, rows.rows)
@@ -242,23 +252,28 @@ class ServerDatasetCache(DiskDatasetCache):
 
     def _dataset_uri(self, instruments, fields, start_time=None, end_time=None, freq="day", disk_cache=0,
                      inst_processors=None):
+        """The uri of a dataset cache computed when not current: of the whole history, or with
+        ``inst_processors`` (checked, in their wire form: :mod:`qlib_server.inst_processors`) of the window
+        from ``start_time`` to ``end_time``, whose frame Qlib's processors see."""
         inst_processors = [] if inst_processors is None else inst_processors  # Qlib's default, not shared
-        if disk_cache == 0 or inst_processors:  # Qlib prepares the expression cache, or refuses
+        if disk_cache == 0:  # Qlib prepares the expression cache
             return super()._dataset_uri(instruments, fields, start_time, end_time, freq, disk_cache, inst_processors)
-        uri = self._uri(instruments, fields, None, None, freq, disk_cache)
+        uri = dataset_uri(instruments, fields, freq, inst_processors, start_time, end_time)
         path = self.get_cache_dir(freq) / uri
         form = HDF5 if _HDF5_WANTED.get() else RECORDS
+        window = (start_time, end_time) if inst_processors else (None, None)
         if not is_current(path, form=form):
             with CacheUtils.writer_lock(self.r, lock_name(path)):
                 if not is_current(path, form=form):  # another worker may have computed it meanwhile
-                    self.gen_dataset_cache(path, instruments, fields, freq)
+                    self.gen_dataset_cache(path, instruments, fields, freq, inst_processors, window)
         return uri
 
-    def gen_dataset_cache(self, cache_path, instruments, fields, freq, inst_processors=None):
+    def gen_dataset_cache(self, cache_path, instruments, fields, freq, inst_processors=None, window=(None, None)):
         """Qlib's generation, with the sources recorded before computing and written last, the records file
         always written and Qlib's HDF5 files where a stock client needs them (:func:`records_only`), each in
         one pass, and an empty result written as a cache of no rows. Unlike Qlib's it returns no frame: the
-        server only asks for a cache's uri (``_dataset_uri``)."""
+        server only asks for a cache's uri (``_dataset_uri``). Over the whole calendar, or the ``window``
+        (start, end) with ``inst_processors``, which are built here from their wire form and given to Qlib."""
         inst_processors = [] if inst_processors is None else inst_processors  # Qlib's default, not shared
         from qlib.data.data import Cal
 
@@ -268,8 +283,9 @@ class ServerDatasetCache(DiskDatasetCache):
         H.clear()  # compute from the files just recorded, not from calendars and features held in memory
         storage.forget()
         calendar = Cal.calendar(freq=freq)
-        rows = dataset.cache_rows(self.provider, instruments, fields, calendar[0], calendar[-1], freq,
-                                  inst_processors, scratch=cache_path.parent)
+        first, last = window if inst_processors else (calendar[0], calendar[-1])
+        rows = dataset.cache_rows(self.provider, with_timestamps(instruments), fields, first, last, freq,
+                                  build(inst_processors), scratch=cache_path.parent)
         write_records(cache_path, rows)
         forms: tuple = (RECORDS,)
         if _HDF5_WANTED.get():

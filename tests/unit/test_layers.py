@@ -32,6 +32,7 @@ LAYERS = {
     "qlib_server.datagen": "top",
     "qlib_server.errors": "top",
     "qlib_server.expressions": "top",
+    "qlib_server.inst_processors": "top",
     "qlib_server.log": "top",
     "qlib_server.metrics": "top",
     "qlib_server.protocol": "top",
