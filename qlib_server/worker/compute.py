@@ -114,7 +114,7 @@ def run(task_type: str, args: dict, expression_cache: bool = False):
             return instrument(args)
         if task_type == "feature":
             return feature(args, expression_cache)
-    except RequestError:
+    except (RequestError, ComputeError):  # their messages are written for the client
         raise
     except FileNotFoundError as exc:
         raise ComputeError(f"no such data: {Path(str(exc.filename or exc)).name}") from None

@@ -12,6 +12,7 @@ import qlib
 
 from qlib_server.config import make_config
 from qlib_server.datagen import generate_dataset
+from qlib_server.errors import ComputeError
 from qlib_server.front.handler import make_parser
 from qlib_server.front.transfer import dataset_uri
 from qlib_server.state import records
@@ -47,10 +48,11 @@ def worker(data, monkeypatch):
     return local
 
 
-def request_args(body: dict) -> dict:
+def request_args(body: dict, allowed: tuple = ()) -> dict:
     payload = {"head": {"version": "0.9.7"}, "body": {"fields": FIELDS, "start_time": START, "end_time": END,
                                                       "freq": "day", "disk_cache": 1, "stream": True, **body}}
-    return make_parser(make_config(provider_uri="/tmp/x")).parse("feature", payload).args
+    config = make_config(provider_uri="/tmp/x", inst_processors_allowed=list(allowed))
+    return make_parser(config).parse("feature", payload).args
 
 
 def cached_frame(path) -> pd.DataFrame:
@@ -130,3 +132,23 @@ def test_a_dict_of_spans_records_the_files_of_its_codes_as_its_sources(data):
 
 def test_inst_processors_leave_the_frame_to_qlib(worker):
     assert dataset.compute(worker, ["SH600000"], FIELDS, START, END, "day", inst_processors=[object()]) is None
+
+
+FLOAT64 = """
+from qlib.data.inst_processor import InstProcessor
+
+
+class Rolled(InstProcessor):
+    def __call__(self, df, instrument, *args, **kwargs):
+        return df.rolling(3, min_periods=1).mean()  # pandas' rolling gives float64
+"""
+
+
+def test_a_processor_leaving_values_that_are_not_float32_is_an_error_not_a_rounded_answer(worker, tmp_path,
+                                                                                          monkeypatch):
+    (tmp_path / "qs_float64_processor.py").write_text(FLOAT64)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = request_args({"instruments": ["SH600000"], "inst_processors": [{"class": "qs_float64_processor.Rolled"}]},
+                        allowed=("qs_float64_processor.Rolled",))
+    with pytest.raises(ComputeError, match="^inst_processors left column '\\$close' as float64: the server serves"):
+        compute.run("feature", args)
