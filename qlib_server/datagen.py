@@ -132,8 +132,9 @@ def generate_minute_dataset(
         directory = root / "features" / code.lower()
         directory.mkdir(parents=True, exist_ok=True)
         bars = _bars(rng, last - first + 1, i, 0.001)
-        if i % 3 == 1:  # a morning suspended: every field NaN
-            morning = slice(per_day, per_day + per_day // 2)
+        if i % 3 == 1:  # the morning of its middle day suspended: every field NaN
+            middle = (last - first) // 2 // per_day * per_day
+            morning = slice(middle, middle + per_day // 2)
             for values in bars.values():
                 values[morning] = np.nan
         for name, values in bars.items():
@@ -147,8 +148,9 @@ def generate_minute_dataset(
         lines = []
         for j, code in enumerate(codes[:size]):
             first, last = spans[code]
-            if j >= size // 2 and last - first > 3 * per_day:
-                lines += [line(code, first, first + per_day + 37), line(code, last - per_day - 91, last)]
+            if j >= size // 2 and last - first > 3 * per_day:  # out from a third to two thirds, mid-session
+                lines += [line(code, first, first + (last - first) // 3 + 17),
+                          line(code, first + 2 * (last - first) // 3 - 61, last)]
             else:
                 lines.append(line(code, first, last))
         (root / "instruments" / f"{market}.txt").write_text("\n".join(lines) + "\n")
