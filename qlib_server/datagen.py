@@ -112,6 +112,8 @@ def generate_minute_dataset(
     business days; return its root. As :func:`generate_dataset`: some instruments list late (the first
     bar of a later day) and some delist early (the last bar of an earlier day), the second half of each
     extra market leaves and re-enters it, and one instrument in three has a morning of NaN bars (suspended)."""
+    if days < 3:
+        raise ValueError("a minute dataset spans at least 3 days (late listings, early delistings)")
     root = Path(root)
     rng = np.random.default_rng(seed)
     days_index = pd.bdate_range(start=start, periods=days)
