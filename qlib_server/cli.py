@@ -78,7 +78,7 @@ def _refresh(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"qlib-server: {exc}", file=sys.stderr)
         return 2
-    refresh_main(cfg.model_dump())
+    refresh_main(cfg.model_dump(), show_progress=True)
     return 0
 
 

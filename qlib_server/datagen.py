@@ -161,29 +161,8 @@ def generate_minute_dataset(
 
 def extend_dataset(root: str | Path, days: int, seed: int = 1) -> Path:
     """Append ``days`` business days to a dataset, as a daily data update does: the calendar grows,
-    instruments trading on the last day go on trading, history is left untouched."""
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    calendar_file = root / "calendars" / "day.txt"
-    calendar = pd.DatetimeIndex(pd.to_datetime(calendar_file.read_text().split()))
-    new_days = pd.bdate_range(calendar[-1] + pd.offsets.BDay(1), periods=days)
-    last = f"{calendar[-1]:%Y-%m-%d}"
-    for path in (root / "instruments").glob("*.txt"):
-        lines = [line.split("\t") for line in path.read_text().splitlines() if line]
-        path.write_text("".join(
-            f"{code}\t{start}\t{new_days[-1]:%Y-%m-%d}\n" if end == last else f"{code}\t{start}\t{end}\n"
-            for code, start, end in lines))
-    for directory in sorted((root / "features").iterdir()):
-        close_file = directory / "close.day.bin"
-        old = np.fromfile(close_file, dtype="<f4")
-        if int(old[0]) + len(old) - 1 != len(calendar):  # delisted before the last day
-            continue
-        for field in FIELDS:
-            path = directory / f"{field}.day.bin"
-            values = np.fromfile(path, dtype="<f4")[1:]
-            step = values[-1] * np.exp(np.cumsum(rng.normal(0, 0.01, days))) if field != "change" else \
-                rng.normal(0, 0.01, days)
-            with open(path, "ab") as f:
-                step.astype("<f4").tofile(f)
-    calendar_file.write_text("\n".join(d.strftime("%Y-%m-%d") for d in calendar.append(new_days)) + "\n")
-    return root
+    instruments trading on the last day go on trading, history is left untouched
+    (:func:`qlib_server.datagen_updates.append_days`, where the other data updates are)."""
+    from .datagen_updates import append_days
+
+    return append_days(root, days, seed)

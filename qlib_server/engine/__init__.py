@@ -37,3 +37,25 @@ def warm() -> None:
         fcntl.flock(turn, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
         for field in WARM_FIELDS:
             evaluator.series(ExpressionD.get_expression_instance(field))
+        _warm_extension(raw)
+
+
+def _warm_extension(raw) -> None:
+    """The resumable kernels, as a checkpointed computation and its extension by two days call them."""
+    from qlib.data.data import ExpressionD
+
+    from .checkpoint import Checkpoint
+    from .features import blocks, extend_blocks
+
+    def prefix(end):
+        return lambda instrument, field: raw[:end + 2]
+
+    def by_qlib(instrument, name):
+        raise RuntimeError(f"warming up: {name} left to Qlib")
+
+    names = list(WARM_FIELDS)
+    computed = list(blocks(["WARM"], names, 0, 5, expression_of=ExpressionD.get_expression_instance,
+                           extent_of=lambda e: (0, 5 + int(e.get_extended_window_size()[1])), read=prefix(5),
+                           by_qlib=by_qlib, threads=1, checkpoint=True))
+    saved = Checkpoint(names, 0, 5, [b.checkpoint for b in computed])
+    list(extend_blocks(saved, 7, expression_of=ExpressionD.get_expression_instance, read=prefix(7)))

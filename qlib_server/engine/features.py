@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import numpy as np
 from qlib.data import base
 
-from . import windows
+from . import extend, windows
+from .checkpoint import BlockCheckpoint, Checkpoint
 from .evaluate import Evaluator
 from .values import Series, Unsupported
 
@@ -57,17 +58,22 @@ class Block:
     end: int
     values: list
     present: list
+    checkpoint: Optional[BlockCheckpoint] = None
 
 
 def blocks(instruments: list, names: list, start: int, end: int, *, expression_of: Callable,
            extent_of: Callable, read: Callable, by_qlib: Callable, size: int = BLOCK,
-           threads: int = THREADS) -> Iterator[Block]:
+           threads: int = THREADS, checkpoint: bool = False) -> Iterator[Block]:
     """The fields ``names`` (Qlib field strings) of ``instruments``, by blocks of at most ``size``, computed
     by ``threads`` threads (the kernels and NumPy release the GIL), yielded in order.
 
     ``expression_of(name)`` is Qlib's expression object; ``extent_of(expression)`` its query range for
     ``[start, end]``; ``read(instrument, field)`` a raw feature file (or None); ``by_qlib(instrument, name)``
-    Qlib's own series for one instrument (a pandas Series on calendar positions)."""
+    Qlib's own series for one instrument (a pandas Series on calendar positions).
+
+    With ``checkpoint``, each block also carries its :class:`~.checkpoint.BlockCheckpoint` (``end`` must be the
+    data's last day): ``Checkpoint(names, start, end, [block.checkpoint ...])`` is what :func:`extend_blocks`
+    extends when days are appended."""
     expressions = [expression_of(name) for name in names]
     extents = []
     for name, expression in zip(names, expressions):
@@ -81,21 +87,26 @@ def blocks(instruments: list, names: list, start: int, end: int, *, expression_o
     for used in reversed(uses[1:]):
         later.append(later[-1] | used)
     later.reverse()
+    prepared = extend.prepare(names, expressions, extents, start, end) if checkpoint else None
 
     def block(chunk: list) -> Block:
         cached_read = _memo(read)
         evaluators: dict = {}
         values, present = [], []
+        fallback = None
         for c, (name, expression, extent) in enumerate(zip(names, expressions, extents)):
             try:
                 if extent is None:
                     raise Unsupported("its query range")
                 evaluator = evaluators.get(extent)
                 if evaluator is None:
-                    evaluator = evaluators[extent] = Evaluator(chunk, extent[0], extent[1], cached_read)
+                    evaluator = prepared and extend.recorder(prepared, chunk, extent, cached_read) \
+                        or Evaluator(chunk, extent[0], extent[1], cached_read)
+                    evaluators[extent] = evaluator
                 series = evaluator.series(expression)
                 array, where = _cut(series, extent[0], start, end)
             except Unsupported as reason:
+                fallback = fallback or f"{name}: {reason}"
                 with _QLIB:  # Qlib's caches are not made for threads
                     FALLBACKS[str(reason)] += 1
                     log.info("field %s computed by Qlib for %d instruments: %s", name, len(chunk), reason)
@@ -105,7 +116,8 @@ def blocks(instruments: list, names: list, start: int, end: int, *, expression_o
             for evaluator in evaluators.values():  # keep only what a later field of this block reuses
                 for key in [k for k in evaluator.memo if k not in later[c]]:
                     del evaluator.memo[key]
-        return Block(chunk, start, end, values, present)
+        saved = extend.block_checkpoint(prepared, chunk, evaluators, fallback) if prepared else None
+        return Block(chunk, start, end, values, present, saved)
 
     by_bytes = BLOCK_BYTES // max(1, 4 * len(names) * (end - start + 1))
     size = max(1, min(size, by_bytes, -(-len(instruments) // threads)))  # every thread gets a block
@@ -135,7 +147,29 @@ def _memo(read: Callable) -> Callable:
     return cached_read
 
 
-def of_qlib(instruments: list, names: list, start_time, end_time, freq: str, size: int = BLOCK) -> Iterator[Block]:
+class _MemoTail:
+    """``read`` and its ``tail`` (where it has one) remembering what they read."""
+
+    def __init__(self, read: Callable):
+        self.read = read
+        self.files: dict = {}
+        if hasattr(read, "tail"):
+            self.tail = self._tail
+
+    def __call__(self, instrument, field):
+        if (instrument, field) not in self.files:
+            self.files[instrument, field] = self.read(instrument, field)
+        return self.files[instrument, field]
+
+    def _tail(self, instrument, field, since):
+        key = (instrument, field, since)
+        if key not in self.files:
+            self.files[key] = getattr(self.read, "tail")(instrument, field, since)  # noqa: B009
+        return self.files[key]
+
+
+def of_qlib(instruments: list, names: list, start_time, end_time, freq: str, size: int = BLOCK,
+            checkpoint: bool = False) -> Iterator[Block]:
     """:func:`blocks` for the fields ``names`` of ``instruments`` over ``[start_time, end_time]``, as Qlib's
     ``LocalExpressionProvider.expression`` would compute each (Qlib must be initialised)."""
     from qlib.config import C
@@ -152,7 +186,48 @@ def of_qlib(instruments: list, names: list, start_time, end_time, freq: str, siz
     return blocks(instruments, names, start, end, expression_of=ExpressionD.get_expression_instance,
                   extent_of=extent_of, read=feature_reader(C.dpm.get_data_uri(freq), freq),
                   by_qlib=lambda inst, name: ExpressionD.expression(inst, name, start_time, end_time, freq),
-                  size=size)
+                  size=size, checkpoint=checkpoint)
+
+
+def extend_blocks(saved: Checkpoint, end: int, *, expression_of: Callable, read: Callable,
+                  rows: int = 1024) -> Iterator[Block]:
+    """The rows of ``saved``'s fields that change when the data, which ended at calendar position ``saved.end``,
+    now end at ``end``: per block of ``saved`` (same instruments, in order), a :class:`Block` over
+    ``[first, end]`` (``first``: the first row a look-ahead or a new day changes; the rows before it are
+    unchanged), with its next checkpoint (``Checkpoint(saved.names, saved.start, end, [block.checkpoint ...])``).
+
+    Bit for bit what :func:`blocks` gives for ``[saved.start, end]`` on those rows. Raises :class:`Unsupported`
+    (before the first block) where the request must be computed again in full (see :mod:`.incremental`).
+    Consecutive blocks are computed together, up to ``rows`` instruments at once (the few rows an extension
+    computes make the work per operator small: fewer, larger blocks)."""
+    expressions = [expression_of(name) for name in saved.names]
+    plans, first = extend.extend(saved, end, expressions)
+    batches: list = [[]]
+    for saved_block in saved.blocks:
+        if batches[-1] and sum(len(b.instruments) for b in batches[-1]) + len(saved_block.instruments) > rows:
+            batches.append([])
+        batches[-1].append(saved_block)
+    for batch in batches:
+        if not batch:
+            continue
+        values, present, after = extend.extend_block(extend.merge(batch), plans, expressions, _MemoTail(read),
+                                                     saved.end, end, first)
+        row = 0
+        for saved_block in batch:
+            these = slice(row, row + len(saved_block.instruments))
+            row = these.stop
+            yield Block(list(saved_block.instruments), first, end, [v[these] for v in values],
+                        [p[these] for p in present], extend.split(after, these))
+
+
+def of_qlib_extend(saved: Checkpoint, freq: str) -> Iterator[Block]:
+    """:func:`extend_blocks` to the last day of Qlib's calendar (Qlib must be initialised on the new data)."""
+    from qlib.config import C
+    from qlib.data.data import Cal, ExpressionD
+
+    end = len(Cal.calendar(freq=freq)) - 1
+    return extend_blocks(saved, end, expression_of=ExpressionD.get_expression_instance,
+                         read=feature_reader(C.dpm.get_data_uri(freq), freq))
 
 
 def _subexpressions(expression) -> set:
@@ -198,17 +273,45 @@ def _by_qlib(chunk: list, name: str, start: int, end: int, by_qlib: Callable) ->
     return out, where
 
 
-def feature_reader(data_root: Path, freq: str) -> Callable[[str, str], Optional[np.ndarray]]:
-    """``read(instrument, field)`` of a Qlib data directory, as Qlib's file storage finds the file."""
-    from qlib.utils import code_to_fname
+class FeatureReader:
+    """``read(instrument, field)`` of a Qlib data directory, as Qlib's file storage finds the file: the raw
+    file (float32, its first value the start index), or None where there is none.
 
-    features = Path(data_root) / "features"
+    ``read.tail(instrument, field, since)`` reads only the values from calendar position ``since`` on:
+    ``(first, count, values)``, the file's start index and number of values, and its values from position
+    ``max(first, since)`` (what an extension reads)."""
 
-    def read(instrument: str, field: str) -> Optional[np.ndarray]:
-        path = features / code_to_fname(instrument).lower() / f"{field.lower()}.{freq.lower()}.bin"
+    def __init__(self, data_root: Path, freq: str):
+        self.features, self.freq = Path(data_root) / "features", freq.lower()
+
+    def path(self, instrument: str, field: str) -> str:
+        from qlib.utils import code_to_fname
+
+        return os.path.join(self.features, code_to_fname(instrument).lower(), f"{field.lower()}.{self.freq}.bin")
+
+    def __call__(self, instrument: str, field: str) -> Optional[np.ndarray]:
         try:
-            return np.fromfile(path, dtype="<f4")
+            return np.fromfile(self.path(instrument, field), dtype="<f4")
         except FileNotFoundError:
             return None
 
-    return read
+    def tail(self, instrument: str, field: str, since: int) -> Optional[tuple]:
+        try:
+            fd = os.open(self.path(instrument, field), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            head = os.pread(fd, 4, 0)
+            if len(head) < 4:
+                return 0, -1, np.zeros(0, dtype="<f4")
+            first = int(np.frombuffer(head, dtype="<f4")[0])
+            size = os.fstat(fd).st_size
+            offset = 4 * (1 + max(0, since - first))
+            return first, size // 4 - 1, np.frombuffer(os.pread(fd, max(0, size - offset), offset), dtype="<f4")
+        finally:
+            os.close(fd)
+
+
+def feature_reader(data_root: Path, freq: str) -> FeatureReader:
+    """``read(instrument, field)`` of a Qlib data directory (a :class:`FeatureReader`)."""
+    return FeatureReader(data_root, freq)

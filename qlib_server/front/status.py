@@ -23,7 +23,7 @@ from flask import Response, request
 from ..broker.base import dead_letter_queue, light_queue
 from ..errors import QlibServerError
 from ..metrics import samples
-from ..state import fleet
+from ..state import fleet, keys
 from . import guard
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,23 @@ class StatusPage:
                 processors.append({**row, "restarts": figures.get("qlib_server_processor_worker_restarts_total", 0.0)})
         return {"time": now, "node": own["id"], "queues": self.queues, "totals": totals, "fleet_error": fleet_error,
                 "handlers": sorted(handlers, key=lambda h: h["started"]),
-                "processors": sorted(processors, key=lambda p: p["started"])}
+                "processors": sorted(processors, key=lambda p: p["started"]), "refresh": self._refresh()}
+
+    def _refresh(self) -> dict:
+        """The last data refresh's extension of dataset caches (state, total, extended, failed, started,
+        finished: see ``worker.updater.extend_caches``), {} before the first one."""
+        try:
+            found = self.handler.registry.redis.hgetall(keys.REFRESH)
+        except redis.RedisError:
+            return {}
+        out: dict = {}
+        for key, value in found.items():
+            key, value = key.decode(), value.decode()
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+        return out
 
     def _events(self) -> Iterator[str]:
         yield f"retry: {int(INTERVAL * 1000)}\n\n"

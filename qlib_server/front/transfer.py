@@ -90,14 +90,17 @@ _layouts_lock = _os_lock()
 
 def layout(cache_path: Path) -> Layout:
     """The :class:`Layout` of the cache (kept for the 32 caches used last, by file size and mtime)."""
-    path = records.path_of(cache_path)
+    path = records.path_of(cache_path)  # the manifest: replaced (a new inode) whenever the cache changes
     st = path.stat()
     version = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
     with _layouts_lock:
         if version in _layouts:
             _layouts.move_to_end(version)
             return _layouts[version]
-    table = records.read(path)
+    try:
+        table = records.read(cache_path)
+    except FileNotFoundError:  # replaced between reading its manifest and mapping a segment: read the new one
+        table = records.read(cache_path)
     found = Layout(table, {column: i for i, column in enumerate(table.columns)}, OrderedDict(), _os_lock())
     with _layouts_lock:
         _layouts[version] = found
@@ -117,7 +120,9 @@ def _counts(where: Layout, start: int, stop: int) -> np.ndarray:
         return where.records.counts
     found = where.counts.get((start, stop))
     if found is None:
-        found = np.bincount(where.records.instrument[start:stop], minlength=len(where.records.codes))
+        found = np.zeros(len(where.records.codes), dtype=np.int64)
+        for segment, first, last in where.records.pieces(start, stop):
+            found += np.bincount(segment.instrument[first:last], minlength=len(found))
         with where.lock:
             where.counts[start, stop] = found
             while len(where.counts) > 64:
@@ -137,7 +142,7 @@ def _groups(where: Layout, columns: list[str], compression: str) -> list[tuple[l
 
 
 def _schema(where: Layout, groups: list, instruments: list, rows: int) -> pa.Schema:
-    fields = [pa.field("datetime", pa.from_numpy_dtype(where.records.datetime.dtype)),
+    fields = [pa.field("datetime", pa.from_numpy_dtype(np.dtype(f"M8[{where.records.unit}]"))),
               pa.field("instrument", pa.int32())]
     for i, (names, _) in enumerate(groups):
         fields.append(pa.field(f"block{i}", pa.list_(pa.float32(), len(names)), nullable=False,
@@ -145,11 +150,11 @@ def _schema(where: Layout, groups: list, instruments: list, rows: int) -> pa.Sch
     return pa.schema(fields, metadata={"rows": str(rows), "instruments": json.dumps(instruments)})
 
 
-def _batch(where: Layout, first: int, last: int, groups: list, wire: Optional[np.ndarray],
+def _batch(segment: records.Segment, first: int, last: int, groups: list, wire: Optional[np.ndarray],
            schema: pa.Schema) -> pa.RecordBatch:
-    codes = where.records.instrument[first:last]
-    arrays = [pa.array(where.records.datetime[first:last]), pa.array(codes if wire is None else wire[codes])]
-    values = where.records.values[first:last]
+    codes = segment.instrument[first:last]
+    arrays = [pa.array(segment.datetime[first:last]), pa.array(codes if wire is None else wire[codes])]
+    values = segment.values[first:last]
     for names, which in groups:
         part = values[:, which]
         if not part.flags.c_contiguous:
@@ -209,9 +214,10 @@ def stream(where: Layout, columns: list[str], start: int, stop: int, compression
     chunks = _Chunks()
     options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
     writer = pa.ipc.new_stream(pa.PythonFile(chunks, mode="w"), schema, options=options)
-    for first, last in _ranges(start, stop, rows):
-        writer.write_batch(_batch(where, first, last, groups, wire, schema))
-        yield from chunks.take()
+    for segment, first, last in where.records.pieces(start, stop):
+        for a, b in _ranges(first, last, rows):
+            writer.write_batch(_batch(segment, a, b, groups, wire, schema))
+            yield from chunks.take()
     writer.close()
     yield from chunks.take()
 

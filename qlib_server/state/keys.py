@@ -35,6 +35,8 @@ RESULT = f"{PREFIX}:result:"
 GENERATION = f"{PREFIX}:data-generation"
 #: digest of the data directory when the data processors last checked the caches against it
 DATA_DIGEST = f"{PREFIX}:data-digest"
+#: hash: the progress of the last refresh's extension of dataset caches (state, total, extended, failed, times)
+REFRESH = f"{PREFIX}:refresh"
 
 #: python-redis-lock name of the lock on one of Qlib's caches: this prefix, then Qlib's name for it
 QLIB_CACHE_LOCK = f"{PREFIX}:qlib-cache-lock:"

@@ -1,10 +1,16 @@
-"""The dataset cache as ``qlib_server.client`` reads it: one file of columns, mapped, not parsed.
+"""The dataset cache as ``qlib_server.client`` reads it: files of columns, mapped, not parsed.
 
-A worker writes ``<uri>.records`` beside Qlib's files of the same cache (:mod:`qlib_server.worker.datacache`);
-the front streams its rows (:mod:`qlib_server.front.transfer`). Qlib's HDF5 file is written only for the
-stock pyqlib client, which reads it from a shared mount; this one costs a copy of the values to write and
-nothing to read: the rows of a date range are one slice of each column. Layout, little-endian, each
-section starting on a multiple of :data:`ALIGN` bytes::
+A worker writes them beside Qlib's files of the same cache (:mod:`qlib_server.worker.datacache`); the front
+streams their rows (:mod:`qlib_server.front.transfer`). Qlib's HDF5 file is written only for the stock pyqlib
+client, which reads it from a shared mount; these cost a copy of the values to write and nothing to read: the
+rows of a date range are one slice of each column.
+
+``<uri>.records`` is a small JSON manifest listing the cache's *segments* in row order, each the first ``rows``
+rows of a segment file ``<uri>.records.<token>``: a cache computed in full is one segment; extending it by
+appended days (:mod:`qlib_server.worker.extension`) adds a segment of the rows that changed and trims the
+rows they replace from the one before, so that nothing already written is copied or changed. A manifest is
+replaced atomically: a reader sees the old cache or the new one. A segment file, little-endian, each section
+starting on a multiple of :data:`ALIGN` bytes::
 
     datetime    int64 x rows: each row's day
     instrument  int32 x rows: each row's instrument, a position in the footer's ``codes``
@@ -16,14 +22,14 @@ section starting on a multiple of :data:`ALIGN` bytes::
     8 bytes     the footer's length
     8 bytes     :data:`MAGIC`
 
-Rows are sorted by day, then instrument, as in Qlib's cache. The file is written under a temporary name and
-renamed into place when complete.
+Rows are sorted by day, then instrument, as in Qlib's cache.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,7 +37,7 @@ from typing import Optional
 import numpy as np
 
 SUFFIX = ".records"
-MAGIC = b"QSREC002"
+MAGIC = b"QSREC003"
 ALIGN = 64
 _TAIL = 16
 
@@ -61,21 +67,35 @@ def _sections(rows: int, columns: int) -> tuple[int, int, int, int]:
 
 
 @dataclass(frozen=True)
-class Records:
-    """A records file, mapped: ``datetime``, ``instrument`` and ``values`` (rows x columns), each day's rows
-    (``days``, ``ends``), the ``codes`` the instrument column points into and their ``counts``."""
+class Segment:
+    """The first ``len(instrument)`` rows of a segment file, mapped: ``datetime``, ``instrument``, ``values``
+    (rows x columns), each day's rows (``days``, ``ends``) and the rows of each code (``counts``)."""
 
     datetime: np.ndarray
     instrument: np.ndarray
     values: np.ndarray
     days: np.ndarray
     ends: np.ndarray
+    counts: np.ndarray
+
+
+@dataclass(frozen=True)
+class Records:
+    """A cache's segments, in row order (``offsets``: the first row of each), the ``columns`` of their values,
+    the ``codes`` their instrument columns point into, all the days (``days``, ``ends``) and ``counts``."""
+
+    segments: list
+    offsets: list
+    files: list  # the segment files' names (in the cache's directory)
     columns: list
     codes: list
+    unit: str
+    days: np.ndarray
+    ends: np.ndarray
     counts: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.instrument)
+        return int(self.ends[-1]) if len(self.ends) else 0
 
     def rows(self, start_time, end_time) -> tuple[int, int]:
         """Rows ``[start, stop)`` holding the days from ``start_time`` to ``end_time`` (None: open)."""
@@ -86,9 +106,47 @@ class Records:
             return 0, 0
         return (int(self.ends[first - 1]) if first else 0), int(self.ends[last - 1])
 
+    def pieces(self, start: int, stop: int):
+        """``(segment, first, last)`` of each segment holding part of rows ``[start, stop)``, in order."""
+        for segment, offset in zip(self.segments, self.offsets):
+            first, last = max(start, offset), min(stop, offset + len(segment.instrument))
+            if first < last:
+                yield segment, first - offset, last - offset
 
-def read(path: Path) -> Records:
-    """Map the records file at ``path`` (raises ``ValueError`` when it is not one, or not complete)."""
+
+    def take(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of rows ``[start, stop)``: their days, instruments and values."""
+        parts = [(s.datetime[a:b], s.instrument[a:b], s.values[a:b]) for s, a, b in self.pieces(start, stop)]
+        if not parts:
+            return (np.empty(0, f"<M8[{self.unit}]"), np.empty(0, "<i4"),
+                    np.empty((0, len(self.columns)), "<f4"))
+        datetime, instrument, values = (np.concatenate(column) for column in zip(*parts))
+        return datetime, instrument, values
+
+
+def read(cache_path: Path) -> Records:
+    """Map the segments of the cache at ``cache_path`` (``FileNotFoundError`` when it has none, ``ValueError``
+    when a file is not what it should be)."""
+    manifest = json.loads(path_of(cache_path).read_text())
+    segments, offsets, footer, at = [], [], None, 0
+    for entry in manifest["segments"]:
+        segment, footer = _segment(cache_path.parent / entry["file"], entry["rows"])
+        segments.append(segment)
+        offsets.append(at)
+        at += len(segment.instrument)
+    if footer is None:
+        raise ValueError(f"{cache_path.name}: a cache of no segment")
+    days = np.concatenate([s.days for s in segments])
+    ends = np.concatenate([s.ends + o for s, o in zip(segments, offsets)])
+    if len(days) > 1 and np.any(np.diff(days.view("<i8")) <= 0):
+        raise ValueError(f"{cache_path.name}: segments out of day order")
+    return Records(segments, offsets, [e["file"] for e in manifest["segments"]], footer["columns"], footer["codes"],
+                   footer["unit"], days, ends,
+                   np.sum([s.counts for s in segments], axis=0).astype(np.int64))
+
+
+def _segment(path: Path, used: int) -> tuple[Segment, dict]:
+    """The first ``used`` rows of the segment file at ``path`` (whole days), and its footer."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         if size < _TAIL:
@@ -100,24 +158,55 @@ def read(path: Path) -> Records:
         length = int.from_bytes(tail[:8], "little")
         f.seek(size - _TAIL - length)
         footer = json.loads(f.read(length))
-    rows, days, columns = footer["rows"], footer["days"], footer["columns"]
+    rows, days, columns, unit = footer["rows"], footer["days"], footer["columns"], footer["unit"]
+    if not 0 <= used <= rows:
+        raise ValueError(f"{path.name}: {used} rows used of {rows}")
     instrument_at, values_at, days_at, _ = _sections(rows, len(columns))
-    if rows:
-        whole = np.memmap(path, dtype=np.uint8, mode="r", shape=(days_at,))
-        datetime = whole[:8 * rows].view(f"<M8[{footer['unit']}]")
-        instrument = whole[instrument_at:instrument_at + 4 * rows].view("<i4")
-        values = whole[values_at:values_at + 4 * rows * len(columns)].view("<f4").reshape(rows, len(columns))
-    else:
-        datetime, instrument = np.empty(0, f"<M8[{footer['unit']}]"), np.empty(0, "<i4")
-        values = np.empty((0, len(columns)), "<f4")
     stamps = np.fromfile(path, dtype="<i8", count=2 * days, offset=days_at)
-    return Records(datetime, instrument, values, stamps[:days].view(f"M8[{footer['unit']}]"), stamps[days:],
-                   columns, footer["codes"], np.array(footer["counts"], dtype=np.int64))
+    kept = int(np.searchsorted(stamps[days:], used, side="right"))  # the days whose rows are all used
+    if kept and stamps[days + kept - 1] != used or not kept and used:
+        raise ValueError(f"{path.name}: {used} rows used, not whole days")
+    if used:
+        whole = np.memmap(path, dtype=np.uint8, mode="r", shape=(days_at,))
+        datetime = whole[:8 * used].view(f"<M8[{unit}]")
+        instrument = whole[instrument_at:instrument_at + 4 * used].view("<i4")
+        values = whole[values_at:values_at + 4 * used * len(columns)].view("<f4").reshape(used, len(columns))
+    else:
+        datetime, instrument = np.empty(0, f"<M8[{unit}]"), np.empty(0, "<i4")
+        values = np.empty((0, len(columns)), "<f4")
+    counts = (np.array(footer["counts"], dtype=np.int64) if used == rows
+              else np.bincount(instrument, minlength=len(footer["codes"])).astype(np.int64))
+    return Segment(datetime, instrument, values, stamps[:kept].view(f"M8[{unit}]"), stamps[days:days + kept],
+                   counts), footer
+
+
+def segment_path(cache_path: Path) -> Path:
+    """A new segment file's name for the cache."""
+    return cache_path.with_name(f"{cache_path.name}{SUFFIX}.{uuid.uuid4().hex[:12]}")
+
+
+def segment_files(cache_path: Path) -> list[Path]:
+    """Every segment file of the cache on disk (listed in its manifest or not)."""
+    return sorted(cache_path.parent.glob(f"{cache_path.name}{SUFFIX}.*"))
+
+
+def publish(cache_path: Path, segments: list[tuple[Path, int]]) -> None:
+    """Make ``segments`` (segment file, rows used) the cache's rows: replace its manifest atomically, then
+    delete the segment files it no longer lists (a transfer reading one keeps it until it is done)."""
+    target = path_of(cache_path)
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_text(json.dumps({"segments": [{"file": p.name, "rows": int(n)} for p, n in segments]}))
+    os.replace(temporary, target)
+    listed = {p.name for p, _ in segments}
+    for path in segment_files(cache_path):
+        if path.name not in listed and not path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
 
 
 class Writer:
-    """Writes a records file of ``rows`` rows from parts of consecutive days (:meth:`add`); :meth:`close`
-    completes it under its name, :meth:`abandon` leaves nothing."""
+    """Writes a segment file (:func:`segment_path`) of ``rows`` rows from parts of consecutive days
+    (:meth:`add`); :meth:`close` completes it under its name (:func:`publish` makes it the cache's),
+    :meth:`abandon` leaves nothing."""
 
     def __init__(self, path: Path, columns: list, codes: list, unit: str, rows: int):
         self.path = path
@@ -153,8 +242,12 @@ class Writer:
         _pwrite(self.fd, np.ascontiguousarray(which, dtype="<i4"), self.instrument_at + 4 * self.rows)
         _pwrite(self.fd, rows, self.values_at + 4 * len(self.columns) * self.rows)
         starts = np.flatnonzero(np.diff(stamps, prepend=stamps[0] - 1))
-        self.days.append(stamps[starts])
-        self.ends.append(self.rows + np.append(starts[1:], n))
+        days, ends = stamps[starts], self.rows + np.append(starts[1:], n)
+        if self.days and self.days[-1][-1] == days[0]:  # the part goes on with the last day of the one before
+            self.ends[-1][-1] = ends[0]
+            days, ends = days[1:], ends[1:]
+        self.days.append(days)
+        self.ends.append(ends)
         self.counts += np.bincount(which, minlength=len(self.codes))
         self.rows += n
 

@@ -22,6 +22,7 @@ from qlib.data.cache import DiskDatasetCache
 from . import records
 
 SOURCES = ".sources"
+DIGESTS = ".digests"
 
 
 def stat_of(path: Path) -> Optional[list]:
@@ -41,23 +42,53 @@ def sources_path(cache_path: Path) -> Path:
 RECORDS, HDF5 = "records", "hdf5"
 
 
-def write_sources(cache_path: Path, sources: dict, forms: tuple = (RECORDS, HDF5)) -> None:
-    """Write the record of a cache's sources and of the ``forms`` written, atomically (a temporary file
-    renamed into place)."""
-    target = sources_path(cache_path)
+def digests_path(cache_path: Path) -> Path:
+    return cache_path.with_suffix(DIGESTS)
+
+
+def write_sources(cache_path: Path, sources: dict, forms: tuple = (RECORDS, HDF5),
+                  digests: Optional[dict] = None, request: Optional[dict] = None) -> None:
+    """Write the record of a cache's sources and of the ``forms`` written, atomically (a temporary file renamed
+    into place); before it, the ``digests`` of the sources when taken (what tells a later append of days from
+    a rewrite) and the ``request`` computed (what a refresh extends): a file of their own, which requests never
+    read."""
+    if digests is not None:
+        _replace(digests_path(cache_path), {"digests": digests, **({"request": request} if request else {})})
+    _replace(sources_path(cache_path), {"files": sources, "forms": list(forms)})
+
+
+def _replace(target: Path, content: dict) -> None:
     temporary = target.with_name(target.name + ".tmp")
-    temporary.write_text(json.dumps({"files": sources, "forms": list(forms)}, separators=(",", ":")))
+    temporary.write_text(json.dumps(content, separators=(",", ":")))
     os.replace(temporary, target)
+
+
+def read_record(cache_path: Path) -> Optional[dict]:
+    """The record of a cache's sources (``files``, ``forms``), None when there is none."""
+    try:
+        record = json.loads(sources_path(cache_path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
+
+
+def read_digests(cache_path: Path, what: str = "digests") -> Optional[dict]:
+    """The digests of a cache's sources taken when it was computed (or, ``what="request"``, the request it was
+    computed for: ``instruments``, ``fields``, ``freq``), None when there are none."""
+    try:
+        found = json.loads(digests_path(cache_path).read_text())[what]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def is_current(cache_path: Path, stat: Callable[[Path], Optional[list]] = stat_of, form: str = HDF5) -> bool:
     """Whether the cache's ``form`` is complete (its files and the record of its sources, which names it) and
     computed from the data on disk now (every recorded stat still holds)."""
-    try:
-        record = json.loads(sources_path(cache_path).read_text())
-        files, forms = record["files"], record.get("forms", [HDF5])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    record = read_record(cache_path)
+    if record is None:
         return False
+    files, forms = record["files"], record.get("forms", [HDF5])
     if form not in forms:
         return False
     complete = (DiskDatasetCache.check_cache_exists(cache_path) if form == HDF5

@@ -23,7 +23,7 @@ import pickle
 import re
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +35,8 @@ from qlib.utils import code_to_fname, remove_fields_space
 
 from ..inst_processors import build, dataset_uri
 from ..state import keys, records
-from ..state.sources import HDF5, RECORDS, is_current, sources_path, stat_of, write_sources
-from . import dataset, storage
+from ..state.sources import HDF5, RECORDS, digests_path, is_current, read_record, sources_path, stat_of, write_sources
+from . import changes, dataset, extension, storage
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,12 @@ def cache_sources(root: Path, instruments, fields: Iterable[str], freq: str) -> 
 def clear(cache_path: Path) -> None:
     """Delete a cache: the record of its sources first, so that what is left never reads as complete."""
     target = sources_path(cache_path)
-    kept = records.path_of(cache_path)
+    kept, digests = records.path_of(cache_path), digests_path(cache_path)
     for path in (target, cache_path, cache_path.with_suffix(".meta"), cache_path.with_suffix(".index"),
                  cache_path.with_suffix(".data"), target.with_name(target.name + ".tmp"), kept,
-                 kept.with_name(kept.name + ".tmp")):
+                 kept.with_name(kept.name + ".tmp"), digests, digests.with_name(digests.name + ".tmp"),
+                 cache_path.with_suffix(".checkpoint"), cache_path.with_suffix(".checkpoint.tmp"),
+                 *records.segment_files(cache_path)):
         path.unlink(missing_ok=True)
 
 
@@ -186,9 +188,10 @@ def write_table(cache_path: Path, pieces: Iterable[pd.DataFrame], instruments, f
 
 
 def drop_stale(directory: Path, redis_client) -> dict:
-    """Delete every dataset cache in ``directory`` that is not current, each under its lock (so none is
-    deleted while a worker writes it); return how many were kept and dropped."""
-    counts = {"kept": 0, "dropped": 0}
+    """Delete every dataset cache in ``directory`` that is not current and cannot be extended (the data changed
+    otherwise than by appended days: :func:`extension.extendable`), each under its lock (so none is deleted
+    while a worker writes it); return how many were kept and dropped, and the caches to extend."""
+    counts: dict = {"kept": 0, "dropped": 0, "to_extend": []}
     uris = sorted({p.name.split(".")[0] for p in directory.iterdir()}) if directory.is_dir() else []
     stat = functools.cache(stat_of)  # caches share their sources: stat each file once
     for uri in uris:
@@ -197,7 +200,11 @@ def drop_stale(directory: Path, redis_client) -> dict:
             counts["kept"] += 1
             continue
         with cache_lock(redis_client, lock_name(path)):
-            if not is_current(path, form=RECORDS):  # a worker may have just completed it
+            if is_current(path, form=RECORDS):  # a worker may have just completed it
+                counts["kept"] += 1
+            elif extension.extendable(path):
+                counts["to_extend"].append(path)
+            else:
                 clear(path)
                 counts["dropped"] += 1
     return counts
@@ -229,7 +236,8 @@ def with_timestamps(instruments):
 
 def write_records(cache_path: Path, rows: dataset.CacheRows) -> None:
     """Write the records file of a cache (see :mod:`qlib_server.state.records`)."""
-    writer = records.Writer(records.path_of(cache_path), rows.columns, rows.codes, rows.unit, rows.rows)
+    segment = records.segment_path(cache_path)
+    writer = records.Writer(segment, rows.columns, rows.codes, rows.unit, rows.rows)
     try:
         for part in rows.parts():
             writer.add(*part)
@@ -237,6 +245,74 @@ def write_records(cache_path: Path, rows: dataset.CacheRows) -> None:
         writer.abandon()
         raise
     writer.close()
+    records.publish(cache_path, [(segment, rows.rows)])
+
+
+def record_frames(table: records.Records) -> Iterator[pd.DataFrame]:
+    """A records file as the pieces of consecutive whole days that :func:`write_table` writes."""
+    codes = np.array(table.codes, dtype=object)
+    width = max([len(c) for c in table.codes] + [1])
+    target = max(1, dataset.CHUNK_BYTES // (4 * max(1, len(table.columns))))
+    first = 0
+    for last in table.ends.tolist():
+        if last - first < target and last < len(table):
+            continue  # a piece ends with a day
+        datetime, instrument, values = table.take(first, last)
+        index = pd.MultiIndex.from_arrays([pd.DatetimeIndex(datetime), codes[instrument]],
+                                          names=["datetime", "instrument"])
+        piece = pd.DataFrame(values, index=index, columns=list(table.columns), copy=False)
+        piece.attrs[dataset.CODE_WIDTH] = width
+        yield piece
+        first = last
+
+
+def add_hdf5(cache_path: Path, instruments, freq: str) -> None:
+    """Add Qlib's HDF5 form to a cache current in its records form only (computed for ``qlib_server.client``,
+    or extended since), from its records: the stock client then reads what was computed, nothing computed
+    again. The caller holds the cache's lock."""
+    from qlib.data.data import Cal
+
+    record = read_record(cache_path)
+    assert record is not None, "add_hdf5 of a cache with no record"
+    table = records.read(cache_path)
+    H.clear()
+    last_update = str(Cal.calendar(freq=freq)[-1])
+    if not write_table(cache_path, record_frames(table), instruments, freq, last_update):
+        write_empty(cache_path, instruments, table.columns, freq, last_update)
+    write_sources(cache_path, record["files"], (RECORDS, HDF5))
+
+
+def compute_cache(cache_path: Path, provider, instruments, fields, freq: str, inst_processors=(),
+                  hdf5: bool = True, window: tuple = (None, None)) -> None:
+    """Compute a dataset cache over the whole calendar: the sources recorded (stats, then digests) before computing
+    and written last, the records always written, with the engine's checkpoint (what extends the cache when days
+    are appended, :mod:`.extension`), Qlib's HDF5 files with ``hdf5`` (a stock client needs them), each in one
+    pass, and an empty result written as a cache of no rows. The caller holds the cache's lock. With
+    ``inst_processors`` (checked, in their wire form: :mod:`qlib_server.inst_processors`, built here) Qlib computes
+    it over the ``window`` (start, end), whose frame the processors see; such a cache is never extended."""
+    from qlib.data.data import Cal
+
+    from .extension import save_checkpoint
+
+    clear(cache_path)
+    root = cache_path.parent.parent
+    sources = cache_sources(root, instruments, fields, freq)
+    digests = changes.digests(root, sources)  # after the stats: a change made meanwhile shows later
+    H.clear()  # compute from the files just recorded, not from calendars and features held in memory
+    storage.forget()
+    calendar = Cal.calendar(freq=freq)
+    first, last = window if inst_processors else (calendar[0], calendar[-1])
+    rows = dataset.cache_rows(provider, with_timestamps(instruments), fields, first, last, freq,
+                              build(inst_processors), scratch=cache_path.parent)
+    write_records(cache_path, rows)
+    save_checkpoint(cache_path, rows.checkpoint)
+    forms: tuple = (RECORDS,)
+    if hdf5:
+        if not write_table(cache_path, rows.frames(), instruments, freq, str(calendar[-1]), inst_processors):
+            write_empty(cache_path, instruments, fields, freq, str(calendar[-1]))
+        forms = (RECORDS, HDF5)
+    request = None if inst_processors else {"instruments": instruments, "fields": list(fields), "freq": freq}
+    write_sources(cache_path, sources, forms, digests, request)
 
 
 class ServerDatasetCache(DiskDatasetCache):
@@ -264,32 +340,19 @@ class ServerDatasetCache(DiskDatasetCache):
         window = (start_time, end_time) if inst_processors else (None, None)
         if not is_current(path, form=form):
             with CacheUtils.writer_lock(self.r, lock_name(path)):
-                if not is_current(path, form=form):  # another worker may have computed it meanwhile
+                if is_current(path, form=form):  # another worker computed it meanwhile
+                    pass
+                elif form == HDF5 and is_current(path, form=RECORDS):  # streamed so far: Qlib's files from it
+                    add_hdf5(path, instruments, freq)
+                elif not inst_processors and extension.try_extend(path, instruments, fields, freq):  # days appended
+                    if form == HDF5:
+                        add_hdf5(path, instruments, freq)
+                else:
                     self.gen_dataset_cache(path, instruments, fields, freq, inst_processors, window)
         return uri
 
     def gen_dataset_cache(self, cache_path, instruments, fields, freq, inst_processors=None, window=(None, None)):
-        """Qlib's generation, with the sources recorded before computing and written last, the records file
-        always written and Qlib's HDF5 files where a stock client needs them (:func:`records_only`), each in
-        one pass, and an empty result written as a cache of no rows. Unlike Qlib's it returns no frame: the
-        server only asks for a cache's uri (``_dataset_uri``). Over the whole calendar, or the ``window``
-        (start, end) with ``inst_processors``, which are built here from their wire form and given to Qlib."""
-        inst_processors = [] if inst_processors is None else inst_processors  # Qlib's default, not shared
-        from qlib.data.data import Cal
-
-        cache_path = Path(cache_path)
-        self.clear_cache(cache_path)
-        sources = cache_sources(cache_path.parent.parent, instruments, fields, freq)
-        H.clear()  # compute from the files just recorded, not from calendars and features held in memory
-        storage.forget()
-        calendar = Cal.calendar(freq=freq)
-        first, last = window if inst_processors else (calendar[0], calendar[-1])
-        rows = dataset.cache_rows(self.provider, with_timestamps(instruments), fields, first, last, freq,
-                                  build(inst_processors), scratch=cache_path.parent)
-        write_records(cache_path, rows)
-        forms: tuple = (RECORDS,)
-        if _HDF5_WANTED.get():
-            if not write_table(cache_path, rows.frames(), instruments, freq, str(calendar[-1]), inst_processors):
-                write_empty(cache_path, instruments, fields, freq, str(calendar[-1]))
-            forms = (RECORDS, HDF5)
-        write_sources(cache_path, sources, forms)
+        """Qlib's generation, as :func:`compute_cache` does it (over the ``window`` with ``inst_processors``).
+        Unlike Qlib's it returns no frame: the server only asks for a cache's uri (``_dataset_uri``)."""
+        compute_cache(Path(cache_path), self.provider, instruments, fields, freq, inst_processors or [],
+                      hdf5=_HDF5_WANTED.get(), window=window)

@@ -41,6 +41,7 @@ class Computed:
     start: int
     rows: np.ndarray
     dense: np.ndarray
+    checkpoint: object = None  # the engine's checkpoint (``engine.checkpoint.Checkpoint``), when asked for
 
     def by_instrument(self, column_names: list) -> pd.DataFrame:
         """Qlib's ``dataset`` frame: rows by instrument then day, the requested columns in their order."""
@@ -71,8 +72,9 @@ class Computed:
             if len(day):
                 width = last - first
                 taken = which * width + day  # positions in each field's (instruments, days) piece
-                if not reuse or buffer.shape[1] < len(day):
-                    buffer = np.empty((len(self.names), max(len(day), target if reuse else 0)), dtype=np.float32)
+                if not reuse or buffer.shape[1] < len(day):  # sized for the largest part to come, at most
+                    size = max(len(day), min(target, int(per_day[first:].sum()))) if reuse else len(day)
+                    buffer = np.empty((len(self.names), size), dtype=np.float32)
                 data = buffer[:, :len(day)]
                 for k in range(len(self.names)):
                     np.take(np.ascontiguousarray(self.dense[k, :, first:last]).reshape(-1), taken, out=data[k])
@@ -102,17 +104,21 @@ class CacheRows:
     rows: int
     parts: Callable[[], Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]]  # each valid until the next
     frames: Callable[[], Iterator[pd.DataFrame]]
+    checkpoint: object = None  # what extends the cache when days are appended (the engine's), if anything
 
 
 def cache_rows(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=(),
                scratch: Optional[Path] = None) -> CacheRows:
-    """The feature set of a dataset cache, computed by the engine (by Qlib where it must be)."""
+    """The feature set of a dataset cache, computed by the engine (by Qlib where it must be), with the engine's
+    checkpoint for a later extension."""
     from qlib.utils import normalize_cache_fields
 
-    computed = compute(provider, instruments, fields, start_time, end_time, freq, inst_processors, scratch)
+    computed = compute(provider, instruments, fields, start_time, end_time, freq, inst_processors, scratch,
+                       checkpoint=True)
     if computed is not None:
         return CacheRows(computed.names, computed.codes, np.datetime_data(computed.times.dtype)[0],
-                         int(computed.rows.sum()), functools.partial(computed.date_parts, reuse=True), computed.by_date)
+                         int(computed.rows.sum()), functools.partial(computed.date_parts, reuse=True), computed.by_date,
+                         computed.checkpoint)
     frame = cache_layout(provider.dataset(instruments, fields, start_time, end_time, freq,
                                           inst_processors=list(inst_processors)))
     other = [(c, t) for c, t in frame.dtypes.items() if t != np.float32] if inst_processors else []
@@ -132,7 +138,7 @@ def cache_rows(provider, instruments, fields, start_time, end_time, freq: str, i
 
 
 def compute(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=(),
-            scratch: Optional[Path] = None) -> Optional[Computed]:
+            scratch: Optional[Path] = None, checkpoint: bool = False) -> Optional[Computed]:
     """The feature set computed by the engine, or None where Qlib must compute it (``inst_processors``, an
     expression cache, a provider that does not align to the calendar, a field Qlib left in another dtype, no
     rows at all). A set over :data:`IN_MEMORY_BYTES` is held in a file under ``scratch`` (deleted at once,
@@ -141,6 +147,7 @@ def compute(provider, instruments, fields, start_time, end_time, freq: str, inst
     from qlib.utils import normalize_cache_fields
 
     from ..engine import features
+    from ..engine.checkpoint import Checkpoint
     from ..engine.values import Unsupported
 
     window = Cal.calendar(start_time, end_time, freq)
@@ -155,8 +162,10 @@ def compute(provider, instruments, fields, start_time, end_time, freq: str, inst
     rows = np.zeros((len(codes), len(window)), dtype=bool)  # where a row exists: any field has an entry there
     dense = _dense((len(names), len(codes), len(window)), scratch)
     first = start = 0
+    saved = []
     try:
-        for block in features.of_qlib(codes, names, window[0], window[-1], freq):
+        for block in features.of_qlib(codes, names, window[0], window[-1], freq, checkpoint=checkpoint):
+            saved.append(block.checkpoint)
             start = block.start  # the window's first calendar position
             n = len(block.instruments)
             mine = rows[first:first + n]
@@ -172,7 +181,8 @@ def compute(provider, instruments, fields, start_time, end_time, freq: str, inst
         return None
     if not rows.any():
         return None  # Qlib's own empty frame (it evaluates the expressions again: they gave no rows)
-    return Computed(codes, list(names), times, start, rows, dense)
+    kept = Checkpoint(list(names), start, start + len(window) - 1, saved) if checkpoint else None
+    return Computed(codes, list(names), times, start, rows, dense, kept)
 
 
 def _dense(shape: tuple, scratch: Optional[Path]) -> np.ndarray:

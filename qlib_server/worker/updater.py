@@ -18,7 +18,9 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -50,9 +52,12 @@ def data_digest(provider_uri: str) -> str:
     return hashlib.sha256(repr(data_stamp(provider_uri)).encode()).hexdigest()
 
 
-def refresh(cfg: ServerConfig, redis_client=None, force: bool = True) -> dict:
-    """Delete the dataset caches not computed from the data on disk now; then, if the data differs from
-    the last refresh's (or ``force``), drop Qlib's expression cache and invalidate every cached answer."""
+def refresh(cfg: ServerConfig, redis_client=None, force: bool = True, progress: Callable | None = None) -> dict:
+    """Delete the dataset caches not computed from the data on disk now, except those that only miss appended
+    days; then, if the data differs from the last refresh's (or ``force``), drop Qlib's expression cache and
+    invalidate every cached answer; then extend the caches that miss appended days (:mod:`.extension`), the
+    last computed first, so that the first requests after a daily update find them current. The progress is
+    kept in Redis (``keys.REFRESH``, on the status page) and passed to ``progress(done, total)``."""
     import redis
 
     from ..state import keys
@@ -64,21 +69,68 @@ def refresh(cfg: ServerConfig, redis_client=None, force: bool = True) -> dict:
     root = Path(cfg.provider_uri).expanduser().resolve()  # as Qlib names its cache locks
     digest = data_digest(str(root))  # before the caches: a change from now on shows at the next refresh
     counts = datacache.drop_stale(root / cfg.dataset_cache_dir_name, client)
+    to_extend = counts.pop("to_extend")
     previous = client.set(keys.DATA_DIGEST, digest, get=True)
     if force or previous not in (digest, digest.encode()):
         shutil.rmtree(root / cfg.features_cache_dir_name, ignore_errors=True)
         counts["generation"] = ResultCache(client, ttl=1).bump_generation()
+    counts.update(extend_caches(cfg, client, to_extend, progress) if to_extend else {})
     log.info("data refreshed: %s", counts)
     return counts
 
 
-def refresh_main(cfg_values: dict, force: bool = True) -> None:
-    """Process entry point: refresh (see :func:`refresh`)."""
+def extend_caches(cfg: ServerConfig, client, paths: list, progress: Callable | None = None) -> dict:
+    """Extend each dataset cache of ``paths`` under its lock (one a worker brought up to date meanwhile is left
+    as it is; one that cannot be extended after all is deleted, to be computed at its next request)."""
+    from ..state import keys, records
+    from ..state.sources import RECORDS, is_current
+    from . import compute, datacache, extension
+
+    compute.init_qlib(cfg)
+    paths = sorted(paths, key=lambda p: -_mtime(records.path_of(p)))  # the last computed first
+    started = time.time()
+    counts = {"extended": 0, "failed": 0}
+    client.hset(keys.REFRESH, mapping={"state": "extending", "total": len(paths), "extended": 0, "failed": 0,
+                                       "started": started, "finished": 0})
+    for done, path in enumerate(paths, 1):
+        with datacache.cache_lock(client, datacache.lock_name(path)):
+            if not is_current(path, form=RECORDS):
+                if extension.extend_cache(path):
+                    counts["extended"] += 1
+                else:
+                    datacache.clear(path)
+                    counts["failed"] += 1
+        client.hset(keys.REFRESH, mapping=counts)
+        if progress is not None:
+            progress(done, len(paths))
+    client.hset(keys.REFRESH, mapping={"state": "done", "finished": time.time()})
+    log.info("extended %d dataset caches in %.1f s (%d computed again at their next request)", counts["extended"],
+             time.time() - started, counts["failed"])
+    return counts
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def refresh_main(cfg_values: dict, force: bool = True, show_progress: bool = False) -> None:
+    """Process entry point: refresh (see :func:`refresh`); with ``show_progress``, a progress bar on stderr."""
     from ..log import setup_logging
 
     cfg = ServerConfig(**cfg_values)
     setup_logging(cfg)
-    refresh(cfg, force=force)
+    counts = refresh(cfg, force=force, progress=_bar if show_progress else None)
+    if show_progress:
+        print(f"\ncaches: {counts}", file=sys.stderr)
+
+
+def _bar(done: int, total: int) -> None:
+    filled = 30 * done // max(1, total)
+    print(f"\rextending dataset caches [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="",
+          file=sys.stderr, flush=True)
 
 
 class DataWatcher(threading.Thread):

@@ -43,7 +43,9 @@ def make_cache(root, uri, instruments, fields=FIELDS):
 
 def write_no_records(path, fields):
     """The records form of a cache of no rows (the form ``qlib_server.client`` streams)."""
-    records.Writer(records.path_of(path), sorted({f.replace(" ", "") for f in fields}), [], "ns", 0).close()
+    segment = records.segment_path(path)
+    records.Writer(segment, sorted({f.replace(" ", "") for f in fields}), [], "ns", 0).close()
+    records.publish(path, [(segment, 0)])
 
 
 def touch_later(path):
@@ -186,4 +188,4 @@ def test_a_refresh_waits_for_the_worker_writing_a_cache_and_keeps_it_once_comple
     finished.start()
     counts = datacache.drop_stale(path.parent, client)
     finished.join()
-    assert counts == {"kept": 0, "dropped": 0} and is_current(path)
+    assert counts == {"kept": 1, "dropped": 0, "to_extend": []} and is_current(path)

@@ -113,15 +113,46 @@ def test_the_records_file_of_a_cache_holds_qlibs_frame_row_for_row(provider, mon
         monkeypatch.setattr(dataset, "compute", lambda *a, **k: None)
     datacache.write_records(tmp_path / "c", dataset.cache_rows(provider, market, FIELDS, calendar[0], calendar[-1],
                                                                "day"))
-    table = records.read(records.path_of(tmp_path / "c"))
-    codes = np.array(table.codes, dtype=object)[table.instrument]
-    index = pd.MultiIndex.from_arrays([pd.DatetimeIndex(table.datetime), codes], names=["datetime", "instrument"])
-    ours = pd.DataFrame(np.array(table.values), index=index, columns=table.columns)
+    table = records.read(tmp_path / "c")
+    datetime, instrument, values = table.take(0, len(table))
+    codes = np.array(table.codes, dtype=object)[instrument]
+    index = pd.MultiIndex.from_arrays([pd.DatetimeIndex(datetime), codes], names=["datetime", "instrument"])
+    ours = pd.DataFrame(values, index=index, columns=table.columns)
     assert_same_frame(ours, theirs)
     counts = theirs.groupby(level="instrument").size()
     assert [[c, n] for c, n in zip(table.codes, table.counts.tolist())] == [[c, int(n)] for c, n in counts.items()]
     first, stop = table.rows(calendar[10], calendar[20])
     assert (first, stop) == (len(theirs.loc[:calendar[9]]), len(theirs.loc[:calendar[20]]))
+
+
+def test_qlibs_hdf5_files_written_from_a_records_file_read_as_qlib_computed_them(provider, monkeypatch, tmp_path):
+    """A cache computed for qlib_server.client (records only) gets Qlib's HDF5 form, for a stock client, from its
+    records: nothing computed again, and Qlib's reader reads what local Qlib computes."""
+    from qlib.data.cache import DiskDatasetCache, H
+    from qlib.data.data import Cal
+
+    from qlib_server.state.sources import HDF5, RECORDS, is_current, write_sources
+    from qlib_server.worker import datacache
+
+    calendar = Cal.calendar(freq="day")
+    market = {"market": "csi300", "filter_pipe": []}
+    H.clear()
+    theirs = provider.dataset(market, FIELDS, calendar[0], calendar[-1], "day")
+    H.clear()
+    path = tmp_path / "dataset_cache" / "c"
+    path.parent.mkdir()
+    datacache.write_records(path, dataset.cache_rows(provider, market, FIELDS, calendar[0], calendar[-1], "day"))
+    write_sources(path, {}, (RECORDS,))
+    assert is_current(path, form=RECORDS) and not is_current(path, form=HDF5)
+    monkeypatch.setattr(dataset, "CHUNK_BYTES", 4 * len(set(FIELDS)) * 100)  # several pieces of whole days
+    monkeypatch.setattr(dataset, "compute", lambda *a, **k: pytest.fail("computed again"))
+    datacache.add_hdf5(path, market, "day")
+    assert is_current(path, form=HDF5) and is_current(path, form=RECORDS)
+    reference = tmp_path / "qlib"  # Qlib's frame in Qlib's cache layout
+    datacache.write_table(reference, [dataset.cache_layout(theirs)], market, "day", str(calendar[-1]))
+    for window in [(None, None), (calendar[10], calendar[50])]:
+        pdt.assert_frame_equal(DiskDatasetCache.read_data_from_cache(path, *window, FIELDS),
+                               DiskDatasetCache.read_data_from_cache(reference, *window, FIELDS), check_exact=True)
 
 
 def test_a_set_larger_than_memory_allows_is_computed_in_a_scratch_file_that_leaves_nothing(provider, monkeypatch,

@@ -29,7 +29,7 @@ def closed_after():
 
 
 def write_cache(path, codes=("SH600000", "SZ000001", "SH6"), days=40, fields=FIELDS, frame=None,
-                dates_unit="us") -> None:
+                dates_unit="us", segments=1) -> None:
     """A cache in Qlib's layout (sorted by date, then instrument), as a processor writes it."""
     dates = pd.bdate_range("2019-01-01", periods=days).as_unit(dates_unit)
     index = pd.MultiIndex.from_product([dates, sorted(codes)], names=["datetime", "instrument"])
@@ -46,10 +46,26 @@ def write_cache(path, codes=("SH600000", "SZ000001", "SH6"), days=40, fields=FIE
                           "end": np.arange(1, days + 1, dtype=np.int32) * len(codes)}, index=dates)
     spans.to_hdf(path.with_suffix(".index"), key="df", mode="w", format="table")
     path.with_suffix(".meta").write_bytes(pickle.dumps({"info": {"fields": list(frame.columns)}}))
-    writer = records.Writer(records.path_of(path), list(frame.columns), sorted(codes), dates_unit, len(frame))
     which = pd.factorize(frame.index.get_level_values("instrument"), sort=True)[0]
-    writer.add(frame.index.get_level_values("datetime").to_numpy(), which, frame.to_numpy(np.float32).T)
-    writer.close()
+    write_segments(path, frame.index.get_level_values("datetime").to_numpy(), which, frame.to_numpy(np.float32),
+                   list(frame.columns), sorted(codes), dates_unit, segments)
+
+
+def write_segments(path, datetimes, which, values, columns, codes, unit, segments=1):
+    """The cache's records in ``segments`` segments (cut at day boundaries), as extensions leave them; each segment
+    file holds one extra day that the next segment replaces (its rows used stop before it)."""
+    days = np.unique(datetimes)
+    cuts = [0] + [int(np.searchsorted(datetimes, days[len(days) * k // segments])) for k in range(1, segments)]
+    cuts.append(len(which))
+    listed = []
+    for first, stop in zip(cuts, cuts[1:]):
+        last = stop if stop == len(which) else int(np.searchsorted(datetimes, datetimes[stop], side="right"))
+        segment = records.segment_path(path)
+        writer = records.Writer(segment, columns, codes, unit, last - first)
+        writer.add(datetimes[first:last], which[first:last], values[first:last].T)
+        writer.close()
+        listed.append((segment, stop - first))
+    records.publish(path, listed)
 
 
 def served(path, fields, start, end, compression="lz4", unit=None) -> tuple[pd.DataFrame, bytes]:
@@ -195,17 +211,19 @@ def test_request_ids_are_short_strings_or_none():
     assert request_id("junk") is None and request_id({"head": "junk"}) is None
 
 
+@pytest.mark.parametrize("segments", [1, 3], ids=["one segment", "three segments"])
 @pytest.mark.parametrize("compression", ["none", "lz4"])
-def test_every_column_of_a_cache_asked_in_another_order_reads_as_qlib_reads_it(tmp_path, compression):
+def test_every_column_of_a_cache_asked_in_another_order_reads_as_qlib_reads_it(tmp_path, compression, segments):
     """Uncompressed, all of a cache's columns travel as one group in the file's order (no copy on the server)
     and the client puts them in the requested order; compressed, in groups of the requested order."""
     path = tmp_path / "abc"
     wide = [f"Mean($close,{n})" for n in range(2, 2 + transfer.GROUP_COLUMNS + 5)]
     rng = np.random.default_rng(2)
     frame = pd.DataFrame({f: rng.normal(size=30 * 4).astype(np.float32) for f in sorted(wide)})
-    write_cache(path, codes=("SZ3", "SH1", "SH2", "SZ0"), days=30, frame=frame)
+    write_cache(path, codes=("SZ3", "SH1", "SH2", "SZ0"), days=30, frame=frame, segments=segments)
+    assert len(transfer.layout(path).records.segments) == segments
     asked = [wide[3], *wide[::-1]]  # a repeated field, and an order that is not the file's
-    for window in [(None, None), ("2019-01-08", "2019-01-31")]:
+    for window in [(None, None), ("2019-01-08", "2019-01-31"), ("2019-01-21", "2019-01-28")]:
         got, data = served(path, asked, *window, compression=compression)
         pdt.assert_frame_equal(got, DiskDatasetCache.read_data_from_cache(path, *window, asked))
         groups = len(pa.ipc.open_stream(io.BytesIO(data)).schema) - 2

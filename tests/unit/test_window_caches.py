@@ -57,10 +57,11 @@ def request_args(body: dict, allowed: tuple = ()) -> dict:
 
 def cached_frame(path) -> pd.DataFrame:
     """The records file as Qlib's frame: by instrument, then date; the requested columns."""
-    table = records.read(records.path_of(path))
-    codes = np.array(table.codes, dtype=object)[table.instrument]
-    index = pd.MultiIndex.from_arrays([codes, pd.DatetimeIndex(table.datetime)], names=["instrument", "datetime"])
-    frame = pd.DataFrame(np.array(table.values), index=index, columns=table.columns).sort_index()
+    table = records.read(path)
+    datetime, instrument, values = table.take(0, len(table))
+    codes = np.array(table.codes, dtype=object)[instrument]
+    index = pd.MultiIndex.from_arrays([codes, pd.DatetimeIndex(datetime)], names=["instrument", "datetime"])
+    frame = pd.DataFrame(values, index=index, columns=table.columns).sort_index()
     return frame[[f.replace(" ", "") for f in FIELDS]].set_axis(FIELDS, axis=1)
 
 
@@ -110,7 +111,7 @@ def test_inst_processors_see_the_window_so_another_window_is_another_cache(worke
     expected = worker.dataset({"market": "all", "filter_pipe": []}, FIELDS, "2018-03-01", END, "day",
                               inst_processors=[TIME_RANGE])
     assert expected.empty
-    assert len(records.read(records.path_of(data / "dataset_cache" / dataset_uri(later)))) == 0
+    assert len(records.read(data / "dataset_cache" / dataset_uri(later))) == 0
 
 
 def test_a_stock_clients_request_with_spans_gets_qlibs_hdf5_cache_too(worker, data):

@@ -1,16 +1,16 @@
-"""A worker loads every kernel when it starts, not on a request."""
+"""A worker loads every kernel when it starts, not on a request (the resumable ones of the daily update too)."""
 
 import numba
 
 from qlib_server import engine
 from qlib_server.engine import kernels  # noqa: F401
-from qlib_server.engine.kernels import ewm, moments, pairs, qlib_windows, regression, windows
+from qlib_server.engine.kernels import ewm, moments, pairs, qlib_windows, regression, resumable, windows
 
 
 def test_warming_up_compiles_every_kernel_the_evaluator_calls(qlib_data):
     engine.warm()
-    modules = (windows, moments, ewm, pairs, qlib_windows, regression)
-    entry = ("rolling_", "expanding_", "ewm_")
+    modules = (windows, moments, ewm, pairs, qlib_windows, regression, resumable)
+    entry = ("rolling_", "expanding_", "ewm_", "resume_")
     dispatchers = {f"{m.__name__}.{name}": f for m in modules for name, f in vars(m).items()
                    if isinstance(f, numba.core.registry.CPUDispatcher) and name.startswith(entry)}
     assert dispatchers

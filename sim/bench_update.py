@@ -1,0 +1,166 @@
+"""The daily update measured: a trading day appended under a server holding Alpha158's dataset cache.
+
+    python -m sim.bench_update [--instruments 300] [--days 2500]
+
+Two parts, on the same generated data, in one run:
+
+1. The worker's part, in this process (the code a worker runs, timed alone): the cache computed in full on the
+   data, one day appended, the cache extended (:func:`qlib_server.worker.extension.try_extend`), and the cache
+   computed in full again on the new data, the extension's floor; the extended cache must equal that
+   recomputation bit for bit.
+2. What a user waits for, through ``qlib_server.client`` against an embedded server on its defaults: Alpha158
+   cold, then hot; one more day appended while it runs; the first request after the server's background
+   refresh extended the cache (it notices the change within ``data_check_interval``), beside the hot time
+   before; and local Qlib on the new data, whose frame the client's must equal (``df.equals``).
+
+Prints a table and writes bench-results/update.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qlib_server.datagen import generate_dataset
+from qlib_server.datagen_updates import append_days
+from sim.bench import _free_port, _wait_ready, stop
+
+FIELDS = ("from qlib.contrib.data.loader import Alpha158DL; "
+          "FIELDS = Alpha158DL.get_feature_config()[0] + ['Ref($close, -2)/Ref($close, -1) - 1']")
+WORKER = """
+import json, sys, time
+from pathlib import Path
+import numpy as np
+import qlib
+from qlib_server.datagen_updates import append_days
+from qlib_server.state import records
+from qlib_server.worker import datacache, extension, storage
+root = Path(sys.argv[1])
+qlib.init(provider_uri=str(root), region="cn", logging_level="ERROR",
+          feature_provider={{"class": "LocalFeatureProvider", "kwargs": {{"backend": storage.BACKEND}}}})
+from qlib.data.cache import H
+from qlib.data.data import DatasetD
+from qlib_server import engine
+{fields}
+engine.warm()
+market = {{"market": "csi300", "filter_pipe": []}}
+(root / "dataset_cache").mkdir(exist_ok=True)
+def timed(call):
+    t = time.perf_counter(); out = call(); return out, time.perf_counter() - t
+_, full = timed(lambda: datacache.compute_cache(root / "dataset_cache" / "c", DatasetD._provider, market, FIELDS, "day",
+                                                hdf5=False))
+append_days(root, 1, seed=7)
+H.clear()
+done, extend = timed(lambda: extension.try_extend(root / "dataset_cache" / "c", market, FIELDS, "day"))
+_, again = timed(lambda: datacache.compute_cache(root / "dataset_cache" / "full", DatasetD._provider, market, FIELDS,
+                                                 "day", hdf5=False))
+a, b = records.read(root / "dataset_cache" / "c"), records.read(root / "dataset_cache" / "full")
+equal = bool(done) and all(x.dtype == y.dtype and np.array_equal(x.view(np.uint8), y.view(np.uint8))
+                           for x, y in zip(a.take(0, len(a)), b.take(0, len(b))))
+print(json.dumps({{"full_s": full, "extend_s": extend, "full_again_s": again, "extended": bool(done),
+                  "equal_bits": equal, "rows": len(b), "segments": len(a.segments)}}))
+"""
+CLIENT = """
+import pickle, sys, tempfile, time
+import qlib
+from qlib.data import D
+{init}
+{fields}
+times = []
+for _ in range({repeat}):
+    t = time.perf_counter()
+    df = D.features(D.instruments("csi300"), FIELDS, freq="day")
+    times.append(time.perf_counter() - t)
+pickle.dump((times, df), open(sys.argv[1], "wb"))
+"""
+SERVER = ('from qlib_server.client import client_config\n'
+          'qlib.init(**client_config("127.0.0.1", {port}, timeout=1800), provider_uri=tempfile.mkdtemp(), '
+          'region="cn", logging_level="ERROR")')
+LOCAL = 'qlib.init(provider_uri={data!r}, region="cn", logging_level="ERROR")'
+
+
+def run(init: str, repeat: int, out: Path):
+    script = CLIENT.format(init=init, fields=FIELDS, repeat=repeat)
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True)
+    return pickle.loads(out.read_bytes())
+
+
+def segments(root: Path) -> list:
+    from qlib_server.state import records
+
+    found = []
+    for manifest in (root / "dataset_cache").glob("*.records"):
+        try:
+            found.append(len(records.read(manifest.with_suffix("")).segments))
+        except (OSError, ValueError):
+            found.append(0)
+    return found
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instruments", type=int, default=300)
+    parser.add_argument("--days", type=int, default=2500)
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="bench-update-"))
+    markets = {"csi300": args.instruments}
+    # 1. the worker's part
+    alone = generate_dataset(work / "alone", instruments=args.instruments, days=args.days, start="2012-01-04",
+                             markets=markets)
+    print("worker: full computation, one day appended, extension, full computation again ...", flush=True)
+    done = subprocess.run([sys.executable, "-c", WORKER.format(fields=FIELDS), str(alone)], check=True,
+                          capture_output=True, text=True)
+    worker = json.loads(done.stdout.strip().splitlines()[-1])
+    # 2. through the server
+    data = generate_dataset(work / "data", instruments=args.instruments, days=args.days, start="2012-01-04",
+                            markets=markets)
+    port = _free_port()
+    config = work / "server.yaml"
+    config.write_text(json.dumps({"provider_uri": str(data), "flask_port": port, "logging_level": "INFO"}))
+    log = work / "server.log"
+    server = subprocess.Popen([sys.executable, "-m", "qlib_server", "serve", "-c", str(config), "--embedded"],
+                              stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}")
+        print("server: Alpha158 cold, then hot ...", flush=True)
+        (cold_s, hot_s), _ = run(SERVER.format(port=port), 2, work / "before.pkl")
+        append_days(data, 1, seed=7)
+        appended = time.monotonic()
+        print("server: one day appended; waiting for the background refresh ...", flush=True)
+        while segments(data) != [2]:
+            if time.monotonic() - appended > 600:
+                raise SystemExit(f"no extension within 600 s: {segments(data)}")
+            time.sleep(0.2)
+        refreshed_s = time.monotonic() - appended
+        (after_s,), served = run(SERVER.format(port=port), 1, work / "after.pkl")
+    finally:
+        stop(server)
+    found = re.findall(r"extended 1 dataset caches in ([0-9.]+) s", log.read_text())
+    print("local Qlib on the new data ...", flush=True)
+    (local_s,), local = run(LOCAL.format(data=str(data)), 1, work / "local.pkl")
+    row = {"rows": worker["rows"], "fields": served.shape[1], "worker_full_s": round(worker["full_s"], 2),
+           "worker_extend_s": round(worker["extend_s"], 3), "worker_full_again_s": round(worker["full_again_s"], 2),
+           "extend_ratio": round(worker["extend_s"] / worker["full_again_s"], 3),
+           "extension_equals_full_bits": worker["equal_bits"], "server_cold_s": round(cold_s, 2),
+           "server_hot_s": round(hot_s, 2), "server_refresh_extension_s": float(found[-1]) if found else None,
+           "until_extended_s": round(refreshed_s, 1), "first_after_update_s": round(after_s, 2),
+           "after_vs_hot": round(after_s / hot_s, 2), "local_qlib_new_data_s": round(local_s, 2),
+           "client_equals_local": bool(served.equals(local))}
+    print(f"\n== the daily update: Alpha158 + label over {args.instruments} instruments x {args.days} days, "
+          "one day appended ==")
+    for key, value in row.items():
+        print(f"  {key:32} {value}")
+    Path("bench-results").mkdir(exist_ok=True)
+    Path("bench-results/update.json").write_text(json.dumps(row, indent=1))
+    return 0 if row["extension_equals_full_bits"] and row["client_equals_local"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The daily update: trading days appended to the data under a running server. Its dataset caches are extended
+by the new days (a new segment of records, nothing recomputed), in the background before anyone asks, and
+every client then gets what local Qlib computes on the new data; any other change is computed again.
+
+Each test changes its own copy of the session dataset; the server runs on its defaults (RabbitMQ, Redis)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import pandas.testing as pdt
+import pytest
+import requests
+from clients import local_qlib, run_pyqlib, run_server_client
+from conftest import wait_until
+
+from qlib_server.datagen_updates import add_field, append_days, delist_instrument, list_instrument, rewrite_value
+from qlib_server.state import records
+
+pytestmark = pytest.mark.integration
+
+FIELDS = ["$close", "Mean($close, 5)", "Std($close, 20)/$close", "Corr($close, Log($volume+1), 10)",
+          "EMA($close, 12)", "Slope($close, 10)", "Ref($close, -2)/Ref($close, -1) - 1"]  # the last: a label
+SCRIPT = f"result = D.features(D.instruments('csi300'), {FIELDS!r})"
+
+
+@pytest.fixture
+def data(dataset, tmp_path) -> Path:
+    return Path(shutil.copytree(dataset, tmp_path / "data", ignore=shutil.ignore_patterns("*_cache")))
+
+
+def caches(root: Path) -> dict:
+    """Each dataset cache's records: how many segments it has (1: computed in full; more: extended)."""
+    found = {}
+    for manifest in (root / "dataset_cache").glob("*.records"):
+        try:
+            found[manifest.stem] = len(records.read(manifest.with_suffix("")).segments)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def assert_same(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    assert got.equals(want)
+    pdt.assert_frame_equal(got, want)
+
+
+def refresh(server) -> dict:
+    """The last refresh's extension of caches, as the status page shows it."""
+    return requests.get(f"{server.url}/status.json", timeout=10).json()["refresh"]
+
+
+def extended(root: Path, segments: int) -> bool:
+    return list(caches(root).values()) == [segments]
+
+
+@pytest.mark.parametrize("days", [1, 5], ids=["one day", "five days"])
+def test_appended_days_extend_the_cache_before_anyone_asks_and_clients_get_qlibs_new_values(start_server, data,
+                                                                                              days):
+    server = start_server(provider_uri=str(data))
+    before = run_server_client(SCRIPT, server.port, None)
+    assert_same(before, local_qlib(SCRIPT, data))
+    assert extended(data, 1)
+    append_days(data, days)
+    wait_until(lambda: extended(data, 2), 120, what="the cache extended by the refresh")
+    wait_until(lambda: refresh(server).get("state") == "done", 60, what="the refresh done on the status page")
+    assert {k: refresh(server)[k] for k in ("total", "extended", "failed")} == {"total": 1, "extended": 1, "failed": 0}
+    after, local = run_server_client(SCRIPT, server.port, None), local_qlib(SCRIPT, data)
+    assert len(after) > len(before)
+    assert_same(after, local)
+    assert extended(data, 2)  # served as extended: not computed again
+    stock = run_pyqlib(SCRIPT, server.port, data)  # Qlib's HDF5 form, made from the extended records
+    assert_same(stock.sort_index(), local.sort_index())
+
+
+def test_a_past_value_rewritten_with_the_appended_days_is_computed_again(start_server, data):
+    server = start_server(provider_uri=str(data))
+    run_server_client(SCRIPT, server.port, None)
+    append_days(data, 1)
+    rewrite_value(data, "SZ000001", "close", 400, 12.5)
+    wait_until(lambda: caches(data) == {}, 120, what="the stale cache dropped by the refresh")
+    assert_same(run_server_client(SCRIPT, server.port, None), local_qlib(SCRIPT, data))
+    assert extended(data, 1)  # computed again in full
+
+
+def test_an_instrument_listed_in_the_market_is_computed_again(start_server, data):
+    server = start_server(provider_uri=str(data))
+    run_server_client(SCRIPT, server.port, None)
+    append_days(data, 1)
+    list_instrument(data, "csi300", "SH600999", first_day=700)
+    wait_until(lambda: caches(data) == {}, 120, what="the stale cache dropped by the refresh")
+    after, local = run_server_client(SCRIPT, server.port, None), local_qlib(SCRIPT, data)
+    assert "SH600999" in after.index.get_level_values("instrument")
+    assert_same(after, local)
+
+
+def test_an_instrument_delisted_from_the_market_is_computed_again(start_server, data):
+    server = start_server(provider_uri=str(data))
+    before = run_server_client(SCRIPT, server.port, None)
+    append_days(data, 1)
+    delist_instrument(data, "csi300", "SZ000003", last_day=600)
+    wait_until(lambda: caches(data) == {}, 120, what="the stale cache dropped by the refresh")
+    after, local = run_server_client(SCRIPT, server.port, None), local_qlib(SCRIPT, data)
+    assert len(after.loc["SZ000003"]) < len(before.loc["SZ000003"])
+    assert_same(after, local)
+
+
+def test_a_field_added_to_the_data_is_computed_again(start_server, data):
+    script = "result = D.features(D.instruments('csi300'), ['$close', 'Mean($close + $adj, 5)', '$adj'])"
+    server = start_server(provider_uri=str(data))
+    before = run_server_client(script, server.port, None)
+    assert before["$adj"].isna().all()
+    append_days(data, 1)
+    add_field(data, "adj")
+    wait_until(lambda: caches(data) == {}, 120, what="the stale cache dropped by the refresh")
+    after, local = run_server_client(script, server.port, None), local_qlib(script, data)
+    assert after["$adj"].notna().mean() > 0.9
+    assert_same(after, local)
+
+
+READER = f"""
+import hashlib, time
+result = []
+deadline = time.monotonic() + 40
+while time.monotonic() < deadline:
+    frame = D.features(D.instruments('csi300'), {FIELDS!r})
+    result.append(hashlib.sha256(frame.to_numpy().tobytes() + repr(frame.index.tolist()).encode()).hexdigest())
+"""
+
+
+def test_clients_reading_while_a_cache_is_extended_get_the_old_or_the_new_frame_never_a_mix(start_server, data):
+    server = start_server(provider_uri=str(data))
+    old = local_qlib(SCRIPT, data)
+    run_server_client(SCRIPT, server.port, None)
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(run_server_client, READER, server.port, None)
+        wait_until(lambda: server.log().count("feature transfer to") >= 3, 60, what="the reader reading")
+        append_days(data, 1)
+        wait_until(lambda: extended(data, 2), 120, what="the cache extended by the refresh")
+        seen = reading.result()
+    new = local_qlib(SCRIPT, data)
+    digest = {name: hashlib.sha256(frame.to_numpy().tobytes() + repr(frame.index.tolist()).encode()).hexdigest()
+              for name, frame in (("old", old), ("new", new))}
+    assert set(seen) <= set(digest.values()), "a frame that is neither the old data's nor the new data's"
+    assert digest["old"] in seen and digest["new"] in seen, "the reader saw only one version"
