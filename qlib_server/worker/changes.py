@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -57,6 +57,7 @@ class Change:
     old_length: int = 0
     new_length: int = 0
     new_days: tuple[str, ...] = ()
+    digests: dict = field(default_factory=dict)  # for an append: the digest of every file now (for the new record)
 
 
 class _Rewrite(Exception):
@@ -75,6 +76,10 @@ def _read(path: Path, size: int = -1) -> Optional[bytes]:
             return f.read(size)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
+
+
+def _digests(root: Path, names: Iterable[str]) -> dict[str, Optional[str]]:
+    return digests(root, names)
 
 
 def digests(root: Path, names: Iterable[str]) -> dict[str, Optional[str]]:
@@ -103,13 +108,17 @@ def classify(files: dict, digests: dict, root: Path) -> Change:
     now = {name: stat_of(root / name) for name in files}
     if all(now[name] == stat for name, stat in files.items()):
         return Change(CURRENT)
+    seen: dict = {}  # digests of the files read whole, as they are now
     try:
-        return _append(files, digests, root, now)
+        change = _append(files, digests, root, now, seen)
     except _Rewrite as rewrite:
         return Change(REWRITE, str(rewrite))
+    unchanged = {name: digests.get(name) for name in files if now[name] == files[name]}
+    missing = [name for name in files if name not in seen and name not in unchanged]
+    return replace(change, digests={**unchanged, **seen, **_digests(root, missing)})
 
 
-def _append(files: dict, recorded: dict, root: Path, now: dict) -> Change:
+def _append(files: dict, recorded: dict, root: Path, now: dict, seen: dict) -> Change:
     """The append the changes since the record amount to; raises :class:`_Rewrite` when they are not one."""
     calendar = next((name for name in files if name.startswith("calendars/")), None)
     old_days: list[str] = []
@@ -119,7 +128,7 @@ def _append(files: dict, recorded: dict, root: Path, now: dict) -> Change:
         if old == new:
             old_days = days = _days(_read(root / calendar, old[0]) or b"") if old else []
         else:
-            data = _intact(calendar, old, new, recorded, root, whole=True)
+            data = _intact(calendar, old, new, recorded, root, seen)
             old_days, days = _days(data[: old[0]]), _days(data)
             _check_calendar(calendar, old_days, days)
     grown, touched, instruments = 0, 0, []
@@ -131,13 +140,13 @@ def _append(files: dict, recorded: dict, root: Path, now: dict) -> Change:
             _present(name, old, new, recorded, shrinks=True)  # its spans say what changed (below)
             instruments.append(name)
             continue
-        data = _intact(name, old, new, recorded, root)
+        data = _intact(name, old, new, recorded, root, seen)
         if new[0] > old[0]:
-            _check_grown(name, data, new[0], calendar, old_days)
+            _check_grown(name, data[: old[0]], new[0], calendar, old_days)
             grown += 1
         else:
             touched += 1
-    extended = sum(_check_spans(name, files, recorded[name], root, old_days, days) for name in instruments)
+    extended = sum(_check_spans(name, files, recorded[name], root, old_days, days, seen) for name in instruments)
     new_days = days[len(old_days):]
     if new_days:
         reason = (f"{len(new_days)} day(s) appended ({new_days[0]} .. {new_days[-1]}): {grown} files grown, "
@@ -159,17 +168,17 @@ def _present(name: str, old: Optional[list], new: Optional[list], recorded: dict
     return old
 
 
-def _intact(name: str, old: Optional[list], new: Optional[list], recorded: dict, root: Path,
-            whole: bool = False) -> bytes:
+def _intact(name: str, old: Optional[list], new: Optional[list], recorded: dict, root: Path, seen: dict) -> bytes:
     """The bytes of a file whose stat changed from ``old`` to ``new``, when it still begins with its recorded
-    bytes: its first recorded-size bytes (all of it with ``whole``)."""
+    bytes (its digest as it is now kept in ``seen``: one read for both)."""
     size = _present(name, old, new, recorded)[0]
-    data = _read(root / name, -1 if whole else size)
+    data = _read(root / name)
     if data is None:
         raise _Rewrite(f"{name}: vanished")
     if _digest(data[:size]) != recorded[name]:
         what = "a day" if name.startswith("calendars/") else "value" if name.startswith("features/") else "data"
         raise _Rewrite(f"{name}: {what} rewritten in its first {size} bytes")
+    seen[name] = _digest(data)
     return data
 
 
@@ -198,14 +207,16 @@ def _check_grown(name: str, data: bytes, size: int, calendar: Optional[str], old
         raise _Rewrite(f"{name}: values added after {when}, before the old last day {old_days[-1]}")
 
 
-def _check_spans(name: str, files: dict, digest: str, root: Path, old_days: list[str], days: list[str]) -> int:
+def _check_spans(name: str, files: dict, digest: str, root: Path, old_days: list[str], days: list[str],
+                 seen: dict) -> int:
     """The instrument file ``name`` changed only by extending spans that ended on the old last day to a new
     day: with those spans ended on the old last day again, its bytes are the recorded ones. Returns how many
     spans were extended."""
     data = _read(root / name)
     if data is None:
         raise _Rewrite(f"{name}: vanished")
-    if _digest(data) == digest:
+    seen[name] = _digest(data)
+    if seen[name] == digest:
         return 0
     old_last, new_last = _date(old_days), _date(days)
     if old_last is None:

@@ -322,6 +322,16 @@ class ServerDatasetCache(DiskDatasetCache):
     def check_cache_exists(cache_path, suffix_list=(".index", ".meta")) -> bool:
         return is_current(Path(cache_path))
 
+    def dataset(self, instruments, fields, start_time=None, end_time=None, freq="day", disk_cache=1,
+                inst_processors=None):
+        """Qlib's, but what uses no cache (``disk_cache=0``: an ``ExpressionDFilter``'s rule, among others) is
+        computed by the engine (by Qlib where the engine leaves it)."""
+        if disk_cache == 0:
+            return dataset.dataset(self.provider, instruments, fields, start_time, end_time, freq,
+                                   inst_processors or ())
+        return super().dataset(instruments, fields, start_time, end_time, freq, disk_cache,
+                               inst_processors=[] if inst_processors is None else inst_processors)
+
     @staticmethod
     def clear_cache(cache_path) -> None:
         clear(Path(cache_path))

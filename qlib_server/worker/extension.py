@@ -76,13 +76,16 @@ def try_extend(cache_path: Path, instruments, fields, freq: str) -> bool:
     record, digests = read_record(cache_path), read_digests(cache_path)
     if record is None or digests is None or RECORDS not in record.get("forms", []):
         return False
+    from .datacache import cache_sources
+
     root = cache_path.parent.parent
+    sources = cache_sources(root, instruments, fields, freq)  # stats first: a change after them shows later
     change = changes.classify(record["files"], digests, root)
     if change.kind != changes.APPEND:
         log.info("dataset cache %s computed again: %s", cache_path.name, change.reason or change.kind)
         return False
     try:
-        done = _extend(cache_path, instruments, fields, freq, change)
+        done = _extend(cache_path, instruments, fields, freq, change, sources)
     except Exception:
         log.exception("extending dataset cache %s failed; computing it again", cache_path.name)
         return False
@@ -91,20 +94,18 @@ def try_extend(cache_path: Path, instruments, fields, freq: str) -> bool:
     return done
 
 
-def _extend(cache_path: Path, instruments, fields, freq: str, change: changes.Change) -> bool:
+def _extend(cache_path: Path, instruments, fields, freq: str, change: changes.Change, sources: dict) -> bool:
     from qlib.data.cache import H
     from qlib.data.data import Cal, DatasetD
 
     from ..engine import features
     from ..engine.checkpoint import Checkpoint
     from ..engine.values import Unsupported
-    from .datacache import cache_sources
-
     if isinstance(instruments, dict) and instruments.get("filter_pipe"):
         return False  # a filter may list other instruments on the new days
-    root = cache_path.parent.parent
-    sources = cache_sources(root, instruments, fields, freq)
-    digests = changes.digests(root, sources)  # after the stats: a change made meanwhile shows later
+    if set(sources) != set(change.digests):
+        return False  # the sources are other files now
+    digests = change.digests  # read after the stats of ``sources`` were taken
     request = {"instruments": instruments, "fields": list(fields), "freq": freq}
     if not change.new_days:  # only stats changed (same bytes, or values past the calendar): a fresh record
         write_sources(cache_path, sources, (RECORDS,), digests, request)

@@ -155,6 +155,32 @@ def test_qlibs_hdf5_files_written_from_a_records_file_read_as_qlib_computed_them
                                DiskDatasetCache.read_data_from_cache(reference, *window, FIELDS), check_exact=True)
 
 
+@pytest.mark.parametrize("rule", ["$close > 20", "Mean($close, 5) > Ref($close, 3)", "$late > 1.5"])
+def test_an_expression_filter_computed_by_the_engine_lists_what_qlib_lists(provider, monkeypatch, rule):
+    """The server's dataset cache computes what uses no cache (disk_cache=0, as ExpressionDFilter asks) with
+    the engine: the same instruments and spans as Qlib's own filtering."""
+    from qlib.data.cache import H
+    from qlib.data.data import InstrumentProvider
+    from qlib.data.filter import ExpressionDFilter, NameDFilter
+
+    from qlib_server.worker.datacache import ServerDatasetCache
+
+    server = ServerDatasetCache.__new__(ServerDatasetCache)  # no Redis: only its dataset() is used
+    server.provider = provider
+    pipe = [NameDFilter(name_rule_re="^S[HZ]").to_config(), ExpressionDFilter(rule_expression=rule).to_config()]
+    market = InstrumentProvider.instruments("csi300", filter_pipe=pipe)
+    from qlib.data import data as qlib_data
+
+    H.clear()
+    theirs = qlib_data.D.list_instruments(market, "2018-02-01", "2018-05-31")
+    H.clear()
+    monkeypatch.setattr(qlib_data.DatasetD, "_provider", server)
+    monkeypatch.setattr(provider, "dataset", lambda *a, **k: pytest.fail("the rule was left to Qlib"))
+    ours = qlib_data.D.list_instruments(market, "2018-02-01", "2018-05-31")
+    unfiltered = qlib_data.D.list_instruments(InstrumentProvider.instruments("csi300"), "2018-02-01", "2018-05-31")
+    assert ours == theirs and theirs != unfiltered  # the rule removed days, the same ones
+
+
 def test_a_set_larger_than_memory_allows_is_computed_in_a_scratch_file_that_leaves_nothing(provider, monkeypatch,
                                                                                             tmp_path):
     from qlib.data.cache import H
