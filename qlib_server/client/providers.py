@@ -72,7 +72,7 @@ TIMESTAMP = "__timestamp__"  # a date in a processor's values (qlib_server.inst_
 
 def wire_value(value, where: str):
     """A processor's argument or attribute as the server reads it: JSON, dates as ``{"__timestamp__": ...}``."""
-    if isinstance(value, (dt.date, pd.Timestamp)):
+    if isinstance(value, (dt.date, pd.Timestamp, np.datetime64)):
         return {TIMESTAMP: str(pd.Timestamp(value))}
     if isinstance(value, np.generic):
         value = value.item()

@@ -8,6 +8,7 @@ import pickle
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -305,7 +306,6 @@ def test_an_allowed_name_that_is_no_inst_processor_or_no_module_is_refused(proce
 # --- what qlib_server.client sends ----------------------------------------------------------------
 
 def test_the_client_sends_an_instance_as_its_class_and_attributes_which_build_an_equal_one():
-    import numpy as np
     from qlib.data.dataset.processor import TimeRangeFlt
 
     from qlib_server.client.providers import wire_processor
@@ -325,10 +325,12 @@ def test_the_client_sends_a_config_with_dates_tagged_and_a_class_object_by_name(
 
     from qlib_server.client.providers import wire_processor
 
-    config = {"class": TimeRangeFlt, "kwargs": {"start_time": pd.Timestamp("2019-02-01"), "freq": "day"}}
+
+    config = {"class": TimeRangeFlt, "kwargs": {"start_time": pd.Timestamp("2019-02-01"), "freq": "day",
+                                                "end_time": np.datetime64("2019-03-01T09:31:00")}}
     assert wire_processor(config) == {"class": "TimeRangeFlt", "module_path": "qlib.data.dataset.processor",
                                       "kwargs": {"start_time": {"__timestamp__": "2019-02-01 00:00:00"},
-                                                 "freq": "day"}}
+                                                 "freq": "day", "end_time": {"__timestamp__": "2019-03-01 09:31:00"}}}
     with pytest.raises(ValueError, match="holds object, which cannot be sent"):
         wire_processor({**CONFIG, "kwargs": {"how": object()}})
     with pytest.raises(ValueError, match="must be an InstProcessor or a config"):
