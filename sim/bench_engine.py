@@ -61,12 +61,13 @@ def timed(kind: str, fields: str, work: Path, data: Path, port: int, repeat: int
 
 
 def worker_alone(data: Path, fields_code: str) -> dict:
-    """The worker's part in this process: the engine's frame in the cache's layout, then the cache written."""
+    """The worker's part in this process: the engine's values with the checkpoint (as a worker computes a cache),
+    then the cache's records and checkpoint written (what ``qlib_server.client`` streams)."""
     script = f"""
 import json, sys, time, tempfile
 from pathlib import Path
 import qlib
-from qlib_server.worker import dataset, datacache, storage
+from qlib_server.worker import dataset, datacache, extension, storage
 qlib.init(provider_uri={str(data)!r}, region="cn", logging_level="ERROR",
           feature_provider={{"class": "LocalFeatureProvider", "kwargs": {{"backend": storage.BACKEND}}}})
 from qlib.data.data import Cal, DatasetD
@@ -76,12 +77,14 @@ cal = Cal.calendar(freq="day")
 dataset.dataset(DatasetD._provider, ["SH600000"], FIELDS[:3], cal[0], cal[-1], "day")  # kernels loaded
 t = time.perf_counter()
 computed = dataset.compute(DatasetD._provider, {{"market": "csi300", "filter_pipe": []}}, FIELDS, cal[0], cal[-1],
-                           "day")
+                           "day", checkpoint=True)
 engine = time.perf_counter() - t
 t = time.perf_counter()
 rows = dataset.CacheRows(computed.names, computed.codes, "us", int(computed.rows.sum()),
-                         lambda: computed.date_parts(reuse=True), computed.by_date)
-datacache.write_records(Path(tempfile.mkdtemp()) / "c", rows)
+                         lambda: computed.date_parts(reuse=True), computed.by_date, computed.checkpoint)
+path = Path(tempfile.mkdtemp()) / "c"
+datacache.write_records(path, rows)
+extension.save_checkpoint(path, computed.checkpoint)
 write = time.perf_counter() - t
 print(json.dumps({{"engine_s": engine, "write_s": write, "fallbacks": sum(features.FALLBACKS.values())}}))
 """

@@ -22,6 +22,7 @@ def warm() -> None:
     first call ever and keeps the machine code on disk, so a worker pays that when it starts, not on a request.
     Workers starting together take turns (a file lock): the first compiles, the others load what it wrote."""
     import fcntl
+    import logging
     import os
     import tempfile
 
@@ -35,9 +36,13 @@ def warm() -> None:
     lock = os.path.join(tempfile.gettempdir(), f"qlib-server-kernels-{os.getuid()}.lock")
     with open(lock, "a") as turn:
         fcntl.flock(turn, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
-        for field in WARM_FIELDS:
-            evaluator.series(ExpressionD.get_expression_instance(field))
-        _warm_extension(raw)
+        logging.disable(logging.WARNING)  # Qlib warns about the warm-up's own expanding windows: no user asked
+        try:
+            for field in WARM_FIELDS:
+                evaluator.series(ExpressionD.get_expression_instance(field))
+            _warm_extension(raw)
+        finally:
+            logging.disable(logging.NOTSET)
 
 
 def _warm_extension(raw) -> None:
