@@ -220,14 +220,16 @@ def extend_blocks(saved: Checkpoint, end: int, *, expression_of: Callable, read:
                         [p[these] for p in present], extend.split(after, these))
 
 
-def of_qlib_extend(saved: Checkpoint, freq: str) -> Iterator[Block]:
-    """:func:`extend_blocks` to the last day of Qlib's calendar (Qlib must be initialised on the new data)."""
+def of_qlib_extend(saved: Checkpoint, freq: str, contents: Optional[dict] = None) -> Iterator[Block]:
+    """:func:`extend_blocks` to the last day of Qlib's calendar (Qlib must be initialised on the new data);
+    ``contents``: feature files read already (path relative to the data directory → bytes)."""
     from qlib.config import C
     from qlib.data.data import Cal, ExpressionD
 
     end = len(Cal.calendar(freq=freq)) - 1
-    return extend_blocks(saved, end, expression_of=ExpressionD.get_expression_instance,
-                         read=feature_reader(C.dpm.get_data_uri(freq), freq))
+    root = Path(C.dpm.get_data_uri(freq))
+    read = FeatureReader(root, freq, {os.path.join(root, name): data for name, data in (contents or {}).items()})
+    return extend_blocks(saved, end, expression_of=ExpressionD.get_expression_instance, read=read)
 
 
 def _subexpressions(expression) -> set:
@@ -281,8 +283,9 @@ class FeatureReader:
     ``(first, count, values)``, the file's start index and number of values, and its values from position
     ``max(first, since)`` (what an extension reads)."""
 
-    def __init__(self, data_root: Path, freq: str):
+    def __init__(self, data_root: Path, freq: str, contents: Optional[dict] = None):
         self.features, self.freq = Path(data_root) / "features", freq.lower()
+        self.contents = contents or {}  # path → the file's bytes, read already (an extension's change check)
 
     def path(self, instrument: str, field: str) -> str:
         from qlib.utils import code_to_fname
@@ -296,8 +299,16 @@ class FeatureReader:
             return None
 
     def tail(self, instrument: str, field: str, since: int) -> Optional[tuple]:
+        path = self.path(instrument, field)
+        if path in self.contents:
+            data = self.contents[path]
+            if len(data) < 4:
+                return 0, -1, np.zeros(0, dtype="<f4")
+            first = int(np.frombuffer(data[:4], dtype="<f4")[0])
+            offset = 4 * (1 + max(0, since - first))
+            return first, len(data) // 4 - 1, np.frombuffer(data[offset:], dtype="<f4")
         try:
-            fd = os.open(self.path(instrument, field), os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:

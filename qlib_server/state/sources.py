@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from qlib.data.cache import DiskDatasetCache
 
@@ -25,7 +25,7 @@ SOURCES = ".sources"
 DIGESTS = ".digests"
 
 
-def stat_of(path: Path) -> Optional[list]:
+def stat_of(path: Union[str, Path]) -> Optional[list]:
     """``[size, mtime_ns]`` of a file, or None when it is missing."""
     try:
         st = os.stat(path)

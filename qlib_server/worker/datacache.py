@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import os
 import pickle
 import re
 import stat
@@ -113,7 +114,8 @@ def cache_sources(root: Path, instruments, fields: Iterable[str], freq: str) -> 
         directory = code_to_fname(code).lower()
         names += [f"features/{directory}/{field}.{freq.lower()}.bin" for field in sorted(raw)]
         names += [f"financial/{directory}/{field}.{ext}" for field in sorted(pit) for ext in ("data", "index")]
-    return {name: stat_of(root / name) for name in names}
+    base = str(root)
+    return {name: stat_of(os.path.join(base, name)) for name in names}  # str paths: cheaper than pathlib's
 
 
 def clear(cache_path: Path) -> None:

@@ -80,12 +80,13 @@ def try_extend(cache_path: Path, instruments, fields, freq: str) -> bool:
 
     root = cache_path.parent.parent
     sources = cache_sources(root, instruments, fields, freq)  # stats first: a change after them shows later
-    change = changes.classify(record["files"], digests, root)
+    contents: dict = {}  # the feature files read to tell the change: the extension computes from these bytes
+    change = changes.classify(record["files"], digests, root, contents)
     if change.kind != changes.APPEND:
         log.info("dataset cache %s computed again: %s", cache_path.name, change.reason or change.kind)
         return False
     try:
-        done = _extend(cache_path, instruments, fields, freq, change, sources)
+        done = _extend(cache_path, instruments, fields, freq, change, sources, contents)
     except Exception:
         log.exception("extending dataset cache %s failed; computing it again", cache_path.name)
         return False
@@ -94,7 +95,8 @@ def try_extend(cache_path: Path, instruments, fields, freq: str) -> bool:
     return done
 
 
-def _extend(cache_path: Path, instruments, fields, freq: str, change: changes.Change, sources: dict) -> bool:
+def _extend(cache_path: Path, instruments, fields, freq: str, change: changes.Change, sources: dict,
+            contents: dict) -> bool:
     from qlib.data.cache import H
     from qlib.data.data import Cal, DatasetD
 
@@ -126,7 +128,7 @@ def _extend(cache_path: Path, instruments, fields, freq: str, change: changes.Ch
     if codes != sorted(spans_of) or codes != table.codes or len(times) != change.new_length:
         return False
     try:
-        blocks = list(features.of_qlib_extend(saved, freq))
+        blocks = list(features.of_qlib_extend(saved, freq, contents))
     except Unsupported as reason:
         log.info("dataset cache %s not extended: %s", cache_path.name, reason)
         return False
