@@ -83,10 +83,12 @@ def _refresh(args: argparse.Namespace) -> int:
 
 
 def _gen_data(args: argparse.Namespace) -> int:
-    from .datagen import generate_dataset
+    from .datagen import generate_dataset, generate_minute_dataset
 
-    root = generate_dataset(args.dir, instruments=args.instruments, days=args.days, start=args.start, seed=args.seed)
-    print(f"wrote a Qlib dataset of {args.instruments} instruments x {args.days} days to {root}")
+    generate = generate_minute_dataset if args.freq == "1min" else generate_dataset
+    root = generate(args.dir, instruments=args.instruments, days=args.days, start=args.start, seed=args.seed)
+    bars = " of 240 1-minute bars" if args.freq == "1min" else ""
+    print(f"wrote a Qlib dataset of {args.instruments} instruments x {args.days} days{bars} to {root}")
     return 0
 
 
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--days", type=int, default=750)
     gen.add_argument("--start", default="2018-01-02")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--freq", choices=("day", "1min"), default="day",
+                     help="daily bars, or 1-minute bars (calendars/1min.txt, *.1min.bin)")
     gen.set_defaults(func=_gen_data)
 
     args = parser.parse_args(argv)

@@ -14,6 +14,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .inst_processors import is_dotted_name
 
 
 class ServerConfig(BaseModel):
@@ -73,6 +74,8 @@ class ServerConfig(BaseModel):
     max_expression_depth: int = Field(32, ge=2)
     max_inflight_per_client: int = Field(8, ge=1)
     custom_ops: list[str] = Field(default_factory=list, description="names of custom operators qlib knows")
+    inst_processors_allowed: list[str] = Field(default_factory=list, description="Qlib InstProcessor classes "
+                                               "(module.Class) feature requests may run, beside Qlib's own")
     max_transfers: int = Field(32, ge=1, le=10000, description="feature transfers (POST /features) of one handler "
                                "at once; more are answered 429")
     max_transfers_per_client: int = Field(8, ge=1, le=10000, description="feature transfers of one client address "
@@ -100,6 +103,14 @@ class ServerConfig(BaseModel):
     def _networks(cls, value: list[str]) -> list[str]:
         for net in value:
             ipaddress.ip_network(net, strict=False)
+        return value
+
+    @field_validator("inst_processors_allowed")
+    @classmethod
+    def _processor_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not is_dotted_name(name):
+                raise ValueError(f"{name!r} is not a module.Class name")
         return value
 
     @model_validator(mode="after")

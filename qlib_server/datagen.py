@@ -1,6 +1,8 @@
 """Synthetic dataset in Qlib's on-disk format, for tests, demos and benchmarks.
 
-Layout written under ``root``::
+Layout written under ``root`` (:func:`generate_dataset`; :func:`generate_minute_dataset` writes the same
+with ``1min`` for ``day``: a calendar of minute bars, ``YYYY-MM-DD HH:MM:SS``, and spans in that form, as
+Qlib's ``dump_bin`` writes high-frequency data)::
 
     calendars/day.txt                       one trading day per line
     instruments/<market>.txt                code<TAB>start<TAB>end, one span per line
@@ -22,6 +24,19 @@ FIELDS = ("open", "high", "low", "close", "volume", "factor", "change", "vwap")
 def _write_bin(path: Path, start_index: int, values: np.ndarray) -> None:
     data = np.concatenate([[start_index], values]).astype("<f4")
     data.tofile(path)
+
+
+def _bars(rng: np.random.Generator, n: int, i: int, step: float) -> dict[str, np.ndarray]:
+    """``n`` bars of each of :data:`FIELDS` for the ``i``-th instrument, its close a random walk of ``step``."""
+    close = 10 * np.exp(np.cumsum(rng.normal(0, step, n)))
+    open_ = close * (1 + rng.normal(0, step / 4, n))
+    high = np.maximum(open_, close) * (1 + np.abs(rng.normal(0, step / 2, n)))
+    low = np.minimum(open_, close) * (1 - np.abs(rng.normal(0, step / 2, n)))
+    volume = rng.integers(1_000, 1_000_000, n).astype(float)
+    factor = np.full(n, 1.0 + i / 100)
+    change = np.concatenate([[np.nan], close[1:] / close[:-1] - 1])
+    vwap = (high + low + close) / 3
+    return dict(zip(FIELDS, (open_, high, low, close, volume, factor, change, vwap)))
 
 
 def generate_dataset(
@@ -57,16 +72,7 @@ def generate_dataset(
         spans[code] = (first, last)
         directory = root / "features" / code.lower()
         directory.mkdir(parents=True, exist_ok=True)
-        n = last - first + 1
-        close = 10 * np.exp(np.cumsum(rng.normal(0, 0.02, n)))
-        open_ = close * (1 + rng.normal(0, 0.005, n))
-        high = np.maximum(open_, close) * (1 + np.abs(rng.normal(0, 0.01, n)))
-        low = np.minimum(open_, close) * (1 - np.abs(rng.normal(0, 0.01, n)))
-        volume = rng.integers(1_000, 1_000_000, n).astype(float)
-        factor = np.full(n, 1.0 + i / 100)
-        change = np.concatenate([[np.nan], close[1:] / close[:-1] - 1])
-        vwap = (high + low + close) / 3
-        for name, values in zip(FIELDS, (open_, high, low, close, volume, factor, change, vwap)):
+        for name, values in _bars(rng, last - first + 1, i, 0.02).items():
             _write_bin(directory / f"{name}.day.bin", first, values)
 
     def line(code: str, a: int, b: int) -> str:
@@ -81,6 +87,72 @@ def generate_dataset(
                 gap_a = first + (last - first) // 3
                 gap_b = first + 2 * (last - first) // 3
                 lines += [line(code, first, gap_a), line(code, gap_b, last)]
+            else:
+                lines.append(line(code, first, last))
+        (root / "instruments" / f"{market}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+#: the minute bars of a trading day (240, as in Qlib's cn 1min data): 09:31-11:30 and 13:01-15:00
+MINUTE_BARS = tuple(pd.timedelta_range("09:31:00", "11:30:00", freq="min")) + \
+    tuple(pd.timedelta_range("13:01:00", "15:00:00", freq="min"))
+MINUTE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def generate_minute_dataset(
+    root: str | Path,
+    *,
+    instruments: int = 8,
+    start: str = "2020-03-02",
+    days: int = 15,
+    seed: int = 0,
+    markets: dict[str, int] | None = None,
+) -> Path:
+    """Write a Qlib dataset of ``1min`` bars (240 a trading day) of ``instruments`` codes over ``days``
+    business days; return its root. As :func:`generate_dataset`: some instruments list late (the first
+    bar of a later day) and some delist early (the last bar of an earlier day), the second half of each
+    extra market leaves and re-enters it, and one instrument in three has a morning of NaN bars (suspended)."""
+    if days < 3:
+        raise ValueError("a minute dataset spans at least 3 days (late listings, early delistings)")
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    days_index = pd.bdate_range(start=start, periods=days)
+    calendar = pd.DatetimeIndex([day + bar for day in days_index for bar in MINUTE_BARS])
+    per_day, total = len(MINUTE_BARS), len(calendar)
+    markets = markets if markets is not None else {"csi300": max(1, instruments * 3 // 4)}
+
+    for name in ("calendars", "instruments"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    (root / "calendars" / "1min.txt").write_text("\n".join(t.strftime(MINUTE_FORMAT) for t in calendar) + "\n")
+
+    codes = [f"SH{600000 + i:06d}" if i % 2 == 0 else f"SZ{i:06d}" for i in range(instruments)]
+    spans: dict[str, tuple[int, int]] = {}
+    for i, code in enumerate(codes):
+        first = 0 if i % 5 else per_day * int(rng.integers(1, max(2, days // 3)))
+        last = total - 1 if i % 7 else per_day * int(rng.integers(days * 2 // 3, days)) - 1
+        spans[code] = (first, last)
+        directory = root / "features" / code.lower()
+        directory.mkdir(parents=True, exist_ok=True)
+        bars = _bars(rng, last - first + 1, i, 0.001)
+        if i % 3 == 1:  # the morning of its middle day suspended: every field NaN
+            middle = (last - first) // 2 // per_day * per_day
+            morning = slice(middle, middle + per_day // 2)
+            for values in bars.values():
+                values[morning] = np.nan
+        for name, values in bars.items():
+            _write_bin(directory / f"{name}.1min.bin", first, values)
+
+    def line(code: str, a: int, b: int) -> str:
+        return f"{code}\t{calendar[a].strftime(MINUTE_FORMAT)}\t{calendar[b].strftime(MINUTE_FORMAT)}"
+
+    (root / "instruments" / "all.txt").write_text("\n".join(line(c, *spans[c]) for c in codes) + "\n")
+    for market, size in markets.items():
+        lines = []
+        for j, code in enumerate(codes[:size]):
+            first, last = spans[code]
+            if j >= size // 2 and last - first > 3 * per_day:  # out from a third to two thirds, mid-session
+                lines += [line(code, first, first + (last - first) // 3 + 17),
+                          line(code, first + 2 * (last - first) // 3 - 61, last)]
             else:
                 lines.append(line(code, first, last))
         (root / "instruments" / f"{market}.txt").write_text("\n".join(lines) + "\n")

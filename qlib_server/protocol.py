@@ -22,6 +22,7 @@ import pandas as pd
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from . import inst_processors
 from .errors import RequestError
 
 REQUEST_TYPES = ("calendar", "instrument", "feature")
@@ -29,6 +30,7 @@ _NAME = re.compile(r"[A-Za-z0-9_\-.]{1,64}")  # market names, instrument codes
 _FREQ = re.compile(r"[0-9]{0,4}(day|d|min|minute|week|w|month|mon)", re.IGNORECASE)
 _FILTERS = {"NameDFilter": ("name_rule_re",), "ExpressionDFilter": ("rule_expression", "keep")}
 _EARLIEST, _LATEST = pd.Timestamp("1900-01-01"), pd.Timestamp("2200-12-31")
+MAX_SPANS = 1000  # (start, end) spans of one instrument in a dict of instruments
 
 # Everything a pickled request body may refer to: containers, scalars, dates and times.
 _PICKLE_ALLOWED = {
@@ -181,10 +183,12 @@ class RequestParser:
     MEMO_BODY = 4096
     MEMO_SIZE = 2048
 
-    def __init__(self, client_version: str, limits: Limits, check_expression: Callable[[str], str]):
+    def __init__(self, client_version: str, limits: Limits, check_expression: Callable[[str], str],
+                 processors: frozenset[str] = inst_processors.allowed()):
         self.client_version = client_version
         self.limits = limits
         self.check_expression = check_expression
+        self.processors = processors  # the inst_processors a request may name
         self._memo: dict[tuple, Request] = {}
 
     def parse(self, request_type: str, payload: Any) -> Request:
@@ -291,20 +295,49 @@ class RequestParser:
             "as_list": _flag(body.get("as_list", False), "as_list"),
         }
 
+    def _codes(self, codes: Any) -> None:
+        if not codes:
+            raise RequestError("instruments must list at least one code")
+        if len(codes) > self.limits.max_instruments:
+            raise RequestError(f"instruments must list 1 to {self.limits.max_instruments} codes, got {len(codes)} "
+                               "(the server's max_instruments)")
+
+    def _spans(self, conf: dict) -> dict:
+        """A dict of instrument codes and their ``(start, end)`` spans (what ``D.list_instruments`` returns),
+        normalised as Qlib's cache key normalises it: codes in order, each one's spans sorted."""
+        self._codes(conf)
+        out = {}
+        for code, spans in conf.items():
+            code = _name(code, "instrument")
+            if not isinstance(spans, (list, tuple)) or len(spans) > MAX_SPANS:
+                raise RequestError(f"the spans of instrument {code} must be a list of at most {MAX_SPANS} "
+                                   "(start, end) pairs")
+            pairs = []
+            for span in spans:
+                if not isinstance(span, (list, tuple)) or len(span) != 2:
+                    raise RequestError(f"a span of instrument {code} must be a (start, end) pair, not {_show(span)}")
+                start, end = _time(span[0], f"a span's start of {code}"), _time(span[1], f"a span's end of {code}")
+                if start is None or end is None:
+                    raise RequestError(f"a span of instrument {code} must give both its start and its end")
+                if pd.Timestamp(start) > pd.Timestamp(end):
+                    raise RequestError(f"a span of instrument {code} starts ({start}) after it ends ({end})")
+                pairs.append([start, end])
+            out[code] = sorted(pairs)
+        return dict(sorted(out.items()))
+
     def _feature(self, body: dict) -> dict:
         instruments = body.get("instruments")
         if isinstance(instruments, dict) and "market" in instruments:
             instruments = self._market(instruments)
+        elif isinstance(instruments, dict):
+            instruments = self._spans(instruments)
         elif isinstance(instruments, (list, tuple, set, frozenset, str)):
             codes = [instruments] if isinstance(instruments, str) else list(instruments)
-            if not codes:
-                raise RequestError("instruments must list at least one code")
-            if len(codes) > self.limits.max_instruments:
-                raise RequestError(f"instruments must list 1 to {self.limits.max_instruments} codes, got {len(codes)} "
-                                   "(the server's max_instruments)")
+            self._codes(codes)
             instruments = sorted({_name(c, "instrument") for c in codes})
         else:
-            raise RequestError("instruments must be a market config or a list of instrument codes")
+            raise RequestError("instruments must be a market config or a list of instrument codes, or a dict of "
+                               "codes and their (start, end) spans")
         fields = body.get("fields")
         if isinstance(fields, str):
             fields = [fields]
@@ -326,6 +359,7 @@ class RequestParser:
         start, end = _time(body.get("start_time"), "start_time"), _time(body.get("end_time"), "end_time")
         if start and end and start > end:
             raise RequestError(f"start_time {start} is after end_time {end}")
+        processors = inst_processors.check(body.get("inst_processors"), self.processors)
         return {
             "instruments": instruments,
             "fields": list(fields),
@@ -334,6 +368,7 @@ class RequestParser:
             "freq": _freq(body.get("freq", "day")),
             "disk_cache": int(disk_cache),
             **({"stream": True} if stream else {}),
+            **({"inst_processors": processors} if processors else {}),
         }
 
 
@@ -341,10 +376,13 @@ def request_key(request_type: str, args: dict) -> str:
     """Canonical key: equal for requests with the same answer, different otherwise.
 
     A feature request's answer (the dataset cache URI, or the prepared expression cache) covers the
-    whole history and sorts its fields, so its key ignores the dates and the order of the fields.
+    whole history and sorts its fields, so its key ignores the dates and the order of the fields; with
+    ``inst_processors`` it covers the request's window (the processors see that window's frame), so its
+    key keeps the dates.
     """
     if request_type == "feature":
-        args = {**args, "start_time": None, "end_time": None,
+        window = (args["start_time"], args["end_time"]) if args.get("inst_processors") else (None, None)
+        args = {**args, "start_time": window[0], "end_time": window[1],
                 "fields": sorted(set(f.replace(" ", "") for f in args["fields"]))}
     text = json.dumps([request_type, args], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:40]

@@ -7,9 +7,12 @@ rest of Qlib's calendar logic (``locate_index``, ``future``) runs unchanged on t
 
 from __future__ import annotations
 
+import datetime as dt
+
 import numpy as np
 import pandas as pd
 from qlib.data.data import BaseProvider, Cal, CalendarProvider, DatasetProvider, InstrumentProvider
+from qlib.data.inst_processor import InstProcessor
 
 from .connection import shared_connection
 
@@ -43,16 +46,12 @@ class ServerInstrumentProvider(_Remote, InstrumentProvider):
 
 class ServerDatasetProvider(_Remote, DatasetProvider):
     """Feature rows from the server's dataset cache, delivered inline (``disk_cache`` 0 and 1 alike:
-    the client has no data to compute from)."""
+    the client has no data to compute from). Instruments are a market config, codes, or a dict of codes
+    and their spans (``D.list_instruments``); ``inst_processors`` run on the server (Qlib's own and those
+    in its ``inst_processors_allowed``), sent as configs: an instance as its class and attributes."""
 
     def dataset(self, instruments, fields, start_time=None, end_time=None, freq="day", disk_cache=1,
                 return_uri=False, inst_processors=None):
-        if inst_processors:
-            raise ValueError(f"{self.__class__.__name__} does not support inst_processor: the server computes "
-                             "features without them")
-        if isinstance(instruments, dict) and "market" not in instruments:
-            raise ValueError("a dict of instruments and spans is not supported by the server: pass a market "
-                             "config (D.instruments) or a list of codes")
         if isinstance(instruments, (tuple, pd.Index, np.ndarray)):
             instruments = list(instruments)
         column_names = self.get_column_names(fields)
@@ -61,8 +60,48 @@ class ServerDatasetProvider(_Remote, DatasetProvider):
             return pd.DataFrame(index=index, columns=column_names)
         body = {"instruments": instruments, "fields": column_names, "start_time": start_time, "end_time": end_time,
                 "freq": freq, "disk_cache": 1}
+        processors = [wire_processor(p) for p in inst_processors or [] if p]  # Qlib skips empty ones
+        if processors:
+            body["inst_processors"] = processors
         frame = self.conn.features(body, column_names)
         return (frame, None) if return_uri else frame
+
+
+TIMESTAMP = "__timestamp__"  # a date in a processor's values (qlib_server.inst_processors reads it)
+
+
+def wire_value(value, where: str):
+    """A processor's argument or attribute as the server reads it: JSON, dates as ``{"__timestamp__": ...}``."""
+    if isinstance(value, (dt.date, pd.Timestamp, np.datetime64)):
+        return {TIMESTAMP: str(pd.Timestamp(value))}
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [wire_value(v, where) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: wire_value(v, where) for k, v in value.items()}
+    raise ValueError(f"{where} holds {type(value).__name__}, which cannot be sent to the server: give the "
+                     "processor as a config of plain values and dates")
+
+
+def wire_processor(processor) -> dict:
+    """One of Qlib's ``inst_processors`` (a config, or an ``InstProcessor`` instance) in the wire form of
+    :mod:`qlib_server.inst_processors`."""
+    if isinstance(processor, InstProcessor):
+        kind = type(processor)
+        return {"class": kind.__name__, "module_path": kind.__module__,
+                "state": wire_value(vars(processor), f"inst_processor {kind.__name__}")}
+    if isinstance(processor, dict) and "class" in processor:
+        config = dict(processor)
+        if isinstance(config["class"], type):  # Qlib also takes the class itself
+            config["class"], config["module_path"] = config["class"].__name__, config["class"].__module__
+        if "kwargs" in config:
+            config["kwargs"] = wire_value(config["kwargs"], f"inst_processor {config['class']} kwargs")
+        return config
+    raise ValueError(f"an inst_processor must be an InstProcessor or a config {{'class': ..., 'module_path': ..., "
+                     f"'kwargs': ...}} to run on the server, not {type(processor).__name__}")
 
 
 class ServerProvider(BaseProvider):

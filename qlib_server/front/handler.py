@@ -23,6 +23,7 @@ import socketio
 from flask import Flask, Response, request
 from flask_socketio import SocketIO
 
+from .. import inst_processors
 from ..admission import Admission
 from ..broker import Broker
 from ..broker.base import light_queue
@@ -50,7 +51,7 @@ def make_parser(cfg: ServerConfig) -> RequestParser:
         return check_expression(text, operators=operators, max_length=limits.max_expression_length,
                                 max_depth=limits.max_expression_depth)
 
-    return RequestParser(cfg.client_version, limits, check)
+    return RequestParser(cfg.client_version, limits, check, inst_processors.allowed(cfg.inst_processors_allowed))
 
 
 CLOSE_REPLY_DELAY = 0.5  # 0.1 s still lost 1 CLOSE in 100 under CI load

@@ -36,8 +36,8 @@ import numpy as np
 import pyarrow as pa
 from flask import Response, request
 from gevent.monkey import get_original
-from qlib.data.cache import DiskDatasetCache
 
+from .. import inst_processors
 from ..errors import RequestError
 from ..state import records
 from ..state.sources import RECORDS, is_current
@@ -53,7 +53,8 @@ GROUP_COLUMNS = 40
 
 def dataset_uri(args: dict) -> str:
     """The file name of the dataset cache a processor computes for these (checked) feature arguments."""
-    return DiskDatasetCache._uri(args["instruments"], args["fields"], None, None, args["freq"], 1)
+    return inst_processors.dataset_uri(args["instruments"], args["fields"], args["freq"],
+                                       args.get("inst_processors", []), args["start_time"], args["end_time"])
 
 
 def cache_columns(fields: list) -> list[str]:
@@ -317,7 +318,9 @@ def register(handler) -> None:
             raise guard.Refused(409, "the dataset cache of this request is not computed; send it as a "
                                      "feature_request", 2)
         where = layout(path)
-        start, stop = where.rows(args["start_time"], args["end_time"])
+        # a cache with inst_processors holds the window's frame as Qlib's processors left it: all of it is sent
+        start, stop = (0, len(where.records)) if args.get("inst_processors") else \
+            where.rows(args["start_time"], args["end_time"])
         columns = cache_columns(args["fields"])
         missing = set(columns) - where.fields
         if missing:  # a cache is keyed by its fields: only a bug gets here

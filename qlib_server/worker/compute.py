@@ -72,7 +72,7 @@ def _check_market(instruments, freq: str) -> None:
     """Refuse a market that has no instrument file, naming the market and nothing of the disk."""
     from qlib.config import C
 
-    if isinstance(instruments, dict):
+    if isinstance(instruments, dict) and "market" in instruments:  # not a dict of codes and spans
         market = instruments["market"]
         if not (Path(C.dpm.get_data_uri(freq)) / "instruments" / f"{market}.txt").is_file():
             raise RequestError(f"unknown market {market!r}")
@@ -90,7 +90,7 @@ def instrument(args: dict):
 
 
 def feature(args: dict, expression_cache: bool) -> str:
-    from qlib.data import D
+    from qlib.data.data import DatasetD
 
     _check_market(args["instruments"], args["freq"])
     if args["disk_cache"] == 0 and not expression_cache:
@@ -99,10 +99,10 @@ def feature(args: dict, expression_cache: bool) -> str:
 
     # An empty result is a cache of no rows (see datacache.write_empty): the client reads an empty frame.
     # A client that streams the cache (``stream``) needs no HDF5 file: only the records are written for it.
+    # ``inst_processors`` (checked, in their wire form) key a cache of the request's window; Qlib computes it.
     with datacache.records_only() if args.get("stream") else contextlib.nullcontext():
-        return D.features_uri(
-            args["instruments"], args["fields"], args["start_time"], args["end_time"], args["freq"], args["disk_cache"]
-        )
+        return DatasetD._dataset_uri(args["instruments"], args["fields"], args["start_time"], args["end_time"],
+                                     args["freq"], args["disk_cache"], inst_processors=args.get("inst_processors", []))
 
 
 def run(task_type: str, args: dict, expression_cache: bool = False):
@@ -114,7 +114,7 @@ def run(task_type: str, args: dict, expression_cache: bool = False):
             return instrument(args)
         if task_type == "feature":
             return feature(args, expression_cache)
-    except RequestError:
+    except (RequestError, ComputeError):  # their messages are written for the client
         raise
     except FileNotFoundError as exc:
         raise ComputeError(f"no such data: {Path(str(exc.filename or exc)).name}") from None

@@ -34,6 +34,7 @@ from qlib.config import C
 from qlib.data.cache import CacheUtils, DatasetCache, DiskDatasetCache, H
 from qlib.utils import code_to_fname, remove_fields_space
 
+from ..inst_processors import build, dataset_uri
 from ..state import keys, records
 from ..state.sources import HDF5, RECORDS, digests_path, is_current, read_record, sources_path, stat_of, write_sources
 from . import changes, dataset, extension, storage
@@ -99,14 +100,14 @@ def cache_sources(root: Path, instruments, fields: Iterable[str], freq: str) -> 
     computed from, by path relative to ``root``: the calendar, the market's instrument file, and each
     raw field named (in the fields or the filter rules) of each instrument the market ever lists."""
     expressions, names = list(fields), [f"calendars/{freq.lower()}.txt"]
-    if isinstance(instruments, dict):
+    if isinstance(instruments, dict) and "market" in instruments:
         names.append(f"instruments/{instruments['market'].lower()}.txt")
         try:
             codes = {line.split()[0] for line in (root / names[-1]).read_text().splitlines() if line.strip()}
         except FileNotFoundError:
             codes = set()
         expressions += [f.get("rule_expression", "") for f in instruments.get("filter_pipe") or []]
-    else:
+    else:  # codes, or a dict of codes and their spans
         codes = {instruments} if isinstance(instruments, str) else set(instruments)
     raw, pit, literals = references(expressions)
     for code in sorted(codes | literals):
@@ -226,6 +227,15 @@ def records_only():
         _HDF5_WANTED.reset(token)
 
 
+def with_timestamps(instruments):
+    """A dict of codes and spans with its dates as Timestamps (what ``D.list_instruments`` gives Qlib);
+    any other instruments as they are."""
+    if not isinstance(instruments, dict) or "market" in instruments:
+        return instruments
+    return {code: [(pd.Timestamp(start), pd.Timestamp(end)) for start, end in spans]
+            for code, spans in instruments.items()}
+
+
 def write_records(cache_path: Path, rows: dataset.CacheRows) -> None:
     """Write the records file of a cache (see :mod:`qlib_server.state.records`)."""
     segment = records.segment_path(cache_path)
@@ -275,11 +285,13 @@ def add_hdf5(cache_path: Path, instruments, freq: str) -> None:
 
 
 def compute_cache(cache_path: Path, provider, instruments, fields, freq: str, inst_processors=(),
-                  hdf5: bool = True) -> None:
+                  hdf5: bool = True, window: tuple = (None, None)) -> None:
     """Compute a dataset cache over the whole calendar: the sources recorded (stats, then digests) before computing
     and written last, the records always written, with the engine's checkpoint (what extends the cache when days
     are appended, :mod:`.extension`), Qlib's HDF5 files with ``hdf5`` (a stock client needs them), each in one
-    pass, and an empty result written as a cache of no rows. The caller holds the cache's lock."""
+    pass, and an empty result written as a cache of no rows. The caller holds the cache's lock. With
+    ``inst_processors`` (checked, in their wire form: :mod:`qlib_server.inst_processors`, built here) Qlib computes
+    it over the ``window`` (start, end), whose frame the processors see; such a cache is never extended."""
     from qlib.data.data import Cal
 
     from .extension import save_checkpoint
@@ -291,8 +303,9 @@ def compute_cache(cache_path: Path, provider, instruments, fields, freq: str, in
     H.clear()  # compute from the files just recorded, not from calendars and features held in memory
     storage.forget()
     calendar = Cal.calendar(freq=freq)
-    rows = dataset.cache_rows(provider, instruments, fields, calendar[0], calendar[-1], freq, inst_processors,
-                              scratch=cache_path.parent)
+    first, last = window if inst_processors else (calendar[0], calendar[-1])
+    rows = dataset.cache_rows(provider, with_timestamps(instruments), fields, first, last, freq,
+                              build(inst_processors), scratch=cache_path.parent)
     write_records(cache_path, rows)
     save_checkpoint(cache_path, rows.checkpoint)
     forms: tuple = (RECORDS,)
@@ -327,27 +340,31 @@ class ServerDatasetCache(DiskDatasetCache):
 
     def _dataset_uri(self, instruments, fields, start_time=None, end_time=None, freq="day", disk_cache=0,
                      inst_processors=None):
+        """The uri of a dataset cache computed when not current: of the whole history, or with
+        ``inst_processors`` (checked, in their wire form: :mod:`qlib_server.inst_processors`) of the window
+        from ``start_time`` to ``end_time``, whose frame Qlib's processors see."""
         inst_processors = [] if inst_processors is None else inst_processors  # Qlib's default, not shared
-        if disk_cache == 0 or inst_processors:  # Qlib prepares the expression cache, or refuses
+        if disk_cache == 0:  # Qlib prepares the expression cache
             return super()._dataset_uri(instruments, fields, start_time, end_time, freq, disk_cache, inst_processors)
-        uri = self._uri(instruments, fields, None, None, freq, disk_cache)
+        uri = dataset_uri(instruments, fields, freq, inst_processors, start_time, end_time)
         path = self.get_cache_dir(freq) / uri
         form = HDF5 if _HDF5_WANTED.get() else RECORDS
+        window = (start_time, end_time) if inst_processors else (None, None)
         if not is_current(path, form=form):
             with CacheUtils.writer_lock(self.r, lock_name(path)):
                 if is_current(path, form=form):  # another worker computed it meanwhile
                     pass
                 elif form == HDF5 and is_current(path, form=RECORDS):  # streamed so far: Qlib's files from it
                     add_hdf5(path, instruments, freq)
-                elif extension.try_extend(path, instruments, fields, freq):  # days appended: new rows only
+                elif not inst_processors and extension.try_extend(path, instruments, fields, freq):  # days appended
                     if form == HDF5:
                         add_hdf5(path, instruments, freq)
                 else:
-                    self.gen_dataset_cache(path, instruments, fields, freq)
+                    self.gen_dataset_cache(path, instruments, fields, freq, inst_processors, window)
         return uri
 
-    def gen_dataset_cache(self, cache_path, instruments, fields, freq, inst_processors=None):
-        """Qlib's generation, as :func:`compute_cache` does it. Unlike Qlib's it returns no frame: the server only
-        asks for a cache's uri (``_dataset_uri``)."""
+    def gen_dataset_cache(self, cache_path, instruments, fields, freq, inst_processors=None, window=(None, None)):
+        """Qlib's generation, as :func:`compute_cache` does it (over the ``window`` with ``inst_processors``).
+        Unlike Qlib's it returns no frame: the server only asks for a cache's uri (``_dataset_uri``)."""
         compute_cache(Path(cache_path), self.provider, instruments, fields, freq, inst_processors or [],
-                      hdf5=_HDF5_WANTED.get())
+                      hdf5=_HDF5_WANTED.get(), window=window)

@@ -20,6 +20,8 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
+from ..errors import ComputeError
+
 #: a feature set larger than this is held in a scratch file (mapped) while it is computed, not in memory
 IN_MEMORY_BYTES = 1 << 30
 #: rows of one piece of the cache written at a time (about this many bytes of values)
@@ -119,6 +121,10 @@ def cache_rows(provider, instruments, fields, start_time, end_time, freq: str, i
                          computed.checkpoint)
     frame = cache_layout(provider.dataset(instruments, fields, start_time, end_time, freq,
                                           inst_processors=list(inst_processors)))
+    other = [(c, t) for c, t in frame.dtypes.items() if t != np.float32] if inst_processors else []
+    if other:  # a cache holds float32 values: served, they would not be what local Qlib gives
+        raise ComputeError(f"inst_processors left column {str(other[0][0])[:60]!r} as {other[0][1]}: the server "
+                           "serves float32 values, as Qlib computes them (cast the processor's result)")
     if frame.empty:
         return CacheRows(normalize_cache_fields(fields), [], "ns", 0, lambda: iter(()), lambda: iter(()))
     which, codes = pd.factorize(frame.index.get_level_values("instrument"), sort=True)

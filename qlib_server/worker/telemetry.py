@@ -67,11 +67,13 @@ def describe(task: dict) -> str:
     """What a task computes, in one short line."""
     args = task.get("args") or {}
     instruments = args.get("instruments")
-    if isinstance(instruments, dict):
+    if isinstance(instruments, dict) and "market" in instruments:
         filters = len(instruments.get("filter_pipe") or [])
         scope = f"market {instruments.get('market')}" + (f" with {filters} filter(s)" if filters else "")
     else:
-        scope = f"{len(instruments or [])} instrument(s)"
+        scope = f"{len(instruments or [])} instrument(s)" + (" with spans" if isinstance(instruments, dict) else "")
+    if args.get("inst_processors"):
+        scope += f" and {len(args['inst_processors'])} inst_processor(s)"
     if task.get("type") == "calendar":
         return f"{args.get('freq')} calendar {args.get('start_time') or '…'} to {args.get('end_time') or '…'}"
     if task.get("type") == "instrument":

@@ -33,6 +33,7 @@ LAYERS = {
     "qlib_server.datagen_updates": "top",
     "qlib_server.errors": "top",
     "qlib_server.expressions": "top",
+    "qlib_server.inst_processors": "top",
     "qlib_server.log": "top",
     "qlib_server.metrics": "top",
     "qlib_server.protocol": "top",

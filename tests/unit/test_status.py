@@ -70,6 +70,11 @@ def test_a_task_is_described_in_one_short_line():
         == "instrument list of market all with 2 filter(s)"
     assert describe({"type": "calendar", "args": {"freq": "day", "start_time": "2019-01-02", "end_time": None}}) \
         == "day calendar 2019-01-02 to …"
+    spans = {"SH600000": [["2019-01-02 00:00:00", "2019-03-01 00:00:00"]], "SZ000001": []}
+    processors = [{"class": "qlib.data.dataset.processor.TimeRangeFlt", "kwargs": {}}]
+    assert describe({"type": "feature", "args": {"instruments": spans, "fields": ["$close"],
+                                                 "inst_processors": processors}}) \
+        == "features $close of 2 instrument(s) with spans and 1 inst_processor(s)"
 
 
 def test_worker_reports_over_a_pipe_become_the_task_in_hand_its_outcome_and_redeliveries():
