@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import re
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 from qlib_server.datagen import generate_dataset
 from qlib_server.datagen_updates import append_days
 from sim.bench import _free_port, _wait_ready, stop
+from sim.bench_engine import timed
 
 FIELDS = ("from qlib.contrib.data.loader import Alpha158DL; "
           "FIELDS = Alpha158DL.get_feature_config()[0] + ['Ref($close, -2)/Ref($close, -1) - 1']")
@@ -67,31 +67,6 @@ equal = bool(done) and all(x.dtype == y.dtype and np.array_equal(x.view(np.uint8
 print(json.dumps({{"full_s": full, "extend_s": extend, "full_again_s": again, "extended": bool(done),
                   "equal_bits": equal, "rows": len(b), "segments": len(a.segments)}}))
 """
-CLIENT = """
-import pickle, sys, tempfile, time
-import qlib
-from qlib.data import D
-{init}
-{fields}
-times = []
-for _ in range({repeat}):
-    t = time.perf_counter()
-    df = D.features(D.instruments("csi300"), FIELDS, freq="day")
-    times.append(time.perf_counter() - t)
-pickle.dump((times, df), open(sys.argv[1], "wb"))
-"""
-SERVER = ('from qlib_server.client import client_config\n'
-          'qlib.init(**client_config("127.0.0.1", {port}, timeout=1800), provider_uri=tempfile.mkdtemp(), '
-          'region="cn", logging_level="ERROR")')
-LOCAL = 'qlib.init(provider_uri={data!r}, region="cn", logging_level="ERROR")'
-
-
-def run(init: str, repeat: int, out: Path):
-    script = CLIENT.format(init=init, fields=FIELDS, repeat=repeat)
-    subprocess.run([sys.executable, "-c", script, str(out)], check=True)
-    return pickle.loads(out.read_bytes())
-
-
 def segments(root: Path) -> list:
     from qlib_server.state import records
 
@@ -130,7 +105,7 @@ def main(argv=None) -> int:
     try:
         _wait_ready(f"http://127.0.0.1:{port}")
         print("server: Alpha158 cold, then hot ...", flush=True)
-        (cold_s, hot_s), _ = run(SERVER.format(port=port), 2, work / "before.pkl")
+        (cold_s, hot_s), _ = timed("server", FIELDS, work, data, port, 2)
         append_days(data, 1, seed=7)
         appended = time.monotonic()
         print("server: one day appended; waiting for the background refresh ...", flush=True)
@@ -139,12 +114,12 @@ def main(argv=None) -> int:
                 raise SystemExit(f"no extension within 600 s: {segments(data)}")
             time.sleep(0.2)
         refreshed_s = time.monotonic() - appended
-        (after_s,), served = run(SERVER.format(port=port), 1, work / "after.pkl")
+        (after_s,), served = timed("server", FIELDS, work, data, port, 1)
     finally:
         stop(server)
     found = re.findall(r"extended 1 dataset caches in ([0-9.]+) s", log.read_text())
     print("local Qlib on the new data ...", flush=True)
-    (local_s,), local = run(LOCAL.format(data=str(data)), 1, work / "local.pkl")
+    (local_s,), local = timed("local", FIELDS, work, data, port, 1)
     row = {"rows": worker["rows"], "fields": served.shape[1], "worker_full_s": round(worker["full_s"], 2),
            "worker_extend_s": round(worker["extend_s"], 3), "worker_full_again_s": round(worker["full_again_s"], 2),
            "extend_ratio": round(worker["extend_s"] / worker["full_again_s"], 3),
