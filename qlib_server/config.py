@@ -50,6 +50,9 @@ class ServerConfig(BaseModel):
     auto_update: bool = False
     update_time: str = Field("23:45", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     data_check_interval: float = Field(10.0, gt=0, description="seconds between looks at the data files")
+    refresh_recent_days: int = Field(7, ge=0, le=31, description="after a data update, the dataset caches used in "
+                                     "this many days are extended in the background, most used first (0: none; "
+                                     "the others are extended at their next request)")
 
     # --- ours ---
     async_mode: Literal["gevent", "threading"] = "gevent"

@@ -34,6 +34,7 @@ from ..protocol import REQUEST_TYPES, Limits, RequestParser, response, retry_lat
 from ..state import keys
 from ..state.cache import ResultCache
 from ..state.registry import SessionRegistry
+from ..state.usage import Usage
 from . import guard, transfer
 from .listener import RequestListener
 from .responder import Pending, RequestResponder, waiter
@@ -179,7 +180,9 @@ class RequestHandler:
         self.publisher = broker_factory()
         self.publisher.declare(cfg.task_queue, cfg.message_queue, cfg.max_deliveries)
         self.publisher.declare_inbox(keys.inbox(self.node), keys.INBOX_EXPIRE)
-        self.cache = ResultCache(registry.redis, cfg.result_cache_ttl, dataset_cache_dir=cfg.dataset_cache_dir)
+        self.usage = Usage()  # the dataset caches answers name: what a refresh extends first
+        self.cache = ResultCache(registry.redis, cfg.result_cache_ttl, dataset_cache_dir=cfg.dataset_cache_dir,
+                                 usage=self.usage)
         self.responder = RequestResponder(self.node, registry, self.metrics, self._emit, self.publisher.publish,
                                           self.pending, cfg.request_timeout, self.cache)
         self.listener = RequestListener(

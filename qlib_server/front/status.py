@@ -106,6 +106,7 @@ class StatusPage:
             try:
                 self._sample_queues()
                 fleet.write(client, "handler", self.identity["id"], self.snapshot())
+                self.handler.usage.flush(client)
                 failing = False
             except (redis.RedisError, QlibServerError) as exc:
                 if not failing:

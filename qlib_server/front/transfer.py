@@ -318,6 +318,7 @@ def register(handler) -> None:
             raise guard.Refused(409, "the dataset cache of this request is not computed; send it as a "
                                      "feature_request", 2)
         where = layout(path)
+        handler.usage.note(path.name)
         # a cache with inst_processors holds the window's frame as Qlib's processors left it: all of it is sent
         start, stop = (0, len(where.records)) if args.get("inst_processors") else \
             where.rows(args["start_time"], args["end_time"])

@@ -21,6 +21,7 @@ import redis
 
 from ..errors import ConnectionLost
 from . import keys
+from .usage import Usage
 
 _MISS = object()
 
@@ -29,8 +30,10 @@ class ResultCache:
     """Redis-backed cache of successful answers, keyed by data generation and request key."""
 
     def __init__(self, client: redis.Redis, ttl: float, generation_check: float = 1.0,
-                 dataset_cache_dir: Optional[Path] = None, memo_seconds: float = 1.0, memo_size: int = 4096):
+                 dataset_cache_dir: Optional[Path] = None, memo_seconds: float = 1.0, memo_size: int = 4096,
+                 usage: Optional[Usage] = None):
         self.redis = client
+        self.usage = usage  # counts the dataset caches the answers name
         self.ttl = int(ttl)
         self.memo_seconds = min(memo_seconds, ttl)
         self.memo_size = memo_size
@@ -90,6 +93,8 @@ class ResultCache:
             files = files or self._files(result)
             if not (os.path.exists(files[0]) and os.path.exists(files[1])):  # deleted, or never completed
                 return _MISS
+            if self.usage is not None:
+                self.usage.note(str(result))
         return result
 
     def _files(self, result: Any) -> tuple[str, str]:

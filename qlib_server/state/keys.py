@@ -37,6 +37,12 @@ GENERATION = f"{PREFIX}:data-generation"
 DATA_DIGEST = f"{PREFIX}:data-digest"
 #: hash: the progress of the last refresh's extension of dataset caches (state, total, extended, failed, times)
 REFRESH = f"{PREFIX}:refresh"
+#: sorted set per day: dataset cache name → uses that day (``usage.Usage``); this prefix, then the date
+USAGE = f"{PREFIX}:cache-usage:"
+
+
+def usage(day: str) -> str:
+    return USAGE + day
 
 #: python-redis-lock name of the lock on one of Qlib's caches: this prefix, then Qlib's name for it
 QLIB_CACHE_LOCK = f"{PREFIX}:qlib-cache-lock:"

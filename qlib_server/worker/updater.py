@@ -55,8 +55,8 @@ def data_digest(provider_uri: str) -> str:
 def refresh(cfg: ServerConfig, redis_client=None, force: bool = True, progress: Callable | None = None) -> dict:
     """Delete the dataset caches not computed from the data on disk now, except those that only miss appended
     days; then, if the data differs from the last refresh's (or ``force``), drop Qlib's expression cache and
-    invalidate every cached answer; then extend the caches that miss appended days (:mod:`.extension`), the
-    last computed first, so that the first requests after a daily update find them current. The progress is
+    invalidate every cached answer; then extend the caches that miss appended days (:mod:`.extension`) and were
+    used lately, the most used first, so that the first requests after a daily update find them current. The progress is
     kept in Redis (``keys.REFRESH``, on the status page) and passed to ``progress(done, total)``."""
     import redis
 
@@ -80,18 +80,23 @@ def refresh(cfg: ServerConfig, redis_client=None, force: bool = True, progress: 
 
 
 def extend_caches(cfg: ServerConfig, client, paths: list, progress: Callable | None = None) -> dict:
-    """Extend each dataset cache of ``paths`` under its lock (one a worker brought up to date meanwhile is left
-    as it is; one that cannot be extended after all is deleted, to be computed at its next request)."""
-    from ..state import keys, records
+    """Extend each dataset cache of ``paths`` used in the last ``refresh_recent_days`` days, the most used first,
+    each under its lock (one a worker brought up to date meanwhile is left as it is; one that cannot be
+    extended after all is deleted, to be computed at its next request). The others are left to be extended at
+    their next request."""
+    from ..state import keys, records, usage
     from ..state.sources import RECORDS, is_current
     from . import compute, datacache, extension
 
-    compute.init_qlib(cfg)
-    paths = sorted(paths, key=lambda p: -_mtime(records.path_of(p)))  # the last computed first
+    used = usage.recent(client, cfg.refresh_recent_days)
+    later = [p for p in paths if not used.get(p.name)]  # not used lately: extended at their next request
+    paths = sorted((p for p in paths if used.get(p.name)), key=lambda p: (-used[p.name], -_mtime(records.path_of(p))))
     started = time.time()
-    counts = {"extended": 0, "failed": 0}
+    counts = {"extended": 0, "failed": 0, "later": len(later)}
     client.hset(keys.REFRESH, mapping={"state": "extending", "total": len(paths), "extended": 0, "failed": 0,
-                                       "started": started, "finished": 0})
+                                       "later": len(later), "started": started, "finished": 0})
+    if paths:
+        compute.init_qlib(cfg)
     for done, path in enumerate(paths, 1):
         with datacache.cache_lock(client, datacache.lock_name(path)):
             if not is_current(path, form=RECORDS):
@@ -104,8 +109,9 @@ def extend_caches(cfg: ServerConfig, client, paths: list, progress: Callable | N
         if progress is not None:
             progress(done, len(paths))
     client.hset(keys.REFRESH, mapping={"state": "done", "finished": time.time()})
-    log.info("extended %d dataset caches in %.1f s (%d computed again at their next request)", counts["extended"],
-             time.time() - started, counts["failed"])
+    log.info("extended %d dataset caches in %.1f s (%d computed again at their next request; %d not used lately, "
+             "extended at their next request)", counts["extended"], time.time() - started, counts["failed"],
+             counts["later"])
     return counts
 
 

@@ -147,3 +147,15 @@ def test_clients_reading_while_a_cache_is_extended_get_the_old_or_the_new_frame_
               for name, frame in (("old", old), ("new", new))}
     assert set(seen) <= set(digest.values()), "a frame that is neither the old data's nor the new data's"
     assert digest["old"] in seen and digest["new"] in seen, "the reader saw only one version"
+
+
+def test_a_cache_not_used_lately_is_extended_at_its_next_request_not_in_the_background(start_server, data):
+    """``refresh_recent_days: 0``: the refresh extends nothing in the background; the next request does."""
+    server = start_server(provider_uri=str(data), refresh_recent_days=0)
+    run_server_client(SCRIPT, server.port, None)
+    append_days(data, 1)
+    wait_until(lambda: refresh(server).get("state") == "done", 60, what="the refresh done")
+    assert {k: refresh(server)[k] for k in ("total", "extended", "later")} == {"total": 0, "extended": 0, "later": 1}
+    assert extended(data, 1)  # not extended yet, not dropped either
+    assert_same(run_server_client(SCRIPT, server.port, None), local_qlib(SCRIPT, data))
+    assert extended(data, 2)  # extended by the request, not computed again
