@@ -58,6 +58,7 @@ def bench(session):
     """Benchmarks: print a table and write bench-results/bench.json."""
     install(session, "load", "sim")
     session.run("python", "-m", "sim.bench_engine")
+    session.run("python", "-m", "sim.bench_update")
     session.run("python", "-m", "sim.bench", *session.posargs)
 
 
