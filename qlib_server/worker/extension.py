@@ -103,6 +103,7 @@ def _extend(cache_path: Path, instruments, fields, freq: str, change: changes.Ch
     from ..engine import features
     from ..engine.checkpoint import Checkpoint
     from ..engine.values import Unsupported
+
     if isinstance(instruments, dict) and instruments.get("filter_pipe"):
         return False  # a filter may list other instruments on the new days
     if set(sources) != set(change.digests):
