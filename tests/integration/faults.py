@@ -58,10 +58,11 @@ def slow_terms(terms: int, tag: int) -> list[str]:
 
 
 def slow_instrument_body(terms: int, tag: int) -> dict:
-    """An instrument list filtered by a slow expression that keeps every instrument. Qlib evaluates a
-    filter itself (not the compute engine), without its dataset cache, so no cache lock is involved: each
-    rolling ``Mad`` term runs a Python callback per row (~0.3 s a term over the session dataset)."""
-    rule = "+".join(f"Mad($close,{window})+{tag}" for window in range(5, 5 + terms)) + ">0"
+    """An instrument list filtered by a slow expression that keeps every instrument. The compute engine leaves
+    the rule to Qlib (its rolling ``Mad`` terms are over a series the engine leaves to Qlib), without a
+    dataset cache, so no cache lock is involved: each term runs a Python callback per row (~0.3 s a term over
+    the session dataset)."""
+    rule = "+".join(f"Mad({_LEFT_TO_QLIB},{window})+{tag}" for window in range(5, 5 + terms)) + ">0"
     return {"instruments": {"market": "all", "filter_pipe": [
         {"filter_type": "ExpressionDFilter", "rule_expression": rule, "keep": False}]},
         "start_time": None, "end_time": None, "freq": "day", "as_list": True}
