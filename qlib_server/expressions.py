@@ -186,3 +186,56 @@ def check_expression(text: str, *, operators: frozenset[str], max_length: int = 
     if parser.peek()[0] != "end":
         raise parser.unexpected()
     return text
+
+
+# -- where evaluation starts ------------------------------------------------------------------------
+
+# Qlib evaluates a field from the request's first day less the field's look-back. Most operators give the same
+# values wherever that is; these do only when their window (the argument at this index) is a literal other than
+# 0: a window of 0 is expanding (``Ref``/``Delta`` of 0 take the first day loaded), and ``Delta`` reads one day
+# more than its look-back counts (NaN on a window's first day).
+_SAME_WHEREVER = frozenset({"Feature", "Abs", "Sign", "Log", "Power", "Not", "Add", "Sub", "Mul", "Div", "Greater",
+                            "Less", "Gt", "Ge", "Lt", "Le", "Eq", "Ne", "And", "Or", "If", "Mask", "ChangeInstrument"})
+_EXACT_WINDOWS = {"Ref": 1, "Max": 1, "Min": 1, "IdxMax": 1, "IdxMin": 1, "Quantile": 1, "Med": 1, "Mad": 1,
+                  "Rank": 1, "Count": 1, "WMA": 1, "Rolling": 1}
+_EXACT_ROLLING = frozenset({"count", "median", "min", "max", "rank"})
+
+
+def _arguments(tokens: list, at: int) -> list[list[str]]:
+    """The arguments (their token texts) of the call whose ``(`` is ``tokens[at]``."""
+    args: list[list[str]] = []
+    current: list[str] = []
+    depth = 0
+    for kind, value in tokens[at + 1:]:
+        if value in ("(", ")", ",") and kind == "punct":
+            if value == ")" and depth == 0:
+                return [*args, current]
+            if value == "," and depth == 0:
+                args.append(current)
+                current = []
+                continue
+            depth += 1 if value == "(" else -1 if value == ")" else 0
+        current.append(value)
+    return [*args, current]
+
+
+def start_matters(text: str) -> bool:
+    """Whether a (checked) expression's values may depend on the day Qlib starts evaluating it: running windows
+    (pandas' compensated sums, variances, Qlib's regressions, ``Corr``/``Cov``: their rounding), ``EMA``,
+    expanding windows, ``Delta``, point-in-time fields and operators, custom operators, ``TResample``. A window
+    starting mid-calendar of such a field is not the whole history's values cut to it."""
+    tokens = [(m.lastgroup, m.group()) for m in _TOKEN.finditer(text) if m.lastgroup != "space"]
+    for i, (kind, value) in enumerate(tokens):
+        if kind == "feature" and value.startswith("$$"):
+            return True
+        if kind != "name" or i + 1 == len(tokens) or tokens[i + 1][1] != "(" or value in _SAME_WHEREVER:
+            continue
+        if value not in _EXACT_WINDOWS:
+            return True
+        args = _arguments(tokens, i + 1)
+        window = "".join(args[_EXACT_WINDOWS[value]]) if len(args) > _EXACT_WINDOWS[value] else ""
+        if not re.fullmatch(r"[-+]?[0-9]+", window) or int(window) == 0:
+            return True
+        if value == "Rolling" and (len(args) < 3 or "".join(args[2]).strip("'\"") not in _EXACT_ROLLING):
+            return True
+    return False

@@ -3,7 +3,7 @@ their wire form and its check, the dataset cache they key, and building them in 
 
 Qlib applies each processor to each instrument's frame of the requested window (``inst_calculator``), so
 the result depends on the window: a request with processors gets a dataset cache of its own window, keyed
-by the processors and the dates too (:func:`dataset_uri`), holding exactly Qlib's frame.
+by the processors and the dates too (:mod:`qlib_server.dataset_keys`), holding exactly Qlib's frame.
 
 Only processors named in the allow-list run: Qlib's own (:data:`QLIB_INST_PROCESSORS`) and those in the
 server's ``inst_processors_allowed``. A name is resolved by the worker itself (``importlib`` of the allowed
@@ -129,19 +129,6 @@ def check(value: Any, allowed_names: frozenset[str]) -> list[dict]:
             raise RequestError(f"the {kind} of inst_processor {name[:120]} must be a mapping of names to values")
         out.append({"class": name, kind: values})
     return out
-
-
-def dataset_uri(instruments, fields, freq: str, processors: list, start_time, end_time) -> str:
-    """The file name of the dataset cache of a (checked) feature request: Qlib's ``_uri`` of the whole
-    history without processors; with them, also keyed by them (as Qlib's ``_uri`` is) and by the window,
-    whose frame the processors see. The worker writes it and the front streams it under this name."""
-    from qlib.data.cache import DatasetCache, DiskDatasetCache
-    from qlib.utils import hash_args
-
-    if not processors:
-        return DiskDatasetCache._uri(instruments, fields, None, None, freq, 1)
-    return hash_args(*DatasetCache.normalize_uri_args(instruments, fields, freq), 1, processors,
-                     {"start_time": start_time, "end_time": end_time})
 
 
 def _built(value: Any) -> Any:

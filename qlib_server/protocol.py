@@ -22,7 +22,7 @@ import pandas as pd
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from . import inst_processors
+from . import dataset_keys, inst_processors
 from .errors import RequestError
 
 REQUEST_TYPES = ("calendar", "instrument", "feature")
@@ -373,15 +373,12 @@ class RequestParser:
 
 
 def request_key(request_type: str, args: dict) -> str:
-    """Canonical key: equal for requests with the same answer, different otherwise.
-
-    A feature request's answer (the dataset cache URI, or the prepared expression cache) covers the
-    whole history and sorts its fields, so its key ignores the dates and the order of the fields; with
-    ``inst_processors`` it covers the request's window (the processors see that window's frame), so its
-    key keeps the dates.
-    """
+    """Canonical key: equal for requests with the same answer, different otherwise. A feature request's answer
+    (a dataset cache's URI, or the prepared expression cache) sorts its fields and covers the window of
+    :func:`.dataset_keys.request_window` (``disk_cache=1``) or the whole history, so its key ignores the order of
+    the fields and the dates outside it."""
     if request_type == "feature":
-        window = (args["start_time"], args["end_time"]) if args.get("inst_processors") else (None, None)
+        window = dataset_keys.request_window(args) if args["disk_cache"] else (None, None)
         args = {**args, "start_time": window[0], "end_time": window[1],
                 "fields": sorted(set(f.replace(" ", "") for f in args["fields"]))}
     text = json.dumps([request_type, args], sort_keys=True, separators=(",", ":"))

@@ -11,6 +11,7 @@ counted in :data:`FALLBACKS`.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import threading
@@ -284,13 +285,11 @@ class FeatureReader:
     ``max(first, since)`` (what an extension reads)."""
 
     def __init__(self, data_root: Path, freq: str, contents: Optional[dict] = None):
-        self.features, self.freq = Path(data_root) / "features", freq.lower()
+        self.features, self.freq = os.path.join(os.fspath(data_root), "features"), freq.lower()
         self.contents = contents or {}  # path → the file's bytes, read already (an extension's change check)
 
     def path(self, instrument: str, field: str) -> str:
-        from qlib.utils import code_to_fname
-
-        return os.path.join(self.features, code_to_fname(instrument).lower(), f"{field.lower()}.{self.freq}.bin")
+        return os.path.join(self.features, _directory(instrument), f"{field.lower()}.{self.freq}.bin")
 
     def __call__(self, instrument: str, field: str) -> Optional[np.ndarray]:
         try:
@@ -321,6 +320,14 @@ class FeatureReader:
             return first, size // 4 - 1, np.frombuffer(os.pread(fd, max(0, size - offset), offset), dtype="<f4")
         finally:
             os.close(fd)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _directory(instrument: str) -> str:
+    """The directory of an instrument's feature files (Qlib's ``code_to_fname``, lower case)."""
+    from qlib.utils import code_to_fname
+
+    return code_to_fname(instrument).lower()
 
 
 def feature_reader(data_root: Path, freq: str) -> FeatureReader:

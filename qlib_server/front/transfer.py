@@ -37,7 +37,7 @@ import pyarrow as pa
 from flask import Response, request
 from gevent.monkey import get_original
 
-from .. import inst_processors
+from .. import dataset_keys
 from ..errors import RequestError
 from ..state import records
 from ..state.sources import RECORDS, is_current
@@ -53,8 +53,8 @@ GROUP_COLUMNS = 40
 
 def dataset_uri(args: dict) -> str:
     """The file name of the dataset cache a processor computes for these (checked) feature arguments."""
-    return inst_processors.dataset_uri(args["instruments"], args["fields"], args["freq"],
-                                       args.get("inst_processors", []), args["start_time"], args["end_time"])
+    return dataset_keys.dataset_uri(args["instruments"], args["fields"], args["freq"],
+                                    args.get("inst_processors", []), args["start_time"], args["end_time"])
 
 
 def cache_columns(fields: list) -> list[str]:

@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 from qlib.utils import code_to_fname
@@ -70,7 +70,7 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def _read(path: Path, size: int = -1) -> Optional[bytes]:
+def _read(path: Union[str, Path], size: int = -1) -> Optional[bytes]:
     """The first ``size`` bytes of a file (all for -1), or None when it is missing."""
     try:
         with open(path, "rb") as f:
@@ -102,14 +102,16 @@ def _date(entries: list[str]) -> Optional[str]:
     return entries[-1].split()[0] if entries else None
 
 
-def classify(files: dict, digests: dict, root: Path, contents: Optional[dict] = None) -> Change:
+def classify(files: dict, digests: dict, root: Path, contents: Optional[dict] = None,
+             stats: Optional[dict] = None) -> Change:
     """How the data under ``root`` changed since a cache recorded ``files`` (``{name: [size, mtime_ns] or
     None}``, :func:`~qlib_server.worker.datacache.cache_sources`) and ``digests`` (:func:`digests`). With
     ``contents`` (a dict), the bytes of each feature file read whole are kept there (an extension computes from
-    the very bytes told apart)."""
+    the very bytes told apart). ``stats``: the stats of (some of) the files, taken just before."""
     root = Path(root)
     base = str(root)  # (str paths: a few microseconds a file less than pathlib's)
-    now = {name: stat_of(os.path.join(base, name)) for name in files}
+    stats = stats or {}
+    now = {name: stats[name] if name in stats else stat_of(os.path.join(base, name)) for name in files}
     if all(now[name] == stat for name, stat in files.items()):
         return Change(CURRENT)
     seen: dict = {}  # digests of the files read whole, as they are now
@@ -130,7 +132,7 @@ def _append(files: dict, recorded: dict, root: Path, now: dict, seen: dict, cont
     if calendar is not None:
         old, new = files[calendar], now[calendar]
         if old == new:
-            old_days = days = _days(_read(root / calendar, old[0]) or b"") if old else []
+            old_days = days = _days(_read(os.path.join(root, calendar), old[0]) or b"") if old else []
         else:
             data = _intact(calendar, old, new, recorded, root, seen)
             old_days, days = _days(data[: old[0]]), _days(data)
@@ -178,13 +180,15 @@ def _intact(name: str, old: Optional[list], new: Optional[list], recorded: dict,
     """The bytes of a file whose stat changed from ``old`` to ``new``, when it still begins with its recorded
     bytes (its digest as it is now kept in ``seen``: one read for both)."""
     size = _present(name, old, new, recorded)[0]
-    data = _read(root / name)
+    data = _read(os.path.join(root, name))
     if data is None:
         raise _Rewrite(f"{name}: vanished")
-    if _digest(data[:size]) != recorded[name]:
+    state = hashlib.sha256(memoryview(data)[:size])
+    if state.hexdigest()[:32] != recorded[name]:
         what = "a day" if name.startswith("calendars/") else "value" if name.startswith("features/") else "data"
         raise _Rewrite(f"{name}: {what} rewritten in its first {size} bytes")
-    seen[name] = _digest(data)
+    state.update(memoryview(data)[size:])  # the digest of all of it: the recorded part is not hashed again
+    seen[name] = state.hexdigest()[:32]
     return data
 
 
@@ -218,7 +222,7 @@ def _check_spans(name: str, files: dict, digest: str, root: Path, old_days: list
     """The instrument file ``name`` changed only by extending spans that ended on the old last day to a new
     day: with those spans ended on the old last day again, its bytes are the recorded ones. Returns how many
     spans were extended."""
-    data = _read(root / name)
+    data = _read(os.path.join(root, name))
     if data is None:
         raise _Rewrite(f"{name}: vanished")
     seen[name] = _digest(data)

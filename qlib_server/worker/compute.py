@@ -10,6 +10,7 @@ default: it makes a cold dataset three times slower and pyqlib's default client 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from pathlib import Path
 
@@ -50,6 +51,11 @@ def init_qlib(cfg: ServerConfig, warm: bool = False) -> None:
         from .. import engine
 
         engine.warm()
+    # What the process holds now (Qlib, pandas, numba and their modules: some 300,000 objects) lives as long as it
+    # does: out of the collector's reach, a full collection scans only what requests left (it took 0.13 s of a
+    # 0.33 s extension, measured, with all of it scanned).
+    gc.collect()
+    gc.freeze()
 
 
 def forget_data() -> None:

@@ -34,7 +34,8 @@ from qlib.config import C
 from qlib.data.cache import CacheUtils, DatasetCache, DiskDatasetCache, H
 from qlib.utils import code_to_fname, remove_fields_space
 
-from ..inst_processors import build, dataset_uri
+from ..dataset_keys import cache_window, dataset_uri
+from ..inst_processors import build
 from ..state import keys, records
 from ..state.sources import HDF5, RECORDS, digests_path, is_current, read_record, sources_path, stat_of, write_sources
 from . import changes, dataset, extension, storage
@@ -286,12 +287,13 @@ def add_hdf5(cache_path: Path, instruments, freq: str) -> None:
 
 def compute_cache(cache_path: Path, provider, instruments, fields, freq: str, inst_processors=(),
                   hdf5: bool = True, window: tuple = (None, None)) -> None:
-    """Compute a dataset cache over the whole calendar: the sources recorded (stats, then digests) before computing
-    and written last, the records always written, with the engine's checkpoint (what extends the cache when days
-    are appended, :mod:`.extension`), Qlib's HDF5 files with ``hdf5`` (a stock client needs them), each in one
-    pass, and an empty result written as a cache of no rows. The caller holds the cache's lock. With
-    ``inst_processors`` (checked, in their wire form: :mod:`qlib_server.inst_processors`, built here) Qlib computes
-    it over the ``window`` (start, end), whose frame the processors see; such a cache is never extended."""
+    """Compute a dataset cache over its ``window`` (:func:`~qlib_server.dataset_keys.cache_window`; ``None``: the
+    calendar's first or last day): the sources recorded (stats, then digests) before computing and written last,
+    the records always written, with the engine's checkpoint (what extends the cache when days are appended,
+    :mod:`.extension`), Qlib's HDF5 files with ``hdf5`` (a stock client needs them), each in one pass, and an empty
+    result written as a cache of no rows. The caller holds the cache's lock. ``inst_processors`` (checked, in their
+    wire form: :mod:`qlib_server.inst_processors`, built here) see the window's frame; such a cache is never
+    extended."""
     from qlib.data.data import Cal
 
     from .extension import save_checkpoint
@@ -303,7 +305,7 @@ def compute_cache(cache_path: Path, provider, instruments, fields, freq: str, in
     H.clear()  # compute from the files just recorded, not from calendars and features held in memory
     storage.forget()
     calendar = Cal.calendar(freq=freq)
-    first, last = window if inst_processors else (calendar[0], calendar[-1])
+    first, last = window[0] or calendar[0], window[1] or calendar[-1]
     rows = dataset.cache_rows(provider, with_timestamps(instruments), fields, first, last, freq,
                               build(inst_processors), scratch=cache_path.parent)
     write_records(cache_path, rows)
@@ -313,7 +315,8 @@ def compute_cache(cache_path: Path, provider, instruments, fields, freq: str, in
         if not write_table(cache_path, rows.frames(), instruments, freq, str(calendar[-1]), inst_processors):
             write_empty(cache_path, instruments, fields, freq, str(calendar[-1]))
         forms = (RECORDS, HDF5)
-    request = None if inst_processors else {"instruments": instruments, "fields": list(fields), "freq": freq}
+    request = None if inst_processors else {"instruments": instruments, "fields": list(fields), "freq": freq,
+                                            "start_time": window[0]}
     write_sources(cache_path, sources, forms, digests, request)
 
 
@@ -340,16 +343,15 @@ class ServerDatasetCache(DiskDatasetCache):
 
     def _dataset_uri(self, instruments, fields, start_time=None, end_time=None, freq="day", disk_cache=0,
                      inst_processors=None):
-        """The uri of a dataset cache computed when not current: of the whole history, or with
-        ``inst_processors`` (checked, in their wire form: :mod:`qlib_server.inst_processors`) of the window
-        from ``start_time`` to ``end_time``, whose frame Qlib's processors see."""
+        """The uri of a dataset cache computed when not current, over the window of
+        :func:`~qlib_server.dataset_keys.cache_window` (``inst_processors`` checked, in their wire form)."""
         inst_processors = [] if inst_processors is None else inst_processors  # Qlib's default, not shared
         if disk_cache == 0:  # Qlib prepares the expression cache
             return super()._dataset_uri(instruments, fields, start_time, end_time, freq, disk_cache, inst_processors)
         uri = dataset_uri(instruments, fields, freq, inst_processors, start_time, end_time)
         path = self.get_cache_dir(freq) / uri
         form = HDF5 if _HDF5_WANTED.get() else RECORDS
-        window = (start_time, end_time) if inst_processors else (None, None)
+        window = cache_window(fields, inst_processors, start_time, end_time)
         if not is_current(path, form=form):
             with CacheUtils.writer_lock(self.r, lock_name(path)):
                 if is_current(path, form=form):  # another worker computed it meanwhile

@@ -81,7 +81,7 @@ def try_extend(cache_path: Path, instruments, fields, freq: str) -> bool:
     root = cache_path.parent.parent
     sources = cache_sources(root, instruments, fields, freq)  # stats first: a change after them shows later
     contents: dict = {}  # the feature files read to tell the change: the extension computes from these bytes
-    change = changes.classify(record["files"], digests, root, contents)
+    change = changes.classify(record["files"], digests, root, contents, stats=sources)
     if change.kind != changes.APPEND:
         log.info("dataset cache %s computed again: %s", cache_path.name, change.reason or change.kind)
         return False
@@ -109,7 +109,8 @@ def _extend(cache_path: Path, instruments, fields, freq: str, change: changes.Ch
     if set(sources) != set(change.digests):
         return False  # the sources are other files now
     digests = change.digests  # read after the stats of ``sources`` were taken
-    request = {"instruments": instruments, "fields": list(fields), "freq": freq}
+    request = {**(read_digests(cache_path, "request") or {}), "instruments": instruments, "fields": list(fields),
+               "freq": freq}  # and the start of the cache's window, kept
     if not change.new_days:  # only stats changed (same bytes, or values past the calendar): a fresh record
         write_sources(cache_path, sources, (RECORDS,), digests, request)
         return True

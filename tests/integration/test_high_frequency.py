@@ -4,12 +4,11 @@ what local Qlib gives on the same data: calendars, instrument lists and spans, a
 (``df.equals``, index levels and their dtypes, columns and dtypes) of raw fields, ``Ref``, ``Mean`` and
 Alpha158-style fields, over markets, codes and a dict of instruments and spans.
 
-A dataset cache holds a feature set over the whole history (Qlib's own cache does too) and the server
-sends the window's rows of it. Local Qlib without a cache evaluates an expression from the window's start;
-pandas' rolling variance (Std, Var, Skew, Kurt) then rounds a few values otherwise than from the
-history's start: on these minute bars, where a bar moves little against the price, a handful in ten
-thousand by an ulp. So Std is compared over a window from the calendar's start, and a window of it from
-mid-calendar is shown to be the whole history's values, as Qlib's dataset cache gives them.
+Local Qlib evaluates an expression from the window's start; pandas' rolling variance (Std, Var, Skew, Kurt)
+then rounds a few values otherwise than from the history's start: on these minute bars, where a bar moves
+little against the price, a handful in ten thousand by an ulp. The server computes such a field from the
+window's start too (a cache of that start: :mod:`qlib_server.dataset_keys`), so a window of Std from
+mid-calendar is local Qlib's, not the whole history's cut to it.
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ result = {{
     "std_window": D.features(csi300, STD, START, END, freq="1min"),
 }}
 """
-# local Qlib's values of the whole history, in the window (what a dataset cache holds)
+# local Qlib's values of the whole history, in the window (what a cache of the whole history would hold)
 LOCAL_STD = """
 window = result["std_window"]
 result["std_window_of_history"] = D.features(csi300, STD, None, END, freq="1min").loc[window.index]
@@ -119,14 +118,14 @@ def test_qlib_server_client_gets_what_local_qlib_gives_on_minute_bars(minute_ser
     empty = tmp_path / "no-data"
     empty.mkdir()
     served = run_server_client(QUERIES, minute_server.port, empty)
-    assert_same(without(served, "std_window"), without(local, "std_window", "std_window_of_history"))
-    assert_same_frame(served["std_window"], local["std_window_of_history"], "std_window")
+    assert_same(served, without(local, "std_window_of_history"))
     assert list(empty.iterdir()) == []
 
 
-def test_a_rolling_std_from_mid_calendar_is_the_whole_historys_which_local_qlib_may_round_otherwise(local):
-    """What the comparison of ``std_window`` above rests on: local Qlib's values over the window and over
-    the whole history differ, in a handful of values and by one ulp."""
+def test_a_rolling_std_from_mid_calendar_rounds_otherwise_than_the_whole_historys_in_local_qlib(local):
+    """What the comparisons of ``std_window`` rest on: local Qlib's values over the window and over the whole
+    history differ, in a handful of values and by one ulp (a cache of the whole history cut to the window
+    would not be local Qlib's frame)."""
     window, history = local["std_window"], local["std_window_of_history"]
     assert window.index.equals(history.index) and len(window) > 5000
     a, b = window.to_numpy(), history.to_numpy()
@@ -145,6 +144,6 @@ def test_the_stock_pyqlib_client_gets_what_local_qlib_gives_on_minute_bars(minut
         assert served[name] == local[name], name
     for name in ("features_market", "features_history", "features_codes", "features_spans", "features_one_day"):
         assert_same_frame(served[name], local[name], name)
-    assert_same_frame(served["std_window"], local["std_window_of_history"], "std_window")  # the cache's values
+    assert_same_frame(served["std_window"], local["std_window"], "std_window")
     assert_same_frame(served["features_market_0"], local["features_market"], "features_market_0")
     assert isinstance(local["calendar"][0], pd.Timestamp)

@@ -149,13 +149,22 @@ def test_features_equal_local_qlib_in_every_encoding(uncached_server, local, dat
                 assert ask(client, "feature", body, encoding) == "", encoding
         assert metric(uncached_server, "tasks_published", type="feature") == (len(cases) + 2) * len(ENCODINGS)
 
-        # the key ignores dates: another range gets the same file, which holds the whole history
-        body = {"instruments": CODES, "fields": FIELDS, "start_time": "2018-03-01", "end_time": None, "disk_cache": 1}
+        # fields whose values do not depend on where Qlib starts evaluating them: any dates get the same file,
+        # which holds the whole history
+        plain = [FIELDS[0], FIELDS[2]]
+        body = {"instruments": CODES, "fields": plain, "start_time": "2018-03-01", "end_time": None, "disk_cache": 1}
         uri = ask(client, "feature", body, "pickle")
         assert ask(client, "feature", {**body, "start_time": START, "end_time": END}) == uri
-        whole = read_cache(dataset, uri, FIELDS, None, None)
+        whole = read_cache(dataset, uri, plain, None, None)
         assert whole.index.get_level_values("datetime").min() == pd.Timestamp("2018-01-02")
-        assert_same_frame(read_cache(dataset, uri, FIELDS), local["features_codes"], FIELDS)
+        assert_same_frame(read_cache(dataset, uri, plain), local["features_codes"][plain], plain)
+        # with Mean (a running sum: its rounding depends on where it starts) another start is another file, from
+        # that start to the data's end (any end date reads it)
+        windowed = ask(client, "feature", {**body, "fields": FIELDS, "start_time": START})
+        assert ask(client, "feature", {**body, "fields": FIELDS, "start_time": START, "end_time": END}) == windowed
+        assert windowed != ask(client, "feature", {**body, "fields": FIELDS, "start_time": "2018-03-01"})
+        days = read_cache(dataset, windowed, FIELDS, None, None).index.get_level_values("datetime")
+        assert (days.min(), days.max()) == (pd.Timestamp(START), whole.index.get_level_values("datetime").max())
     # a field the data does not have: qlib answers NaN, and so does the server's cache
     assert local["features_missing_field"]["$nosuchfield"].isna().all()
 

@@ -10,7 +10,7 @@ from qlib.contrib.data.loader import Alpha158DL, Alpha360DL
 from qlib.utils import parse_field
 
 from qlib_server.errors import ConfigError, RequestError
-from qlib_server.expressions import check_expression, qlib_operators
+from qlib_server.expressions import check_expression, qlib_operators, start_matters
 
 OPS = qlib_operators()
 
@@ -303,3 +303,17 @@ def expressions(draw, depth=4):
 def test_generated_valid_expressions_are_accepted_and_parsed_by_qlib(text):
     assert check(text) == text
     assert_safe_python(text)
+
+
+@pytest.mark.parametrize("text, matters", [
+    ("$close", False), ("Ref($close, 1)/$close - 1", False), ("Ref($close, -2)/Ref($close, -1) - 1", False),
+    ("Max($high, 10)", False), ("Rank(Ref($close, 1), 10)", False), ("Quantile($close, 10, 0.8)", False),
+    ("If($close>$open, Max($high,5), Min($low, 5))", False), ('Rolling($close, 5, "max")', False),
+    ("Count($close>$open, 20)", False), ('Feature("close")', False), ("WMA($close, 5) + Mad($close, 5)", False),
+    ("Mean($close, 5)", True), ("EMA($close, 12)", True), ("Std($close, 20)/$close", True),
+    ("Corr($close, $volume, 10)", True), ("Slope($close, 10)", True), ("Delta($close, 3)", True),
+    ("Max($high, 0)", True), ("Ref($close, 0)", True), ("Max($close, Add(1, 2))", True),
+    ('Rolling($close, 5, "mean")', True), ("$$roe_q", True), ("Abs(Sum($close, 5))", True),
+])
+def test_a_field_depends_on_where_evaluation_starts_when_an_operator_carries_state_or_expands(text, matters):
+    assert start_matters(check_expression(text, operators=qlib_operators())) is matters

@@ -87,3 +87,22 @@ def test_a_cache_with_inst_processors_is_computed_again_not_extended_when_days_a
                            inst_processors=[TIME_RANGE])
     pdt.assert_frame_equal(ours[[f.replace(" ", "") for f in FIELDS]].set_axis(FIELDS, axis=1), theirs,
                            check_exact=True)
+
+
+def test_a_cache_of_a_start_mid_calendar_extended_by_appended_days_equals_the_cache_computed_again(data):
+    from qlib.data.cache import H
+    from qlib.data.data import DatasetD
+
+    def computed(name):
+        path = data / "dataset_cache" / name
+        datacache.compute_cache(path, DatasetD._provider, {"market": "csi300", "filter_pipe": []}, FIELDS, "day",
+                                hdf5=False, window=("2018-03-01 00:00:00", None))
+        return path
+
+    path = computed("c")
+    assert records.read(path).days[0] == np.datetime64("2018-03-01")
+    append_days(data, 2)
+    H.clear()
+    assert extension.extend_cache(path)  # as a refresh does: the request it recorded, its start included
+    assert is_current(path, form=RECORDS) and len(records.read(path).segments) == 2
+    assert_same_records(path, computed("full"))

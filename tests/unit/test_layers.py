@@ -4,7 +4,8 @@
     front/        worker/         the Socket.IO front; the processes computing with Qlib (never each other)
                   engine/         Qlib's expressions over blocks of instruments (numpy, numba, Qlib only)
     state/        broker/         what the processes share: Redis and the dataset cache records; transports
-    top-level modules             protocol, expressions, config, errors, metrics, admission, log, datagen(_updates)
+    top-level modules             protocol, expressions, dataset_keys, config, errors, metrics, admission, log,
+                                  inst_processors, datagen(_updates)
     client/                       Qlib providers for clients: nothing of the server at all
 
 Every module's imports (top-level and inside functions, absolute and relative) are read with ``ast``, so a
@@ -30,6 +31,7 @@ LAYERS = {
     "qlib_server.admission": "top",
     "qlib_server.config": "top",
     "qlib_server.datagen": "top",
+    "qlib_server.dataset_keys": "top",
     "qlib_server.datagen_updates": "top",
     "qlib_server.errors": "top",
     "qlib_server.expressions": "top",

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from qlib_server.config import make_config
 from qlib_server.errors import RequestError
+from qlib_server.expressions import start_matters
 from qlib_server.front.handler import make_parser
 from qlib_server.protocol import Limits, RequestParser, check_version, request_key, response, safe_unpickle
 
@@ -465,9 +466,11 @@ def feature_pair(draw):
     a = {"instruments": instruments, "fields": fields, "start_time": None, "end_time": None, "freq": "day",
          "disk_cache": disk_cache}
     b = {"instruments": other_instruments, "fields": other_fields, "freq": "day", "disk_cache": disk_cache}
+    if disk_cache and any(start_matters(f) for f in fields):  # a cache of the request's start: the same start
+        dates[2] = dates[0] if dates[0] is None else draw(st.sampled_from([str(dates[0]), pd.Timestamp(dates[0])]))
     for body, (start, end) in ((a, dates[:2]), (b, dates[2:])):
         if start is not None and end is not None and pd.Timestamp(start) > pd.Timestamp(end):
-            start, end = end, start
+            end = start
         body["start_time"], body["end_time"] = start, end
     encodings = draw(encoding_pairs)
     return a, b, encodings
@@ -480,12 +483,23 @@ def test_equivalent_feature_requests_share_a_key(pair):
     assert key_of("feature", a, encoding_a) == key_of("feature", b, encoding_b)
 
 
-def test_feature_key_ignores_dates_in_any_form():
-    keys = {key_of("feature", {**FEATURE, "start_time": start, "end_time": end}, encoding)
+def test_feature_key_ignores_dates_in_any_form_when_no_field_depends_on_where_evaluation_starts():
+    keys = {key_of("feature", {**FEATURE, "fields": ["$close", "Max($close, 5)"], "start_time": start,
+                               "end_time": end}, encoding)
             for start, end in [(None, None), ("2019-01-01", "2019-12-31"), (pd.Timestamp("2018-05-05"), None),
                                (dt.datetime(2010, 1, 1), dt.datetime(2020, 1, 1))]
             for encoding in ("pickle", "json", "dict")}
     assert len(keys) == 1
+
+
+def test_feature_key_keeps_the_start_in_any_form_but_not_the_end_when_a_field_depends_on_it():
+    def keys(starts):
+        return {key_of("feature", {**FEATURE, "start_time": start, "end_time": end}, encoding)
+                for start in starts for end in (None, "2019-12-31", dt.datetime(2020, 1, 1))
+                for encoding in ("pickle", "json", "dict")}
+
+    assert len(keys(["2019-01-01", pd.Timestamp("2019-01-01"), dt.datetime(2019, 1, 1)])) == 1
+    assert len(keys([None, "2019-01-01", "2019-01-02"])) == 3
 
 
 def test_same_body_in_the_three_encodings_shares_a_key():

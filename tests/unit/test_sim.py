@@ -276,6 +276,7 @@ def test_verifier_reads_the_dataset_cache_and_refuses_wrong_data(dataset, verifi
     cache = Path(dataset) / "dataset_cache"
     cache.mkdir(exist_ok=True)
     _write_dataset_cache(cache / "right", whole)
+    _write_dataset_cache(cache / "window", D.features(codes, fields, "2018-03-01"))  # from the request's start
     wrong = whole.copy()
     wrong.iloc[len(wrong) // 2, 0] += 1.0
     _write_dataset_cache(cache / "wrong", wrong)
@@ -284,7 +285,8 @@ def test_verifier_reads_the_dataset_cache_and_refuses_wrong_data(dataset, verifi
     body = {"instruments": codes, "fields": fields, "start_time": "2018-03-01", "end_time": "2018-06-29",
             "freq": "day", "disk_cache": 1}
     whole_history = {**body, "start_time": None, "end_time": None}
-    assert verifier.check("feature", body, "right") is None
+    assert verifier.check("feature", body, "window") is None
+    assert "EMA" in verifier.check("feature", body, "right")  # the whole history cut: not what local Qlib gives
     assert verifier.check("feature", whole_history, "right") is None
     assert "values differ" in verifier.check("feature", whole_history, "wrong")
     assert "rows" in verifier.check("feature", whole_history, "short")

@@ -20,7 +20,7 @@ from qlib_server.front.transfer import dataset_uri
 
 PARSER = make_parser(make_config(provider_uri="/tmp/x"))
 HEAD = {"version": "0.9.7"}
-FEATURE = {"fields": ["$close", "Mean($close, 5)"], "start_time": "2019-01-01", "end_time": "2019-12-31",
+FEATURE = {"fields": ["$close", "Max($close, 5)"], "start_time": "2019-01-01", "end_time": "2019-12-31",
            "freq": "day", "disk_cache": 1}
 # what D.list_instruments returns: codes and (start, end) Timestamps, in the instrument file's order
 SPANS = {"SZ000001": [(pd.Timestamp("2019-05-06"), pd.Timestamp("2019-12-31")),
@@ -214,7 +214,7 @@ def variants() -> dict:
     base = {**FEATURE, "instruments": {"market": "csi300", "filter_pipe": []}, "inst_processors": [CONFIG]}
     return {
         "base": base,
-        "same, fields reordered and respaced": {**base, "fields": ["Mean( $close, 5 )", "$close"]},
+        "same, fields reordered and respaced": {**base, "fields": ["Max( $close, 5 )", "$close"]},
         "same, dotted class": {**base, "inst_processors": [{"class": TIME_RANGE, "kwargs": CONFIG["kwargs"]}]},
         "other start": {**base, "start_time": "2019-02-01"},
         "other end": {**base, "end_time": None},
@@ -242,11 +242,14 @@ def test_the_key_and_the_cache_name_of_a_request_with_inst_processors_tell_the_s
     assert keys["none"] == keys["none, other start"]
 
 
-def test_a_window_of_its_own_is_cached_only_with_inst_processors():
+def test_a_window_of_its_own_is_cached_only_with_inst_processors_or_a_field_that_depends_on_the_start():
     from qlib.data.cache import DiskDatasetCache
 
     plain = parse({**FEATURE, "instruments": ["SH600000"]}).args
     assert dataset_uri(plain) == DiskDatasetCache._uri(["SH600000"], FEATURE["fields"], None, None, "day", 1)
+    averaged = parse({**FEATURE, "instruments": ["SH600000"], "fields": ["$close", "Mean($close, 5)"]}).args
+    assert dataset_uri(averaged) != DiskDatasetCache._uri(["SH600000"], averaged["fields"], None, None, "day", 1)
+    assert dataset_uri({**averaged, "end_time": None}) == dataset_uri(averaged)  # from its start to the data's end
 
 
 # --- building them in a worker --------------------------------------------------------------------

@@ -153,3 +153,47 @@ def test_a_processor_leaving_values_that_are_not_float32_is_an_error_not_a_round
                         allowed=("qs_float64_processor.Rolled",))
     with pytest.raises(ComputeError, match="^inst_processors left column '\\$close' as float64: the server serves"):
         compute.run("feature", args)
+
+
+# -- a window from mid-calendar ---------------------------------------------------------------------
+
+# fields whose values depend on where Qlib starts evaluating them: a seeded average, an expanding mean, a running
+# variance, Delta (NaN on a window's first day), a running regression, a label
+STARTING = ["EMA($close, 12)", "Mean($close, 0)", "Std($close, 20)/$close", "Delta($close, 3)", "Slope($close, 10)",
+            "Ref($close, -2)/Ref($close, -1) - 1"]
+PLAIN = ["$close", "Ref($volume, 1) / $volume", "Max($high, 10)", "Rank($close, 5)"]
+
+
+def served_frame(path, fields, start, end) -> pd.DataFrame:
+    """What the transfer sends of a records file for ``start``..``end``, as Qlib's frame."""
+    table = records.read(path)
+    datetime, instrument, values = table.take(*table.rows(start, end))
+    codes = np.array(table.codes, dtype=object)[instrument]
+    index = pd.MultiIndex.from_arrays([codes, pd.DatetimeIndex(datetime)], names=["instrument", "datetime"])
+    frame = pd.DataFrame(values, index=index, columns=table.columns).sort_index()
+    return frame[[f.replace(" ", "") for f in fields]].set_axis(fields, axis=1)
+
+
+def test_a_window_from_mid_calendar_gets_local_qlibs_values_not_the_whole_historys_cut(worker, data):
+    market = {"market": "csi300"}
+    for end in (END, None):
+        args = request_args({"instruments": market, "fields": STARTING, "end_time": end})
+        path = data / "dataset_cache" / compute.feature(args, expression_cache=False)
+        expected = worker.dataset({"market": "csi300", "filter_pipe": []}, STARTING, START, end, "day")
+        assert served_frame(path, STARTING, START, end).equals(expected)
+    whole = worker.dataset({"market": "csi300", "filter_pipe": []}, STARTING, None, None, "day")
+    assert not whole.loc[expected.index].equals(expected)  # what a cache of the whole history would have given
+
+
+def test_fields_whose_values_do_not_depend_on_the_start_share_the_whole_historys_cache(worker, data):
+    market = {"market": "csi300"}
+    first, later = (request_args({"instruments": market, "fields": PLAIN, "start_time": start})
+                    for start in (START, "2018-03-01"))
+    uri = compute.feature(first, expression_cache=False)
+    assert compute.feature(later, expression_cache=False) == uri == dataset_uri(later)
+    for start in (START, "2018-03-01"):
+        expected = worker.dataset({"market": "csi300", "filter_pipe": []}, PLAIN, start, END, "day")
+        assert served_frame(data / "dataset_cache" / uri, PLAIN, start, END).equals(expected)
+    mixed = [request_args({"instruments": market, "fields": [*PLAIN, STARTING[0]], "start_time": start})
+             for start in (START, "2018-03-01")]
+    assert len({uri, *(dataset_uri(args) for args in mixed)}) == 3  # one field that depends on it: a cache per start
