@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import json
-import pickle
-import pickletools
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,6 +21,7 @@ from packaging.version import InvalidVersion, Version
 
 from . import dataset_keys, inst_processors
 from .errors import RequestError
+from .safe_pickle import safe_unpickle
 
 REQUEST_TYPES = ("calendar", "instrument", "feature")
 _NAME = re.compile(r"[A-Za-z0-9_\-.]{1,64}")  # market names, instrument codes
@@ -31,29 +29,6 @@ _FREQ = re.compile(r"[0-9]{0,4}(day|d|min|minute|week|w|month|mon)", re.IGNORECA
 _FILTERS = {"NameDFilter": ("name_rule_re",), "ExpressionDFilter": ("rule_expression", "keep")}
 _EARLIEST, _LATEST = pd.Timestamp("1900-01-01"), pd.Timestamp("2200-12-31")
 MAX_SPANS = 1000  # (start, end) spans of one instrument in a dict of instruments
-
-# Everything a pickled request body may refer to: containers, scalars, dates and times.
-_PICKLE_ALLOWED = {
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "list"),
-    ("builtins", "dict"),
-    ("builtins", "tuple"),
-    ("datetime", "datetime"),
-    ("datetime", "date"),
-    ("datetime", "time"),
-    ("datetime", "timedelta"),
-    ("pandas._libs.tslibs.timestamps", "_unpickle_timestamp"),
-}
-
-
-class _AllowListUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _PICKLE_ALLOWED:
-            return super().find_class(module, name)
-        raise RequestError(f"pickled body refers to {str(module)[:60]}.{str(name)[:60]}, "
-                           "which a request may not contain")
-
 
 def _show(value: Any, limit: int = 40) -> str:
     """Client input for an error message: a short prefix of a string, never str() of anything big."""
@@ -67,32 +42,6 @@ def _show(value: Any, limit: int = 40) -> str:
 def _key(key: Any) -> str:
     """A mapping key for an error message: a short prefix of a string key, the type of any other."""
     return key[:40] if isinstance(key, str) else f"<{type(key).__name__}>"
-
-
-def _check_opcodes(data: bytes) -> None:
-    """Walk the opcodes without running them: refuse memo slots beyond what the pickle could fill."""
-    try:
-        for count, (opcode, arg, _) in enumerate(pickletools.genops(data), 1):
-            if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (isinstance(arg, int) and 0 <= arg <= count):
-                raise RequestError(f"request body is not a valid pickle: memo slot {_show(arg)} out of range")
-    except RequestError:
-        raise
-    except Exception as exc:
-        raise RequestError(f"request body is not a valid pickle: {type(exc).__name__}: {str(exc)[:80]}") from None
-
-
-def safe_unpickle(data: bytes, max_bytes: int) -> Any:
-    """Unpickle ``data`` allowing only the types a request can hold; refuse anything else."""
-    if len(data) > max_bytes:
-        raise RequestError(f"request body is {len(data)} bytes, over the limit of {max_bytes} "
-                           "(the server's max_body_bytes)")
-    _check_opcodes(data)
-    try:
-        return _AllowListUnpickler(io.BytesIO(data)).load()
-    except RequestError:
-        raise
-    except Exception as exc:  # pickle raises many types on junk input
-        raise RequestError(f"request body is not a valid pickle: {type(exc).__name__}: {str(exc)[:80]}") from None
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,14 @@ def backoff(deadline: float, pause: float, why: str) -> float:
     return min(pause * 2, LONGEST_PAUSE)
 
 
+def retry_after(header: Optional[str], default: float) -> float:
+    """The seconds a ``Retry-After`` header of seconds asks for (at most :data:`LONGEST_PAUSE`), else ``default``."""
+    try:
+        return min(LONGEST_PAUSE, max(0.0, float(header))) if header else default
+    except ValueError:  # an HTTP date: not what qlib-server sends
+        return default
+
+
 def bad_response(status: Any, info: Any) -> ValueError:
     """The exception pyqlib's client raises for an error answer."""
     return ValueError(f"Bad response(status=={status}), detailed info: {info}")
@@ -229,6 +237,13 @@ class ServerConnection:
                 continue
             if reply.status_code == 403:
                 raise AdmissionRefused(f"{self.url} refused this client: {answer.get('detailed_info')}")
+            if reply.status_code == 429:  # every transfer slot is taken: wait as long as the server says, then again
+                busy = f"qlib-server at {self.address} stayed busy past the request's timeout: " \
+                       f"{answer.get('detailed_info')}"
+                log.info("feature transfer from %s refused for now (%s); asking again", self.url,
+                         answer.get("detailed_info"))
+                backoff(deadline, 2 * retry_after(reply.headers.get("Retry-After"), pause), busy)
+                continue
             if reply.status_code == 409 and not computed:
                 self.request("feature", body, timeout=max(0.001, deadline - time.monotonic()))
                 computed = True

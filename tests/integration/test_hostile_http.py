@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import select
 import socket
 import subprocess
@@ -30,6 +31,7 @@ import yaml
 from clients import WireClient
 from conftest import ServerProcess, free_port, wait_until
 
+from qlib_server.client.connection import ServerConnection
 from qlib_server.client.frames import read_frame
 
 pytestmark = pytest.mark.integration
@@ -458,6 +460,29 @@ def test_transfers_beyond_the_limits_get_429_with_retry_after_and_are_served_onc
         assert len(frames) == 3 and all(f.shape[1] == 200 and len(f) > 20_000 for f in frames)
         for source in ("127.0.0.5", "127.0.0.3"):
             assert post_features(server.port, SMALL, source).status == 200, source
+    assert_served(server)
+
+
+def test_qlib_server_client_waits_out_busy_transfer_slots_and_gets_its_frame(server, caplog):
+    """Its address's two transfer slots held: the client's request is answered 429 with Retry-After, waits and
+    asks again within its timeout, and gets the frame once a slot is free, not an error."""
+    connection = ServerConnection("127.0.0.1", server.port, auth_token=TOKEN, timeout=60)
+    got: dict = {}
+    caplog.set_level(logging.INFO, logger="qlib_server.client.connection")
+    try:
+        with held_transfer(server.port, "127.0.0.1") as a, held_transfer(server.port, "127.0.0.1") as b:
+            assert a[0] == b[0] == 200
+            asking = threading.Thread(target=lambda: got.update(frame=connection.features(SMALL, SMALL["fields"])))
+            asking.start()
+            wait_until(lambda: "refused for now" in caplog.text, 30, what="the client refused 429")
+            assert asking.is_alive() and "max_transfers_per_client" in caplog.text
+            for _, headers, reader in (a, b):  # the held transfers read to their end: their slots free
+                read_rest(reader, headers)
+        asking.join(60)
+        assert got["frame"].equals(connection.features(SMALL, SMALL["fields"]))
+        assert len(got["frame"]) > 100
+    finally:
+        connection.close()
     assert_served(server)
 
 

@@ -5,7 +5,7 @@
                   engine/         Qlib's expressions over blocks of instruments (numpy, numba, Qlib only)
     state/        broker/         what the processes share: Redis and the dataset cache records; transports
     top-level modules             protocol, expressions, dataset_keys, config, errors, metrics, admission, log,
-                                  inst_processors, datagen(_updates)
+                                  inst_processors, safe_pickle, datagen(_updates)
     client/                       Qlib providers for clients: nothing of the server at all
 
 Every module's imports (top-level and inside functions, absolute and relative) are read with ``ast``, so a
@@ -39,6 +39,7 @@ LAYERS = {
     "qlib_server.log": "top",
     "qlib_server.metrics": "top",
     "qlib_server.protocol": "top",
+    "qlib_server.safe_pickle": "top",
     "qlib_server.broker": "broker",
     "qlib_server.state": "state",
     "qlib_server.front": "front",

@@ -15,7 +15,8 @@ from qlib_server.config import make_config
 from qlib_server.errors import RequestError
 from qlib_server.expressions import start_matters
 from qlib_server.front.handler import make_parser
-from qlib_server.protocol import Limits, RequestParser, check_version, request_key, response, safe_unpickle
+from qlib_server.protocol import Limits, RequestParser, check_version, request_key, response
+from qlib_server.safe_pickle import safe_unpickle
 
 PARSER = make_parser(make_config(provider_uri="/tmp/x"))
 PYQLIB_PICKLE_PROTOCOL = 4  # qlib.config.C.dump_protocol_version, what pyqlib 0.9.7's Client.send_request uses
