@@ -190,10 +190,12 @@ def write_table(cache_path: Path, pieces: Iterable[pd.DataFrame], instruments, f
     return True
 
 
-def drop_stale(directory: Path, redis_client) -> dict:
+def drop_stale(directory: Path, redis_client, extending: frozenset = frozenset()) -> dict:
     """Delete every dataset cache in ``directory`` that is not current and cannot be extended (the data changed
     otherwise than by appended days: :func:`extension.extendable`), each under its lock (so none is deleted
-    while a worker writes it); return how many were kept and dropped, and the caches to extend."""
+    while a worker writes it); return how many were kept and dropped, and the caches to extend. The caches named
+    in ``extending`` (about to be extended, which tells the change apart again) are only checked to have what an
+    extension needs."""
     counts: dict = {"kept": 0, "dropped": 0, "to_extend": []}
     uris = sorted({p.name.split(".")[0] for p in directory.iterdir()}) if directory.is_dir() else []
     stat = functools.cache(stat_of)  # caches share their sources: stat each file once
@@ -205,7 +207,7 @@ def drop_stale(directory: Path, redis_client) -> dict:
         with cache_lock(redis_client, lock_name(path)):
             if is_current(path, form=RECORDS):  # a worker may have just completed it
                 counts["kept"] += 1
-            elif extension.extendable(path):
+            elif extension.extendable(path, classify=uri not in extending):
                 counts["to_extend"].append(path)
             else:
                 clear(path)

@@ -53,14 +53,14 @@ def save_checkpoint(cache_path: Path, checkpoint) -> None:
     os.replace(temporary, target)
 
 
-def extendable(cache_path: Path) -> bool:
-    """Whether a cache that is not current may be extended: the data only had days appended since it was
-    computed, and it has what an extension needs (its request, its checkpoint)."""
+def extendable(cache_path: Path, classify: bool = True) -> bool:
+    """Whether a cache that is not current may be extended: it has what an extension needs (its request, its
+    checkpoint) and (with ``classify``) the data only had days appended since it was computed."""
     record, digests = read_record(cache_path), read_digests(cache_path)
     if record is None or digests is None or read_digests(cache_path, "request") is None \
             or not checkpoint_path(cache_path).exists():
         return False
-    return changes.classify(record["files"], digests, cache_path.parent.parent).kind == changes.APPEND
+    return not classify or changes.classify(record["files"], digests, cache_path.parent.parent).kind == changes.APPEND
 
 
 def extend_cache(cache_path: Path) -> bool:

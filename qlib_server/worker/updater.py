@@ -60,7 +60,7 @@ def refresh(cfg: ServerConfig, redis_client=None, force: bool = True, progress: 
     kept in Redis (``keys.REFRESH``, on the status page) and passed to ``progress(done, total)``."""
     import redis
 
-    from ..state import keys
+    from ..state import keys, usage
     from ..state.cache import ResultCache
     from . import datacache
 
@@ -68,27 +68,29 @@ def refresh(cfg: ServerConfig, redis_client=None, force: bool = True, progress: 
         host=cfg.redis_host, port=cfg.redis_port, db=cfg.redis_task_db, password=cfg.redis_password)
     root = Path(cfg.provider_uri).expanduser().resolve()  # as Qlib names its cache locks
     digest = data_digest(str(root))  # before the caches: a change from now on shows at the next refresh
-    counts = datacache.drop_stale(root / cfg.dataset_cache_dir_name, client)
+    used = usage.recent(client, cfg.refresh_recent_days)
+    counts = datacache.drop_stale(root / cfg.dataset_cache_dir_name, client, frozenset(used))
     to_extend = counts.pop("to_extend")
     previous = client.set(keys.DATA_DIGEST, digest, get=True)
     if force or previous not in (digest, digest.encode()):
         shutil.rmtree(root / cfg.features_cache_dir_name, ignore_errors=True)
         counts["generation"] = ResultCache(client, ttl=1).bump_generation()
-    counts.update(extend_caches(cfg, client, to_extend, progress) if to_extend else {})
+    counts.update(extend_caches(cfg, client, to_extend, progress, used) if to_extend else {})
     log.info("data refreshed: %s", counts)
     return counts
 
 
-def extend_caches(cfg: ServerConfig, client, paths: list, progress: Callable | None = None) -> dict:
-    """Extend each dataset cache of ``paths`` used in the last ``refresh_recent_days`` days, the most used first,
-    each under its lock (one a worker brought up to date meanwhile is left as it is; one that cannot be
-    extended after all is deleted, to be computed at its next request). The others are left to be extended at
-    their next request."""
+def extend_caches(cfg: ServerConfig, client, paths: list, progress: Callable | None = None,
+                  used: dict | None = None) -> dict:
+    """Extend each dataset cache of ``paths`` used in the last ``refresh_recent_days`` days (``used``: the uses of
+    each by name, read if not given), the most used first, each under its lock (one a worker brought up to date
+    meanwhile is left as it is; one that cannot be extended after all is deleted, to be computed at its next
+    request). The others are left to be extended at their next request."""
     from ..state import keys, records, usage
     from ..state.sources import RECORDS, is_current
     from . import compute, datacache, extension
 
-    used = usage.recent(client, cfg.refresh_recent_days)
+    used = usage.recent(client, cfg.refresh_recent_days) if used is None else used
     later = [p for p in paths if not used.get(p.name)]  # not used lately: extended at their next request
     paths = sorted((p for p in paths if used.get(p.name)), key=lambda p: (-used[p.name], -_mtime(records.path_of(p))))
     started = time.time()
@@ -96,7 +98,7 @@ def extend_caches(cfg: ServerConfig, client, paths: list, progress: Callable | N
     client.hset(keys.REFRESH, mapping={"state": "extending", "total": len(paths), "extended": 0, "failed": 0,
                                        "later": len(later), "started": started, "finished": 0})
     if paths:
-        compute.init_qlib(cfg)
+        compute.init_qlib(cfg, warm=True)  # kernels loaded once in this process, not by its first extension
     for done, path in enumerate(paths, 1):
         with datacache.cache_lock(client, datacache.lock_name(path)):
             if not is_current(path, form=RECORDS):

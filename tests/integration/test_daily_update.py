@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +21,14 @@ import requests
 from clients import local_qlib, run_pyqlib, run_server_client
 from conftest import wait_until
 
-from qlib_server.datagen_updates import add_field, append_days, delist_instrument, list_instrument, rewrite_value
+from qlib_server.datagen_updates import (
+    add_field,
+    append_days,
+    change_factor,
+    delist_instrument,
+    list_instrument,
+    rewrite_value,
+)
 from qlib_server.state import records
 
 pytestmark = pytest.mark.integration
@@ -120,6 +130,58 @@ def test_a_field_added_to_the_data_is_computed_again(start_server, data):
     after, local = run_server_client(script, server.port, None), local_qlib(script, data)
     assert after["$adj"].notna().mean() > 0.9
     assert_same(after, local)
+
+
+def test_a_changed_adjustment_factor_is_computed_again(start_server, data):
+    script = "result = D.features(D.instruments('csi300'), ['$close', '$factor', 'Mean($close / $factor, 5)'])"
+    server = start_server(provider_uri=str(data))
+    before = run_server_client(script, server.port, None)
+    append_days(data, 1)
+    change_factor(data, "SZ000001", from_day=400, ratio=1.25)
+    wait_until(lambda: caches(data) == {}, 120, what="the stale cache dropped by the refresh")
+    after, local = run_server_client(script, server.port, None), local_qlib(script, data)
+    old, new = (frame.loc["SZ000001", "$factor"].iloc[400:450] for frame in (before, after))
+    assert (new.to_numpy() != old.to_numpy()).all()
+    assert_same(after, local)
+
+
+# The worker's own code, run in a process of its own that is killed (SIGKILL) right after one step of an
+# extension: the new segment written, the new checkpoint saved, or the records' manifest published.
+KILLED_EXTENSION = """
+import os, signal, sys
+from pathlib import Path
+import qlib
+from qlib_server.state import records
+from qlib_server.worker import extension, storage
+root, step = Path(sys.argv[1]), sys.argv[2]
+qlib.init(provider_uri=str(root), region="cn", logging_level="ERROR",
+          feature_provider={"class": "LocalFeatureProvider", "kwargs": {"backend": storage.BACKEND}})
+owner, name = {"segment": (records.Writer, "close"), "checkpoint": (extension, "save_checkpoint"),
+               "manifest": (records, "publish")}[step]
+done = getattr(owner, name)
+def killed(*args, **kwargs):
+    done(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+setattr(owner, name, killed)
+[path] = [p.with_suffix("") for p in (root / "dataset_cache").glob("*.records")]
+extension.extend_cache(path)
+"""
+
+
+@pytest.mark.parametrize("step", ["segment", "checkpoint", "manifest"])
+def test_a_worker_killed_mid_extension_leaves_a_cache_extended_or_computed_again_never_served_half_written(
+        start_server, data, step):
+    server = start_server(provider_uri=str(data))
+    run_server_client(SCRIPT, server.port, None)
+    server.stop()
+    append_days(data, 1)
+    killed = subprocess.run([sys.executable, "-c", KILLED_EXTENSION, str(data), step], timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    server = start_server(provider_uri=str(data))
+    wait_until(lambda: refresh(server).get("state") == "done", 60, what="the refresh at start done")
+    assert_same(run_server_client(SCRIPT, server.port, None), local_qlib(SCRIPT, data))
+    stock = run_pyqlib(SCRIPT, server.port, data)  # Qlib's HDF5 form, made from the records served
+    assert_same(stock, local_qlib(SCRIPT, data))
 
 
 READER = f"""

@@ -104,3 +104,16 @@ def test_a_checkpoint_newer_than_the_record_of_the_sources_is_computed_again(dat
     digests_path(path).write_bytes(digests)
     assert not is_current(path, form=RECORDS)
     assert not extend(path)
+
+
+def test_a_refresh_leaves_telling_a_rewrite_apart_to_the_extension_of_a_cache_used_lately(data):
+    """A cache about to be extended (used lately) is not told apart twice: the refresh only checks it has what
+    an extension needs, and the extension finds the rewrite; any other stale cache is told apart and dropped."""
+    import fakeredis
+
+    lately, other = compute(data, "lately"), compute(data, "other")
+    append_days(data, 1)
+    rewrite_value(data, "SZ000001", "close", 100, 3.0)
+    counts = datacache.drop_stale(data / "dataset_cache", fakeredis.FakeRedis(), frozenset({"lately"}))
+    assert counts["to_extend"] == [lately] and counts["dropped"] == 1 and not records.path_of(other).exists()
+    assert not extend(lately)  # the rewrite found: computed again, not extended
