@@ -8,6 +8,7 @@ overloads (+ - * / < <= > >= == != & |), parentheses, spaces and tabs. Everythin
 
 from __future__ import annotations
 
+import functools
 import keyword
 import re
 from collections.abc import Iterable
@@ -219,6 +220,7 @@ def _arguments(tokens: list, at: int) -> list[list[str]]:
     return [*args, current]
 
 
+@functools.lru_cache(maxsize=1 << 16)  # asked for every field of every feature request: fields repeat
 def start_matters(text: str) -> bool:
     """Whether a (checked) expression's values may depend on the day Qlib starts evaluating it: running windows
     (pandas' compensated sums, variances, Qlib's regressions, ``Corr``/``Cov``: their rounding), ``EMA``,
