@@ -50,6 +50,8 @@ def init_qlib(cfg: ServerConfig, warm: bool = False) -> None:
 
     C["region"] = cfg.region  # passed to init, Qlib's server config would warn "Unrecognized config region"
     C.set_region(cfg.region)
+    from ..engine import features  # noqa: F401  (numba and the kernels' modules: 0.14 s of a light worker's first task)
+
     if warm and not _WARMED:
         from .. import engine
 
