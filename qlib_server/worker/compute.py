@@ -20,9 +20,6 @@ from ..errors import ComputeError, RequestError
 log = logging.getLogger(__name__)
 
 
-_WARMED: list = []  # not empty once this process has loaded the engine's kernels
-
-
 def init_qlib(cfg: ServerConfig, warm: bool = False) -> None:
     """Initialise Qlib in server mode for this process (its cache locks in the Redis of ``cfg``); with
     ``warm``, load the engine's kernels too (a feature worker), so that no request waits for them."""
@@ -52,11 +49,10 @@ def init_qlib(cfg: ServerConfig, warm: bool = False) -> None:
     C.set_region(cfg.region)
     from ..engine import features  # noqa: F401  (numba and the kernels' modules: 0.14 s of a light worker's first task)
 
-    if warm and not _WARMED:
+    if warm:
         from .. import engine
 
         engine.warm()
-        _WARMED.append(True)
     # What the process holds now (Qlib, pandas, numba and their modules: some 300,000 objects) lives as long as it
     # does: out of the collector's reach, a full collection scans only what requests left (it took 0.13 s of a
     # 0.33 s extension, measured, with all of it scanned).

@@ -98,7 +98,7 @@ def extend_caches(cfg: ServerConfig, client, paths: list, progress: Callable | N
     client.hset(keys.REFRESH, mapping={"state": "extending", "total": len(paths), "extended": 0, "failed": 0,
                                        "later": len(later), "started": started, "finished": 0})
     if paths:
-        compute.init_qlib(cfg, warm=True)  # kernels loaded once in this process, not by its first extension
+        compute.init_qlib(cfg)
     for done, path in enumerate(paths, 1):
         with datacache.cache_lock(client, datacache.lock_name(path)):
             if not is_current(path, form=RECORDS):
