@@ -136,7 +136,8 @@ def run_tests(mode: str, qlib_tests: Path, files: list[str], data: Path, work: P
     shutil.copytree(qlib_tests, directory / "tests")
     env = {**os.environ, "PYTHONPATH": pythonpath(), "QLIB_SUITE_MODE": mode, "QLIB_SUITE_DATA": str(data),
            "QLIB_SUITE_SERVER": server, "QLIB_SUITE_OUT": str(directory / "out"), "HOME": str(directory / "home"),
-           "MLFLOW_ALLOW_FILE_STORE": "true"}  # Qlib's recorders use mlflow's file store (deprecated in mlflow 3)
+           "MLFLOW_ALLOW_FILE_STORE": "true",  # Qlib's recorders use mlflow's file store (deprecated in mlflow 3)
+           "PYTHONHASHSEED": "0"}  # Qlib builds some field lists from sets: both runs ask in one order
     (directory / "home").mkdir()  # nothing of the user's ~/.qlib or ~/.mlruns is read or written
     command = [sys.executable, "-m", "pytest", "-p", "tests.qlib_suite.plugin", "-p", "no:cacheprovider",
                "-p", "no:randomly", "--rootdir", str(directory / "tests"), "-o", "timeout=0", "-rA", "-q",
