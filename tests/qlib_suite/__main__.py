@@ -192,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         (work / "report.md").write_text(report + "\n")
         print(report)
         ok = verdict(rows)
+        kept = f"in {work}" if args.work else "removed (--work DIR keeps them)"
         print(f"\n{'OK' if ok else 'DIFFERENCES'}: {sum(r.compared for r in rows)} answers compared, "
-              f"{sum(r.differing for r in rows)} differing; pytest logs and recordings in {work}")
+              f"{sum(r.differing for r in rows)} differing; pytest logs, recordings and report.md {kept}")
         return 0 if ok else 1
     finally:
         if args.work is None:

@@ -6,7 +6,11 @@ then shaped to what those tests read (they were written against Qlib's downloada
 * markets ``all``, ``csi500``, ``csi300`` (300 codes, as many as the index has on most days: a test
   counts them), ``csi100``;
 * the codes the tests name: ``SH600519``, ``SH600110``, ``SZ300315`` (csi300 members listed over the
-  whole calendar) and the benchmark ``SH000300`` (in ``all`` only);
+  whole calendar), the benchmark ``SH000300`` (in ``all`` only) and ``SZ300677`` (listed on the
+  3001st trading day, in ``all``: a storage test reads before and after its first day);
+* a csi300 member listed on 2019-12-02, so that Alpha360's 60-day windows in January 2020 hold NaN,
+  and no other NaN from November 2019 to March 2020 (a loader test fills NaN features in January 2020
+  and then wants no NaN left: its labels must have none), so no delisting nor suspension then;
 * suspensions (a day with every price NaN): a few at random from 2008 on, and one placed where a
   cross-sectional fill test looks for one.
 """
@@ -21,8 +25,11 @@ import pandas as pd
 from qlib_server.datagen import FIELDS, generate_dataset
 
 START, END = "2005-01-04", "2021-06-11"
+QUIET = ("2019-11-01", "2020-03-31")
 #: codes the tests ask for by name: the name, and whether it is a csi300 member
-NAMED = {"SH600519": True, "SH600110": True, "SZ300315": True, "SH000300": False}
+NAMED = {"SH600519": True, "SH600110": True, "SZ300315": True, "SH000300": False, "SZ300677": False}
+#: codes listed late: the code (``None``: a csi300 member of the generator's) and its first trading day
+LATE = {"SZ300677": 3000, None: "2019-12-02"}
 CSI300 = 300
 #: where ``CSZFillna``'s test looks for a suspended stock: the 99th csi300 member (by code) on the 115th day
 FILL_DAY, FILL_POSITION = 114, 98
@@ -67,6 +74,25 @@ def _rename(root: Path, spans: dict[str, tuple[str, str]], codes: list[str], cal
             codes[i] = name
 
 
+def _list_late(root: Path, code: str, first: int, spans: dict[str, tuple[str, str]],
+               calendar: pd.DatetimeIndex) -> None:
+    """``code``'s data and spans begin on calendar day ``first`` (the days before dropped)."""
+    for path in (root / "features" / code.lower()).glob("*.day.bin"):
+        data = np.fromfile(path, dtype="<f4")
+        kept = data[1 + first - int(data[0]):]
+        np.concatenate([[first], kept]).astype("<f4").tofile(path)
+    spans[code] = (f"{calendar[first]:%Y-%m-%d}", spans[code][1])
+
+
+def _delist_before(root: Path, code: str, last: int, spans: dict[str, tuple[str, str]],
+                   calendar: pd.DatetimeIndex) -> None:
+    """``code``'s data and spans end on calendar day ``last`` (the days after dropped)."""
+    for path in (root / "features" / code.lower()).glob("*.day.bin"):
+        data = np.fromfile(path, dtype="<f4")
+        data[: 2 + last - int(data[0])].tofile(path)
+    spans[code] = (spans[code][0], f"{calendar[last]:%Y-%m-%d}")
+
+
 def _suspend(root: Path, code: str, day: int) -> None:
     """Every price of ``code`` NaN on calendar day ``day`` (the volume too, as on a suspension)."""
     for field in (*PRICES, "volume"):
@@ -91,6 +117,17 @@ def generate_qlib_test_data(root: str | Path, instruments: int = 330, seed: int 
     codes = list(spans)
     _rename(root, spans, codes, calendar)
     members = codes[:CSI300]
+    whole = (f"{calendar[0]:%Y-%m-%d}", f"{calendar[-1]:%Y-%m-%d}")
+    for code, first in LATE.items():
+        if code is None:
+            code = next(c for c in members if c not in NAMED and spans[c] == whole)
+        if isinstance(first, str):
+            first = int(calendar.searchsorted(pd.Timestamp(first)))
+        _list_late(root, code, first, spans, calendar)
+    before_quiet = int(calendar.searchsorted(pd.Timestamp(QUIET[0]))) - 1
+    for code, (_, last) in list(spans.items()):
+        if QUIET[0] <= last <= QUIET[1]:
+            _delist_before(root, code, before_quiet, spans, calendar)
     stocks = [code for code in codes if code != "SH000300"]
     _write_market(markets / "all.txt", spans, codes)
     _write_market(markets / "csi500.txt", spans, stocks)
@@ -98,11 +135,11 @@ def generate_qlib_test_data(root: str | Path, instruments: int = 330, seed: int 
     _write_market(markets / "csi100.txt", spans, sorted(members)[:100])
 
     rng = np.random.default_rng(seed)
-    first_random = int(calendar.searchsorted(pd.Timestamp("2008-01-01")))
+    days = np.flatnonzero((calendar >= "2008-01-01") & ~((calendar >= QUIET[0]) & (calendar <= QUIET[1])))
     for code in stocks:
         if code in NAMED:
             continue
-        for day in rng.integers(first_random, len(calendar), 3):
+        for day in rng.choice(days, 3):
             _suspend(root, code, int(day))
     fill_date = f"{calendar[FILL_DAY]:%Y-%m-%d}"
     listed = sorted(c for c in members if spans[c][0] <= fill_date <= spans[c][1])
