@@ -204,7 +204,8 @@ def pytest_runtest_logreport(report):
         outcome["outcome"] = "failed" if report.when == "call" else "error"
         text = report.longreprtext.strip().splitlines()
         errors = [line for line in text if line.startswith("E ")]
-        outcome["message"] = (errors[-1][1:].strip() if errors else (text[-1] if text else ""))[:300]
+        named = [line for line in errors if "Error" in line] or errors  # the exception's own line, if any
+        outcome["message"] = (named[-1][1:].strip() if named else (text[-1] if text else ""))[:300]
     elif report.skipped and outcome["outcome"] == "passed":
         outcome["outcome"] = "skipped"
         outcome["message"] = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else "")[:300]
