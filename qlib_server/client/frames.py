@@ -94,7 +94,7 @@ def read_frame(source, fields: list[str], unit: str | None = None) -> pd.DataFra
     codes = np.repeat(np.arange(len(names), dtype=np.int32), places.counts)
     index = pd.MultiIndex(levels=[pd.Index(names), pd.DatetimeIndex(date_level)], codes=[codes, date_codes],
                           names=["instrument", "datetime"], verify_integrity=False)
-    parts = {}  # one frame per array: the groups of one dtype share theirs
+    parts: dict[int, tuple[np.ndarray, list[str]]] = {}  # one frame per array: the groups of a dtype share it
     for columns, block in groups:
         base = block.base if block.base is not None else block
         parts.setdefault(id(base), (base, []))[1].extend(columns)
