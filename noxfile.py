@@ -1,5 +1,5 @@
 """Sessions: ``lint``, ``unit``, ``integration`` (the README's test command runs both), ``fuzz``, ``load``,
-``bench``, ``demo``."""
+``bench``, ``demo``, ``qlib_tests``."""
 
 import os
 
@@ -37,6 +37,23 @@ def integration(session):
     """Integration tests against RabbitMQ and Redis (testcontainers, or QLIB_TEST_*_URL)."""
     install(session, "sim")
     session.run("pytest", "tests/integration", "-q", "-p", "no:cacheprovider", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def qlib_tests(session):
+    """Qlib's own data-layer tests on generated data, locally and through an embedded server, every answer
+    compared (``tests/qlib_suite``). Qlib's tests are not in this repository nor in the pyqlib wheel: give
+    the ``tests/`` directory of Qlib's source at the pinned version, ``nox -s qlib_tests -- DIR`` or
+    ``QLIB_TESTS=DIR``; without it the session says how to get it and fails."""
+    args = list(session.posargs)
+    if not args or args[0].startswith("-"):
+        if not os.environ.get("QLIB_TESTS"):
+            session.error("give Qlib's tests/ directory (v0.9.7): nox -s qlib_tests -- DIR, or QLIB_TESTS=DIR; "
+                          "e.g. git clone --depth 1 --branch v0.9.7 https://github.com/microsoft/qlib /tmp/qlib "
+                          "and DIR=/tmp/qlib/tests (see tests/qlib_suite/__main__.py)")
+        args.insert(0, os.environ["QLIB_TESTS"])
+    install(session)
+    session.run("python", "-m", "tests.qlib_suite", *args)
 
 
 @nox.session(python=PYTHON)

@@ -78,8 +78,7 @@ def read_frame(source, fields: list[str], unit: str | None = None) -> pd.DataFra
     instruments = json.loads(schema.metadata[b"instruments"])
     names = [code for code, _ in instruments]
     places = _Places(np.array([n for _, n in instruments], dtype=np.int64))
-    groups = [(json.loads(f.metadata[b"columns"]),
-               np.empty((rows, f.type.list_size), dtype=f.type.value_type.to_pandas_dtype())) for f in list(schema)[2:]]
+    groups = _column_groups(rows, list(schema)[2:])
     dates = np.empty(rows, dtype=schema.field("datetime").type.to_pandas_dtype())
     received = 0
     for batch in reader:
@@ -95,9 +94,34 @@ def read_frame(source, fields: list[str], unit: str | None = None) -> pd.DataFra
     codes = np.repeat(np.arange(len(names), dtype=np.int32), places.counts)
     index = pd.MultiIndex(levels=[pd.Index(names), pd.DatetimeIndex(date_level)], codes=[codes, date_codes],
                           names=["instrument", "datetime"], verify_integrity=False)
-    parts = [pd.DataFrame(block, index=index, columns=columns, copy=False) for columns, block in groups]
-    frame = parts[0] if len(parts) == 1 else pd.concat(parts, axis=1, copy=False)
+    parts: dict[int, tuple[np.ndarray, list[str]]] = {}  # one frame per array: the groups of a dtype share it
+    for columns, block in groups:
+        base = block.base if block.base is not None else block
+        parts.setdefault(id(base), (base, []))[1].extend(columns)
+    frames = [pd.DataFrame(base, index=index, columns=columns, copy=False) for base, columns in parts.values()]
+    frame = frames[0] if len(frames) == 1 else pd.concat(frames, axis=1, copy=False)
     return _as_fields(frame, fields)
+
+
+def _column_groups(rows: int, fields: list[pa.Field]) -> list[tuple[list[str], np.ndarray]]:
+    """For each column group of the stream, its columns and where its values go: a slice of columns of one
+    array per dtype, column-major (Fortran order), so that the frame holds each column contiguous, as the
+    frames local Qlib builds do (``pd.concat`` of an instrument's frames): numpy reductions over a frame's
+    values (Qlib's ``ZScoreNorm`` takes ``np.nanmean`` of them) sum in an order that depends on the layout,
+    and give local Qlib's last bits only on local Qlib's layout."""
+    widths: dict[np.dtype, int] = {}
+    for f in fields:
+        dtype = np.dtype(f.type.value_type.to_pandas_dtype())
+        widths[dtype] = widths.get(dtype, 0) + f.type.list_size
+    arrays = {dtype: np.empty((rows, width), dtype=dtype, order="F") for dtype, width in widths.items()}
+    used = dict.fromkeys(arrays, 0)
+    groups = []
+    for f in fields:
+        dtype = np.dtype(f.type.value_type.to_pandas_dtype())
+        at = used[dtype]
+        used[dtype] = at + f.type.list_size
+        groups.append((json.loads(f.metadata[b"columns"]), arrays[dtype][:, at:at + f.type.list_size]))
+    return groups
 
 
 def _as_fields(frame: pd.DataFrame, fields: list[str]) -> pd.DataFrame:

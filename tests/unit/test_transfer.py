@@ -228,3 +228,23 @@ def test_every_column_of_a_cache_asked_in_another_order_reads_as_qlib_reads_it(t
         pdt.assert_frame_equal(got, DiskDatasetCache.read_data_from_cache(path, *window, asked))
         groups = len(pa.ipc.open_stream(io.BytesIO(data)).schema) - 2
         assert groups == (1 if compression == "none" else 2)
+
+
+def test_streamed_frames_hold_each_column_contiguous_as_qlibs_frames_do_so_reductions_give_the_same_bits(tmp_path):
+    """Qlib builds a frame by ``pd.concat`` of each instrument's frame (a column per field): each column is
+    contiguous, and ``frame.values`` is column-major. numpy sums an array's axis in an order that depends on
+    its layout, so ``np.nanmean(frame.values, axis=0)`` (Qlib's ``ZScoreNorm.fit``) gives local Qlib's last bits
+    only on local Qlib's layout, several column groups and float32 alike."""
+    path = tmp_path / "abc"
+    wide = [f"Mean($close,{n})" for n in range(2, 2 + transfer.GROUP_COLUMNS + 9)]
+    rng = np.random.default_rng(2)
+    codes, days = ("SZ3", "SH1", "SH2"), 300
+    frame = pd.DataFrame({f: (1 + rng.normal(size=days * len(codes)) / 100).astype(np.float32) for f in sorted(wide)})
+    write_cache(path, codes=codes, days=days, frame=frame)
+    got, _ = served(path, wide[::-1], None, None)
+    by_code = [got.xs(code, level="instrument", drop_level=False) for code in sorted(codes)]
+    qlibs = pd.concat([pd.DataFrame({f: part[f].to_numpy().copy() for f in got.columns}, index=part.index)
+                       for part in by_code])
+    assert qlibs.equals(got) and qlibs.to_numpy().flags.f_contiguous
+    assert got.to_numpy().flags.f_contiguous and all(got[f].to_numpy().flags.c_contiguous for f in got.columns)
+    assert np.array_equal(np.nanmean(got.to_numpy(), axis=0), np.nanmean(qlibs.to_numpy(), axis=0))
