@@ -198,8 +198,14 @@ from qlib.workflow import R
 os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # Qlib records to mlflow's file store (deprecated in mlflow 3)
 model = LGBModel(loss="mse", num_leaves=16, max_depth=4, learning_rate=0.1, num_boost_round=40,
                  early_stopping_rounds=10, num_threads=1, seed=7, deterministic=True, verbosity=-1)
-with tempfile.TemporaryDirectory() as runs, R.start(experiment_name="workflows", uri="file:" + runs):
-    model.fit(dataset)  # the training curve is logged to the recorder
+home = os.getcwd()
+with tempfile.TemporaryDirectory() as runs:
+    os.chdir(runs)  # Qlib's recorder makes its lock file under the working directory (the "file:" path made relative)
+    try:
+        with R.start(experiment_name="workflows", uri="file:" + runs):
+            model.fit(dataset)  # the training curve is logged to the recorder
+    finally:
+        os.chdir(home)
 result = {"pred": model.predict(dataset, segment="test").to_frame("score"),
           "importance": model.get_feature_importance().sort_index().to_dict()}
 """)
