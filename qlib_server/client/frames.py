@@ -78,14 +78,16 @@ def read_frame(source, fields: list[str], unit: str | None = None) -> pd.DataFra
     instruments = json.loads(schema.metadata[b"instruments"])
     names = [code for code, _ in instruments]
     places = _Places(np.array([n for _, n in instruments], dtype=np.int64))
-    groups = _column_groups(rows, list(schema)[2:])
+    arrays, groups = _destinations(rows, list(schema)[2:], [f.replace(" ", "") for f in fields])
     dates = np.empty(rows, dtype=schema.field("datetime").type.to_pandas_dtype())
     received = 0
     for batch in reader:
         at = places.of(batch.column(1).to_numpy())
         dates[at] = batch.column(0).to_numpy()
-        for (columns, block), values in zip(groups, batch.columns[2:]):
-            block[at] = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, len(columns))
+        for targets, values in zip(groups, batch.columns[2:]):
+            values = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, len(targets)).T.copy()
+            for column, value in zip(targets, values):  # column by column: each is contiguous where it goes
+                column[at] = value
         received += batch.num_rows
     if received != rows or np.any(places.placed != places.counts):
         raise ConnectionError(f"the feature stream ended after {received} of {rows} rows")
@@ -94,34 +96,32 @@ def read_frame(source, fields: list[str], unit: str | None = None) -> pd.DataFra
     codes = np.repeat(np.arange(len(names), dtype=np.int32), places.counts)
     index = pd.MultiIndex(levels=[pd.Index(names), pd.DatetimeIndex(date_level)], codes=[codes, date_codes],
                           names=["instrument", "datetime"], verify_integrity=False)
-    parts: dict[int, tuple[np.ndarray, list[str]]] = {}  # one frame per array: the groups of a dtype share it
-    for columns, block in groups:
-        base = block.base if block.base is not None else block
-        parts.setdefault(id(base), (base, []))[1].extend(columns)
-    frames = [pd.DataFrame(base, index=index, columns=columns, copy=False) for base, columns in parts.values()]
+    frames = [pd.DataFrame(array, index=index, columns=columns, copy=False) for columns, array in arrays]
     frame = frames[0] if len(frames) == 1 else pd.concat(frames, axis=1, copy=False)
     return _as_fields(frame, fields)
 
 
-def _column_groups(rows: int, fields: list[pa.Field]) -> list[tuple[list[str], np.ndarray]]:
-    """For each column group of the stream, its columns and where its values go: a slice of columns of one
-    array per dtype, column-major (Fortran order), so that the frame holds each column contiguous, as the
-    frames local Qlib builds do (``pd.concat`` of an instrument's frames): numpy reductions over a frame's
-    values (Qlib's ``ZScoreNorm`` takes ``np.nanmean`` of them) sum in an order that depends on the layout,
-    and give local Qlib's last bits only on local Qlib's layout."""
-    widths: dict[np.dtype, int] = {}
-    for f in fields:
-        dtype = np.dtype(f.type.value_type.to_pandas_dtype())
-        widths[dtype] = widths.get(dtype, 0) + f.type.list_size
-    arrays = {dtype: np.empty((rows, width), dtype=dtype, order="F") for dtype, width in widths.items()}
-    used = dict.fromkeys(arrays, 0)
-    groups = []
-    for f in fields:
-        dtype = np.dtype(f.type.value_type.to_pandas_dtype())
-        at = used[dtype]
-        used[dtype] = at + f.type.list_size
-        groups.append((json.loads(f.metadata[b"columns"]), arrays[dtype][:, at:at + f.type.list_size]))
-    return groups
+def _destinations(rows: int, fields: list[pa.Field], wanted: list[str]) -> tuple[list, list]:
+    """Where the values of the stream's column groups (``fields``) go: one array per dtype, its columns the
+    ``wanted`` ones (cache names, in the request's order) of that dtype, column-major (Fortran order), so that
+    the frame holds each column contiguous, as the frames local Qlib builds do (``pd.concat`` of an
+    instrument's frames): numpy reductions over a frame's values (Qlib's ``ZScoreNorm`` takes ``np.nanmean``
+    of them) sum in an order that depends on the layout, and give local Qlib's last bits only on local Qlib's
+    layout. Returns ``[(columns, array) per dtype]`` and, per group, the column of an array each of its columns
+    goes to (a contiguous view)."""
+    streamed = [(json.loads(f.metadata[b"columns"]), np.dtype(f.type.value_type.to_pandas_dtype())) for f in fields]
+    dtype_of = {name: dtype for columns, dtype in streamed for name in columns}
+    missing = [name for name in wanted if name not in dtype_of]
+    if missing:
+        raise ConnectionError(f"the feature stream has no column {missing[0][:60]!r}")
+    arrays: dict[np.dtype, tuple[list[str], np.ndarray]] = {}
+    for dtype in dict.fromkeys(dtype_of[name] for name in wanted):
+        columns = list(dict.fromkeys(name for name in wanted if dtype_of[name] == dtype))
+        arrays[dtype] = (columns, np.empty((rows, len(columns)), dtype=dtype, order="F"))
+    position = {name: (dtype, columns.index(name)) for dtype, (columns, _) in arrays.items() for name in columns}
+    groups = [[arrays[position[name][0]][1][:, position[name][1]] if name in position else np.empty(rows, dtype)
+               for name in columns] for columns, dtype in streamed]
+    return list(arrays.values()), groups
 
 
 def _as_fields(frame: pd.DataFrame, fields: list[str]) -> pd.DataFrame:
