@@ -7,6 +7,7 @@ Each test changes its own copy of the session dataset; the server runs on its de
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import signal
 import subprocess
@@ -182,6 +183,20 @@ def test_a_worker_killed_mid_extension_leaves_a_cache_extended_or_computed_again
     assert_same(run_server_client(SCRIPT, server.port, None), local_qlib(SCRIPT, data))
     stock = run_pyqlib(SCRIPT, server.port, data)  # Qlib's HDF5 form, made from the records served
     assert_same(stock, local_qlib(SCRIPT, data))
+
+
+def test_with_two_data_processors_each_cache_is_extended_once(start_server, data):
+    server = start_server(provider_uri=str(data))
+    other = start_server(modules=("data_processor",), provider_uri=str(data))
+    wait_until(lambda: "data refreshed" in other.log(), 120, what="the second processor started")
+    run_server_client(SCRIPT, server.port, None)
+    append_days(data, 1)
+    for processor in (server, other):  # both notice the change and refresh
+        wait_until(lambda p=processor: p.log().count("data refreshed") >= 2, 120, what="a processor's refresh")
+    extensions = [int(n) for p in (server, other) for n in re.findall(r"extended (\d+) dataset caches", p.log())]
+    assert sum(extensions) == 1, extensions  # one of them extended it; the other found it current
+    assert extended(data, 2)  # one new segment: extended once
+    assert_same(run_server_client(SCRIPT, server.port, None), local_qlib(SCRIPT, data))
 
 
 READER = f"""
