@@ -34,19 +34,30 @@ def ewm_span_alpha(span):
 
 
 @numba.njit(**JIT)
-def _ewm_row(v, out, com):
-    """pandas' ewm(adjust=True, ignore_na=False, normalize=True, minp=1) over one row."""
+def _ewm_row(v, out, p0, com, jsave, state):
+    """pandas' ewm(adjust=True, ignore_na=False, normalize=True, minp=1) over one row from position ``p0`` on,
+    resumable: ``v`` (the cleaned values) and ``out`` start at position ``p0``; the state (weighted mean, count,
+    old weight) starts from nothing at ``p0 == 0``, else from ``state``, and the state after positions
+    ``< jsave`` is saved to it (a ``jsave`` past the row: its end; negative: never)."""
     alpha = 1.0 / (1.0 + com)
     old_wt_factor = 1.0 - alpha
     new_wt = 1.0
+    n = v.shape[0] + p0
     if v.shape[0] == 0:
         return
-    weighted = v[0]
-    nobs = 1 if weighted == weighted else 0
-    out[0] = weighted if nobs >= 1 else np.nan
-    old_wt = 1.0
-    for i in range(1, v.shape[0]):
-        cur = v[i]
+    if p0 == 0:
+        weighted = v[0]
+        nobs = 1 if weighted == weighted else 0
+        out[0] = weighted if nobs >= 1 else np.nan
+        old_wt = 1.0
+        begin = 1
+    else:
+        weighted, nobs, old_wt = state[0], int(state[1]), state[2]
+        begin = p0
+    for j in range(begin, n):
+        if j == jsave:
+            state[0], state[1], state[2] = weighted, nobs, old_wt
+        cur = v[j - p0]
         observed = cur == cur
         if observed:
             nobs += 1
@@ -59,15 +70,18 @@ def _ewm_row(v, out, com):
                 old_wt += new_wt
         elif observed:
             weighted = cur
-        out[i] = weighted if nobs >= 1 else np.nan
+        out[j - p0] = weighted if nobs >= 1 else np.nan
+    if jsave >= n:
+        state[0], state[1], state[2] = weighted, nobs, old_wt
 
 
 @numba.njit(**JIT)
 def ewm_mean_com(x, lo, hi, com):
     """``Series.ewm(com=com, min_periods=1).mean()`` (adjust=True, ignore_na=False)."""
     out = nan_output(x)
+    state = np.zeros(3)  # every row runs from position 0 and saves nothing
     for i in range(x.shape[0]):
-        _ewm_row(clean_row(x, i, lo[i], hi[i]), out[i, lo[i]:hi[i]], com)
+        _ewm_row(clean_row(x, i, lo[i], hi[i]), out[i, lo[i]:hi[i]], 0, com, -1, state)
     return out
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .ewm import ewm_com_from_alpha
+from .ewm import _ewm_row, ewm_com_from_alpha
 from .moments import _moments_rebuild, _moments_step, _moments_value, _var_rebuild, _var_step, _var_value, _zsqrt
 from .resumable_pairs import resume_corr as resume_corr
 from .resumable_pairs import resume_cov as resume_cov
@@ -233,44 +233,10 @@ def resume_kurt(x, lo, hi, window, j0, jsave, state):
 def resume_ewm_com(x, lo, hi, com, j0, jsave, state):
     """Resumable :func:`.ewm.ewm_mean_com` (state: :data:`STATE` ``["ewm"]``: weighted mean, count, old weight)."""
     out = nan_output(x)
-    alpha = 1.0 / (1.0 + com)
-    old_wt_factor = 1.0 - alpha
-    new_wt = 1.0
     for i in range(x.shape[0]):
-        a, n = lo[i], hi[i] - lo[i]
-        if j0[i] >= n:
-            continue
-        v = clean_row(x, i, a + j0[i], hi[i])
-        p0 = j0[i]
-        st = state[i]
-        if p0 == 0:
-            weighted = v[0]
-            nobs = 1 if weighted == weighted else 0
-            out[i, a] = weighted if nobs >= 1 else np.nan
-            old_wt = 1.0
-            begin = 1
-        else:
-            weighted, nobs, old_wt = st[0], int(st[1]), st[2]
-            begin = p0
-        for j in range(begin, n + 1):
-            if j == jsave[i] or (j == n and jsave[i] > n):
-                st[0], st[1], st[2] = weighted, nobs, old_wt
-            if j == n:
-                break
-            cur = v[j - p0]
-            observed = cur == cur
-            if observed:
-                nobs += 1
-            if weighted == weighted:
-                old_wt *= old_wt_factor
-                if observed:
-                    if weighted != cur:
-                        weighted = old_wt * weighted + new_wt * cur
-                        weighted /= old_wt + new_wt
-                    old_wt += new_wt
-            elif observed:
-                weighted = cur
-            out[i, a + j] = weighted if nobs >= 1 else np.nan
+        if j0[i] < hi[i] - lo[i]:
+            _ewm_row(clean_row(x, i, lo[i] + j0[i], hi[i]), out[i, lo[i] + j0[i]:hi[i]], j0[i], com, jsave[i],
+                    state[i])
     return out
 
 
