@@ -111,16 +111,16 @@ def _destinations(rows: int, fields: list[pa.Field], wanted: list[str]) -> tuple
     goes to (a contiguous view)."""
     streamed = [(json.loads(f.metadata[b"columns"]), np.dtype(f.type.value_type.to_pandas_dtype())) for f in fields]
     dtype_of = {name: dtype for columns, dtype in streamed for name in columns}
-    missing = [name for name in wanted if name not in dtype_of]
-    if missing:
-        raise ConnectionError(f"the feature stream has no column {missing[0][:60]!r}")
+    asked = set(wanted)
+    odd = [name for name in wanted if name not in dtype_of] + [name for name in dtype_of if name not in asked]
+    if odd:  # the server sends the requested columns, each once
+        raise ConnectionError(f"the feature stream's columns are not the request's ({odd[0][:60]!r})")
     arrays: dict[np.dtype, tuple[list[str], np.ndarray]] = {}
     for dtype in dict.fromkeys(dtype_of[name] for name in wanted):
         columns = list(dict.fromkeys(name for name in wanted if dtype_of[name] == dtype))
         arrays[dtype] = (columns, np.empty((rows, len(columns)), dtype=dtype, order="F"))
-    position = {name: (dtype, columns.index(name)) for dtype, (columns, _) in arrays.items() for name in columns}
-    groups = [[arrays[position[name][0]][1][:, position[name][1]] if name in position else np.empty(rows, dtype)
-               for name in columns] for columns, dtype in streamed]
+    column_of = {name: array[:, k] for columns, array in arrays.values() for k, name in enumerate(columns)}
+    groups = [[column_of[name] for name in columns] for columns, _ in streamed]
     return list(arrays.values()), groups
 
 
