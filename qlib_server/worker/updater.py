@@ -75,22 +75,20 @@ def refresh(cfg: ServerConfig, redis_client=None, force: bool = True, progress: 
     if force or previous not in (digest, digest.encode()):
         shutil.rmtree(root / cfg.features_cache_dir_name, ignore_errors=True)
         counts["generation"] = ResultCache(client, ttl=1).bump_generation()
-    counts.update(extend_caches(cfg, client, to_extend, progress, used) if to_extend else {})
+    counts.update(extend_caches(cfg, client, to_extend, used, progress) if to_extend else {})
     log.info("data refreshed: %s", counts)
     return counts
 
 
-def extend_caches(cfg: ServerConfig, client, paths: list, progress: Callable | None = None,
-                  used: dict | None = None) -> dict:
-    """Extend each dataset cache of ``paths`` used in the last ``refresh_recent_days`` days (``used``: the uses of
-    each by name, read if not given), the most used first, each under its lock (one a worker brought up to date
-    meanwhile is left as it is; one that cannot be extended after all is deleted, to be computed at its next
-    request). The others are left to be extended at their next request."""
-    from ..state import keys, records, usage
+def extend_caches(cfg: ServerConfig, client, paths: list, used: dict, progress: Callable | None = None) -> dict:
+    """Extend each dataset cache of ``paths`` used lately (``used``: its uses in the last ``refresh_recent_days``
+    days, by name), the most used first, each under its lock (one a worker brought up to date meanwhile is left
+    as it is; one that cannot be extended after all is deleted, to be computed at its next request). The others
+    are left to be extended at their next request."""
+    from ..state import keys, records
     from ..state.sources import RECORDS, is_current
     from . import compute, datacache, extension
 
-    used = usage.recent(client, cfg.refresh_recent_days) if used is None else used
     later = [p for p in paths if not used.get(p.name)]  # not used lately: extended at their next request
     paths = sorted((p for p in paths if used.get(p.name)), key=lambda p: (-used[p.name], -_mtime(records.path_of(p))))
     started = time.time()
