@@ -85,9 +85,12 @@ def read_frame(source, fields: list[str], unit: str | None = None) -> pd.DataFra
         at = places.of(batch.column(1).to_numpy())
         dates[at] = batch.column(0).to_numpy()
         for targets, values in zip(groups, batch.columns[2:]):
-            values = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, len(targets)).T.copy()
-            for column, value in zip(targets, values):  # column by column: each is contiguous where it goes
-                column[at] = value
+            values = values.flatten().to_numpy(zero_copy_only=False)
+            if len(targets) == 1:  # a column on its own (the server sends each so)
+                targets[0][at] = values
+                continue
+            for column, value in zip(targets, values.reshape(-1, len(targets)).T.copy()):  # column by column:
+                column[at] = value  # each is contiguous where it goes
         received += batch.num_rows
     if received != rows or np.any(places.placed != places.counts):
         raise ConnectionError(f"the feature stream ended after {received} of {rows} rows")

@@ -14,7 +14,8 @@ starting on a multiple of :data:`ALIGN` bytes::
 
     datetime    int64 x rows: each row's day
     instrument  int32 x rows: each row's instrument, a position in the footer's ``codes``
-    values      float32 x rows x columns (row-major: a row's values are contiguous)
+    values      float32 x columns x rows (column-major: a column's rows are contiguous, as a transfer sends
+                them and a frame holds them)
     days        int64 x days: each day of the rows (calendar order)
     ends        int64 x days: the row after each day's last row
     footer      JSON: rows, days, the datetime unit, the columns, the ``codes`` (sorted) and ``counts``
@@ -37,7 +38,9 @@ from typing import Optional
 import numpy as np
 
 SUFFIX = ".records"
-MAGIC = b"QSREC003"
+MAGIC = b"QSREC004"
+#: the manifest's ``format``: a cache written by a version of another layout is not read (it is computed again)
+FORMAT = 4
 ALIGN = 64
 _TAIL = 16
 
@@ -69,11 +72,11 @@ def _sections(rows: int, columns: int) -> tuple[int, int, int, int]:
 @dataclass(frozen=True)
 class Segment:
     """The first ``len(instrument)`` rows of a segment file, mapped: ``datetime``, ``instrument``, ``values``
-    (rows x columns), each day's rows (``days``, ``ends``) and the rows of each code (``counts``)."""
+    (columns x rows), each day's rows (``days``, ``ends``) and the rows of each code (``counts``)."""
 
     datetime: np.ndarray
     instrument: np.ndarray
-    values: np.ndarray
+    values: np.ndarray  # values[column, row]: each column a contiguous view
     days: np.ndarray
     ends: np.ndarray
     counts: np.ndarray
@@ -115,19 +118,30 @@ class Records:
 
 
     def take(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Copies of rows ``[start, stop)``: their days, instruments and values."""
-        parts = [(s.datetime[a:b], s.instrument[a:b], s.values[a:b]) for s, a, b in self.pieces(start, stop)]
+        """Copies of rows ``[start, stop)``: their days, instruments and values (rows x columns, each column
+        contiguous)."""
+        parts = [(s.datetime[a:b], s.instrument[a:b], s.values[:, a:b]) for s, a, b in self.pieces(start, stop)]
         if not parts:
             return (np.empty(0, f"<M8[{self.unit}]"), np.empty(0, "<i4"),
-                    np.empty((0, len(self.columns)), "<f4"))
-        datetime, instrument, values = (np.concatenate(column) for column in zip(*parts))
-        return datetime, instrument, values
+                    np.empty((len(self.columns), 0), "<f4").T)
+        datetime, instrument, values = zip(*parts)
+        return np.concatenate(datetime), np.concatenate(instrument), np.concatenate(values, axis=1).T
+
+
+def of_this_layout(cache_path: Path) -> bool:
+    """Whether the cache has a manifest of this version's layout (one of an older version is computed again)."""
+    try:
+        return json.loads(path_of(cache_path).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read(cache_path: Path) -> Records:
     """Map the segments of the cache at ``cache_path`` (``FileNotFoundError`` when it has none, ``ValueError``
     when a file is not what it should be)."""
     manifest = json.loads(path_of(cache_path).read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{cache_path.name}: records of another layout ({manifest.get('format', 3)}, not {FORMAT})")
     segments, offsets, footer, at = [], [], None, 0
     for entry in manifest["segments"]:
         segment, footer = _segment(cache_path.parent / entry["file"], entry["rows"])
@@ -170,10 +184,10 @@ def _segment(path: Path, used: int) -> tuple[Segment, dict]:
         whole = np.memmap(path, dtype=np.uint8, mode="r", shape=(days_at,))
         datetime = whole[:8 * used].view(f"<M8[{unit}]")
         instrument = whole[instrument_at:instrument_at + 4 * used].view("<i4")
-        values = whole[values_at:values_at + 4 * used * len(columns)].view("<f4").reshape(used, len(columns))
+        values = whole[values_at:values_at + 4 * rows * len(columns)].view("<f4").reshape(len(columns), rows)[:, :used]
     else:
         datetime, instrument = np.empty(0, f"<M8[{unit}]"), np.empty(0, "<i4")
-        values = np.empty((0, len(columns)), "<f4")
+        values = np.empty((len(columns), 0), "<f4")
     counts = (np.array(footer["counts"], dtype=np.int64) if used == rows
               else np.bincount(instrument, minlength=len(footer["codes"])).astype(np.int64))
     return Segment(datetime, instrument, values, stamps[:kept].view(f"M8[{unit}]"), stamps[days:days + kept],
@@ -195,7 +209,8 @@ def publish(cache_path: Path, segments: list[tuple[Path, int]]) -> None:
     delete the segment files it no longer lists (a transfer reading one keeps it until it is done)."""
     target = path_of(cache_path)
     temporary = target.with_name(target.name + ".tmp")
-    temporary.write_text(json.dumps({"segments": [{"file": p.name, "rows": int(n)} for p, n in segments]}))
+    temporary.write_text(json.dumps({"format": FORMAT,
+                                     "segments": [{"file": p.name, "rows": int(n)} for p, n in segments]}))
     os.replace(temporary, target)
     listed = {p.name for p, _ in segments}
     for path in segment_files(cache_path):
@@ -220,7 +235,6 @@ class Writer:
         self.days: list[np.ndarray] = []
         self.ends: list[np.ndarray] = []
         self.rows = 0
-        self.buffer = np.empty((0, len(self.columns)), dtype="<f4")
         self.fd: Optional[int] = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self.fd, self.days_at)
 
@@ -233,14 +247,12 @@ class Writer:
         if self.fd is None or self.rows + n > self.expected:
             self.abandon()
             raise ValueError(f"more than the {self.expected} rows announced")
-        if len(self.buffer) < n:  # one buffer for every part: fresh memory costs page faults
-            self.buffer = np.empty((n, len(self.columns)), dtype="<f4")
-        rows = self.buffer[:n]
-        rows[...] = values.T
         stamps = np.ascontiguousarray(datetimes.astype(f"<M8[{self.unit}]")).view("<i8")
         _pwrite(self.fd, stamps, 8 * self.rows)
         _pwrite(self.fd, np.ascontiguousarray(which, dtype="<i4"), self.instrument_at + 4 * self.rows)
-        _pwrite(self.fd, rows, self.values_at + 4 * len(self.columns) * self.rows)
+        for k, column in enumerate(values):  # each column's part where that column's rows go on
+            _pwrite(self.fd, np.ascontiguousarray(column, dtype="<f4"),
+                    self.values_at + 4 * (k * self.expected + self.rows))
         starts = np.flatnonzero(np.diff(stamps, prepend=stamps[0] - 1))
         days, ends = stamps[starts], self.rows + np.append(starts[1:], n)
         if self.days and self.days[-1][-1] == days[0]:  # the part goes on with the last day of the one before

@@ -92,6 +92,6 @@ def is_current(cache_path: Path, stat: Callable[[Path], Optional[list]] = stat_o
     if form not in forms:
         return False
     complete = (DiskDatasetCache.check_cache_exists(cache_path) if form == HDF5
-                else records.path_of(cache_path).exists())
+                else records.of_this_layout(cache_path))
     root = cache_path.parent.parent
     return complete and all(stat(root / n) == v for n, v in files.items())

@@ -74,7 +74,8 @@ def try_extend(cache_path: Path, instruments, fields, freq: str) -> bool:
     """Bring a cache that is not current up to the data by extending it, when the data only had days appended;
     False (nothing changed) when it must be computed again. The caller holds the cache's lock."""
     record, digests = read_record(cache_path), read_digests(cache_path)
-    if record is None or digests is None or RECORDS not in record.get("forms", []):
+    if record is None or digests is None or RECORDS not in record.get("forms", []) \
+            or not records.of_this_layout(cache_path):
         return False
     from .datacache import cache_sources
 
@@ -174,7 +175,7 @@ def _segments(cache_path: Path, table: records.Records, keep: int, tail: dataset
     kept = [(s, min(len(s.instrument), keep - o)) for s, o in zip(table.segments, table.offsets) if o < keep]
     rows = int(tail.rows.sum())
     if len(kept) + 1 > MAX_SEGMENTS:  # compact: the kept rows copied once into the new segment
-        old = ((d, w, v.T) for d, w, v in (table.take(a, b) for a, b in _chunks(keep)))
+        old = ((d, w, v.T) for d, w, v in (table.take(a, b) for a, b in _chunks(keep)))  # v.T: values[col, row]
         return [_write(cache_path, table, keep + rows, [old, tail.date_parts(reuse=True)])]
     listed = [(cache_path.parent / table.files[i], n) for i, (_, n) in enumerate(kept)]
     return [*listed, _write(cache_path, table, rows, [tail.date_parts(reuse=True)])]

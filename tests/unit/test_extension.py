@@ -46,7 +46,7 @@ def assert_same_records(path, other):
     assert ours.columns == theirs.columns and ours.codes == theirs.codes
     assert np.array_equal(ours.days, theirs.days) and np.array_equal(ours.ends, theirs.ends)
     for a, b in zip(ours.take(0, len(ours)), theirs.take(0, len(theirs))):
-        assert a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))  # bit for bit, NaN too
+        assert a.dtype == b.dtype and np.array_equal(a.T.view(np.uint8), b.T.view(np.uint8))  # bit for bit, NaN too
     assert ours.counts.tolist() == theirs.counts.tolist()
 
 

@@ -1,6 +1,8 @@
 """The records form of a dataset cache: segment files of columns behind a manifest, written and read back
 row for row, trimmed to whole days, replaced atomically, and what a manifest no longer lists deleted."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -84,3 +86,17 @@ def test_a_segment_left_unfinished_is_abandoned_without_a_trace(tmp_path):
     with pytest.raises(ValueError, match="rows of 10 announced"):
         writer.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_records_of_an_earlier_layout_are_not_read_so_their_cache_is_computed_again(tmp_path):
+    """Rows held row-major (format 3, before the column-major layout) would read as other values: a manifest not
+    of this layout is not this version's cache."""
+    cache = tmp_path / "c"
+    segment, (stamps, which, values) = write_segment(cache, 6)
+    records.publish(cache, [(segment, len(which))])
+    assert records.of_this_layout(cache)
+    assert np.array_equal(records.read(cache).take(0, len(which))[2], values.T)
+    records.path_of(cache).write_text(json.dumps({"segments": [{"file": segment.name, "rows": len(which)}]}))
+    assert not records.of_this_layout(cache)
+    with pytest.raises(ValueError, match="another layout"):
+        records.read(cache)

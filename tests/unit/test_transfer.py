@@ -4,6 +4,7 @@ gives the frame Qlib reads from the same file; only the asked dates and fields t
 from __future__ import annotations
 
 import io
+import json
 import pickle
 
 import numpy as np
@@ -155,18 +156,18 @@ def test_a_truncated_stream_is_an_error_not_a_short_frame(tmp_path):
 
 
 def test_a_wide_cache_asked_for_a_subset_in_another_order_reads_as_qlib_reads_it(tmp_path):
-    """More fields than one column group holds (every column float32: Qlib casts each field to float32)."""
+    """Many fields (every column float32: Qlib casts each field to float32)."""
     path = tmp_path / "abc"
-    wide = [f"Mean($close,{n})" for n in range(2, 2 + 2 * transfer.GROUP_COLUMNS + 5)]
+    wide = [f"Mean($close,{n})" for n in range(2, 87)]
     rng = np.random.default_rng(1)
     rows = 30 * 4
     frame = pd.DataFrame({f: rng.normal(size=rows).astype(np.float32) for f in sorted(wide + ["$volume"])})
     write_cache(path, codes=("SZ3", "SH1", "SH2", "SZ0"), days=30, frame=frame)
-    asked = ["$volume", *wide[::-1][: transfer.GROUP_COLUMNS + 3], wide[7]]
+    asked = ["$volume", *wide[::-1][:43], wide[7]]
     for window in [(None, None), ("2019-01-08", "2019-01-31")]:
         got, data = served(path, asked, *window)
         pdt.assert_frame_equal(got, DiskDatasetCache.read_data_from_cache(path, *window, asked))
-    assert len(pa.ipc.open_stream(io.BytesIO(data)).schema) == 2 + 2  # two groups of float32 columns
+    assert len(pa.ipc.open_stream(io.BytesIO(data)).schema) == 2 + 45  # each column on its own
 
 
 def test_a_stream_with_more_rows_of_an_instrument_than_announced_is_an_error(tmp_path):
@@ -214,10 +215,9 @@ def test_request_ids_are_short_strings_or_none():
 @pytest.mark.parametrize("segments", [1, 3], ids=["one segment", "three segments"])
 @pytest.mark.parametrize("compression", ["none", "lz4"])
 def test_every_column_of_a_cache_asked_in_another_order_reads_as_qlib_reads_it(tmp_path, compression, segments):
-    """Uncompressed, all of a cache's columns travel as one group in the file's order (no copy on the server)
-    and the client puts them in the requested order; compressed, in groups of the requested order."""
+    """Each column travels on its own, in the requested order (a repeated field once), compressed or not."""
     path = tmp_path / "abc"
-    wide = [f"Mean($close,{n})" for n in range(2, 2 + transfer.GROUP_COLUMNS + 5)]
+    wide = [f"Mean($close,{n})" for n in range(2, 47)]
     rng = np.random.default_rng(2)
     frame = pd.DataFrame({f: rng.normal(size=30 * 4).astype(np.float32) for f in sorted(wide)})
     write_cache(path, codes=("SZ3", "SH1", "SH2", "SZ0"), days=30, frame=frame, segments=segments)
@@ -226,17 +226,17 @@ def test_every_column_of_a_cache_asked_in_another_order_reads_as_qlib_reads_it(t
     for window in [(None, None), ("2019-01-08", "2019-01-31"), ("2019-01-21", "2019-01-28")]:
         got, data = served(path, asked, *window, compression=compression)
         pdt.assert_frame_equal(got, DiskDatasetCache.read_data_from_cache(path, *window, asked))
-        groups = len(pa.ipc.open_stream(io.BytesIO(data)).schema) - 2
-        assert groups == (1 if compression == "none" else 2)
+        schema = pa.ipc.open_stream(io.BytesIO(data)).schema
+        assert [json.loads(f.metadata[b"columns"]) for f in list(schema)[2:]] == [[c] for c in dict.fromkeys(asked)]
 
 
 def test_streamed_frames_hold_each_column_contiguous_as_qlibs_frames_do_so_reductions_give_the_same_bits(tmp_path):
     """Qlib builds a frame by ``pd.concat`` of each instrument's frame (a column per field): each column is
     contiguous, and ``frame.values`` is column-major. numpy sums an array's axis in an order that depends on
     its layout, so ``np.nanmean(frame.values, axis=0)`` (Qlib's ``ZScoreNorm.fit``) gives local Qlib's last bits
-    only on local Qlib's layout, several column groups and float32 alike."""
+    only on local Qlib's layout."""
     path = tmp_path / "abc"
-    wide = [f"Mean($close,{n})" for n in range(2, 2 + transfer.GROUP_COLUMNS + 9)]
+    wide = [f"Mean($close,{n})" for n in range(2, 51)]
     rng = np.random.default_rng(2)
     codes, days = ("SZ3", "SH1", "SH2"), 300
     frame = pd.DataFrame({f: (1 + rng.normal(size=days * len(codes)) / 100).astype(np.float32) for f in sorted(wide)})
@@ -248,3 +248,29 @@ def test_streamed_frames_hold_each_column_contiguous_as_qlibs_frames_do_so_reduc
     assert qlibs.equals(got) and qlibs.to_numpy().flags.f_contiguous
     assert got.to_numpy().flags.f_contiguous and all(got[f].to_numpy().flags.c_contiguous for f in got.columns)
     assert np.array_equal(np.nanmean(got.to_numpy(), axis=0), np.nanmean(qlibs.to_numpy(), axis=0))
+
+
+def test_a_stream_of_several_fields_per_list_from_a_server_of_an_earlier_version_reads_the_same_frame(tmp_path):
+    """Servers before the column-major records sent the rows of several fields as one ``fixed_size_list`` (rows as
+    the file held them): the client reads such streams too."""
+    path = tmp_path / "abc"
+    write_cache(path, days=30)
+    where = transfer.layout(path)
+    first, stop = where.rows(None, None)
+    datetime, instrument, values = where.records.take(first, stop)
+    columns = sorted(transfer.cache_columns(FIELDS))
+    schema = pa.schema([pa.field("datetime", pa.timestamp("us")), pa.field("instrument", pa.int32()),
+                        pa.field("block0", pa.list_(pa.float32(), len(columns)), nullable=False,
+                                 metadata={"columns": json.dumps(columns)})],
+                       metadata={"rows": str(stop - first), "instruments": json.dumps(
+                           [[c, int(n)] for c, n in zip(where.records.codes, where.records.counts.tolist())])})
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, schema) as writer:
+        for a in range(0, stop - first, 37):
+            rows = np.ascontiguousarray(values[a:a + 37, [where.position[c] for c in columns]])
+            writer.write_batch(pa.RecordBatch.from_arrays(
+                [pa.array(datetime[a:a + 37]), pa.array(instrument[a:a + 37]),
+                 pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), len(columns))], schema=schema))
+    got = read_frame(io.BytesIO(sink.getvalue()), FIELDS)
+    assert got.equals(served(path, FIELDS, None, None)[0])
+    pdt.assert_frame_equal(got, DiskDatasetCache.read_data_from_cache(path, None, None, FIELDS))
