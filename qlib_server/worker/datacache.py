@@ -257,7 +257,7 @@ def record_frames(table: records.Records) -> Iterator[pd.DataFrame]:
     """A records file as the pieces of consecutive whole days that :func:`write_table` writes."""
     codes = np.array(table.codes, dtype=object)
     width = max([len(c) for c in table.codes] + [1])
-    target = max(1, dataset.CHUNK_BYTES // (4 * max(1, len(table.columns))))
+    target = max(1, min(dataset.CHUNK_ROWS, dataset.CHUNK_BYTES // (4 * max(1, len(table.columns)))))
     first = 0
     for last in table.ends.tolist():
         if last - first < target and last < len(table):

@@ -24,8 +24,10 @@ from ..errors import ComputeError
 
 #: a feature set larger than this is held in a scratch file (mapped) while it is computed, not in memory
 IN_MEMORY_BYTES = 1 << 30
-#: rows of one piece of the cache written at a time (about this many bytes of values)
-CHUNK_BYTES = 128 << 20
+#: rows of one piece of the cache written at a time: about this many bytes of values, at most ``CHUNK_ROWS`` rows
+#: (a piece's arrays are made again for every piece: small ones are reused memory, not fresh pages)
+CHUNK_BYTES = 32 << 20
+CHUNK_ROWS = 1 << 16
 #: the ``attrs`` key of a piece holding the length of the longest instrument code of all the pieces
 CODE_WIDTH = "instrument_width"
 
@@ -59,11 +61,11 @@ class Computed:
 
     def date_parts(self, reuse: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The rows in the dataset cache's order (by day, then instrument), in parts of consecutive days of
-        about :data:`CHUNK_BYTES`: each part's days (datetime64), instruments (positions in ``codes``) and
-        ``values[field, row]``. With ``reuse``, every part's values are in one buffer (fresh memory costs page
-        faults): a part is valid only until the next is asked for."""
+        about :data:`CHUNK_BYTES` (at most :data:`CHUNK_ROWS` rows): each part's days (datetime64), instruments
+        (positions in ``codes``) and ``values[field, row]``. With ``reuse``, every part's values are in one buffer
+        (fresh memory costs page faults): a part is valid only until the next is asked for."""
         per_day = self.rows.sum(axis=0)
-        target = max(1, CHUNK_BYTES // (4 * max(1, len(self.names))))
+        target = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (4 * max(1, len(self.names)))))
         buffer = np.empty((len(self.names), 0), dtype=np.float32)
         first = 0
         while first < len(per_day):
@@ -170,10 +172,7 @@ def compute(provider, instruments, fields, start_time, end_time, freq: str, inst
             n = len(block.instruments)
             mine = rows[first:first + n]
             np.logical_or.reduce(block.present, out=mine)
-            days = times[block.start:block.end + 1]
-            for i, inst in enumerate(block.instruments):
-                if spans_of[inst] is not None:
-                    mine[i] &= _within(days, spans_of[inst])
+            mine &= listed(times[block.start:block.end + 1], [spans_of[inst] for inst in block.instruments])
             for k, values in enumerate(block.values):
                 dense[k, first:first + n] = values
             first += n
@@ -216,9 +215,22 @@ def cache_layout(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[sorted(frame.columns)]
 
 
-def _within(times: np.ndarray, spans) -> np.ndarray:
-    """Which of ``times`` fall in one of the instrument's listing ``spans`` (both ends included)."""
-    keep = np.zeros(len(times), dtype=bool)
-    for begin, end in spans:
-        keep |= (times >= pd.Timestamp(begin).to_datetime64()) & (times <= pd.Timestamp(end).to_datetime64())
+def listed(times: np.ndarray, spans_of: list) -> np.ndarray:
+    """``[instrument, time]``: whether each of ``times`` (sorted) falls in one of the instrument's listing spans
+    (both ends included; spans ``None``: always)."""
+    keep = np.zeros((len(spans_of), len(times)), dtype=bool)
+    owners, begins, ends = [], [], []
+    for i, spans in enumerate(spans_of):
+        if spans is None:
+            keep[i] = True
+        for begin, end in spans or ():
+            owners.append(i)
+            begins.append(begin)
+            ends.append(end)
+    if owners:  # compared at the finer unit, as ``times >= begin`` compares
+        exact = times.astype("M8[ns]")
+        first = np.searchsorted(exact, pd.DatetimeIndex(begins).as_unit("ns").to_numpy(), "left").tolist()
+        after = np.searchsorted(exact, pd.DatetimeIndex(ends).as_unit("ns").to_numpy(), "right").tolist()
+        for i, a, b in zip(owners, first, after):
+            keep[i, a:b] = True
     return keep

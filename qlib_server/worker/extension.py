@@ -160,9 +160,7 @@ def _tail(blocks: list, codes: list, spans_of: dict, times: np.ndarray, first: i
         n = len(block.instruments)
         mine = rows[at:at + n]
         np.logical_or.reduce(block.present, out=mine)
-        for i, code in enumerate(block.instruments):
-            if spans_of[code] is not None:
-                mine[i] &= dataset._within(days, spans_of[code])
+        mine &= dataset.listed(days, [spans_of[code] for code in block.instruments])
         for k, values in enumerate(block.values):
             dense[k, at:at + n] = values
         at += n

@@ -243,3 +243,23 @@ def test_a_field_left_to_qlib_whose_values_are_not_float32_leaves_the_frame_to_q
     ours, theirs = both(provider, {"market": "csi300", "filter_pipe": []}, fields, None, None, qlib_builds=True)
     assert set(ours.dtypes) == {np.dtype(np.float64)}
     assert_same_frame(ours, theirs)
+
+
+@pytest.mark.parametrize("unit", ["D", "s", "us", "ns"])
+def test_a_row_is_kept_on_the_days_of_its_listing_spans_both_ends_included_whatever_the_units(unit):
+    rng = np.random.default_rng(7)
+    times = np.unique(rng.integers(0, 10**6, 400)).astype("M8[s]").astype(f"M8[{unit}]")
+    spans_of = []
+    for _ in range(200):
+        spans = []
+        for _ in range(rng.integers(0, 3)):
+            first, last = np.sort(rng.integers(-10**5, 11 * 10**5, 2))
+            begin = pd.Timestamp(int(first) * 10**9 + int(rng.integers(0, 10**9)))  # a fraction of a second
+            spans.append((begin, pd.Timestamp(int(last), unit="s")))
+        spans.append((str(times[rng.integers(0, len(times))]), pd.Timestamp(times[rng.integers(0, len(times))])))
+        each_day = np.zeros(len(times), dtype=bool)
+        for begin, end in spans:
+            each_day |= (times >= pd.Timestamp(begin).to_datetime64()) & (times <= pd.Timestamp(end).to_datetime64())
+        spans_of.append((spans, each_day))
+    spans_of += [(None, np.ones(len(times), dtype=bool)), ([], np.zeros(len(times), dtype=bool))]
+    assert np.array_equal(dataset.listed(times, [s for s, _ in spans_of]), np.array([d for _, d in spans_of]))
