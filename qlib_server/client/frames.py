@@ -65,6 +65,39 @@ class _Places:
         return places
 
 
+class _Days:
+    """The frame's datetime level and each row's code in it. The server sends rows by day, so the level is
+    the days in the order they come and a row's code is a running count (no sort of all the rows); rows in
+    another order are placed as well, by a sort at the end."""
+
+    def __init__(self, rows: int, dtype) -> None:
+        self.dtype = dtype
+        self.stamps = np.empty(rows, dtype=np.int64)
+        self.codes: np.ndarray | None = np.empty(rows, dtype=np.int64)
+        self.seen: list[np.ndarray] = []
+        self.count = 0
+
+    def add(self, stamps: np.ndarray, at: np.ndarray) -> None:
+        self.stamps[at] = stamps
+        if self.codes is None or not len(stamps):
+            return
+        last = self.seen[-1][-1] if self.seen else None
+        if (last is not None and stamps[0] < last) or np.any(stamps[1:] < stamps[:-1]):
+            self.codes = None  # not by day: sorted at the end
+            return
+        new = np.empty(len(stamps), dtype=bool)
+        new[0] = last is None or stamps[0] != last
+        np.not_equal(stamps[1:], stamps[:-1], out=new[1:])
+        self.codes[at] = np.cumsum(new) + (self.count - 1)
+        self.seen.append(stamps[new])
+        self.count += int(np.count_nonzero(new))
+
+    def level(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.codes is None:
+            return np.unique(self.stamps.view(self.dtype), return_inverse=True)
+        return np.concatenate(self.seen).view(self.dtype), self.codes
+
+
 def read_frame(source, fields: list[str], unit: str | None = None) -> pd.DataFrame:
     """Read the stream from the file-like ``source`` into the frame of ``fields`` (Qlib's column names),
     its ``datetime`` level of resolution ``unit`` (by default local Qlib's with this pandas)."""
@@ -79,11 +112,11 @@ def read_frame(source, fields: list[str], unit: str | None = None) -> pd.DataFra
     names = [code for code, _ in instruments]
     places = _Places(np.array([n for _, n in instruments], dtype=np.int64))
     arrays, groups = _destinations(rows, list(schema)[2:], [f.replace(" ", "") for f in fields])
-    dates = np.empty(rows, dtype=schema.field("datetime").type.to_pandas_dtype())
+    days = _Days(rows, schema.field("datetime").type.to_pandas_dtype())
     received = 0
     for batch in reader:
         at = places.of(batch.column(1).to_numpy())
-        dates[at] = batch.column(0).to_numpy()
+        days.add(batch.column(0).view(pa.int64()).to_numpy(), at)
         for targets, values in zip(groups, batch.columns[2:]):
             values = values.flatten().to_numpy(zero_copy_only=False)
             if len(targets) == 1:  # a column on its own (the server sends each so)
@@ -94,7 +127,7 @@ def read_frame(source, fields: list[str], unit: str | None = None) -> pd.DataFra
         received += batch.num_rows
     if received != rows or np.any(places.placed != places.counts):
         raise ConnectionError(f"the feature stream ended after {received} of {rows} rows")
-    date_level, date_codes = np.unique(dates, return_inverse=True)
+    date_level, date_codes = days.level()
     date_level = date_level.astype(f"datetime64[{unit or datetime_unit()}]")
     codes = np.repeat(np.arange(len(names), dtype=np.int32), places.counts)
     index = pd.MultiIndex(levels=[pd.Index(names), pd.DatetimeIndex(date_level)], codes=[codes, date_codes],

@@ -274,3 +274,30 @@ def test_a_stream_of_several_fields_per_list_from_a_server_of_an_earlier_version
     got = read_frame(io.BytesIO(sink.getvalue()), FIELDS)
     assert got.equals(served(path, FIELDS, None, None)[0])
     pdt.assert_frame_equal(got, DiskDatasetCache.read_data_from_cache(path, None, None, FIELDS))
+
+
+def test_rows_that_do_not_come_by_day_still_read_as_the_frame_qlib_reads(tmp_path):
+    """The server sends rows by day (the client then needs no sort of the days); rows by instrument, each
+    instrument's days in order, give the same frame."""
+    path = tmp_path / "abc"
+    write_cache(path, days=30)
+    where = transfer.layout(path)
+    datetime, instrument, values = where.records.take(0, len(where.records))
+    order = np.lexsort((datetime, instrument))
+    columns = list(where.records.columns)
+    schema = pa.schema([pa.field("datetime", pa.timestamp("us")), pa.field("instrument", pa.int32())]
+                       + [pa.field(f"block{k}", pa.list_(pa.float32(), 1), nullable=False,
+                                   metadata={"columns": json.dumps([c])}) for k, c in enumerate(columns)],
+                       metadata={"rows": str(len(order)), "instruments": json.dumps(
+                           [[c, int(n)] for c, n in zip(where.records.codes, where.records.counts.tolist())])})
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, schema) as writer:
+        for a in range(0, len(order), 29):
+            rows = order[a:a + 29]
+            writer.write_batch(pa.RecordBatch.from_arrays(
+                [pa.array(datetime[rows]), pa.array(instrument[rows])]
+                + [pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values[rows, k])), 1)
+                   for k in range(len(columns))], schema=schema))
+    got = read_frame(io.BytesIO(sink.getvalue()), FIELDS)
+    assert got.equals(served(path, FIELDS, None, None)[0])
+    pdt.assert_frame_equal(got, DiskDatasetCache.read_data_from_cache(path, None, None, FIELDS))
