@@ -86,9 +86,9 @@ def _digests(root: Path, names: Iterable[str]) -> dict[str, Optional[str]]:
 def digests(root: Path, names: Iterable[str]) -> dict[str, Optional[str]]:
     """The digest of each named file under ``root`` (None when it is missing), for a cache's record. Take
     them right after the stats and before computing, so that a change made meanwhile is seen later."""
-    out: dict[str, Optional[str]] = {}
+    base, out = os.fspath(root), {}
     for name in names:
-        data = _read(Path(root) / name)
+        data = _read(os.path.join(base, name))
         out[name] = None if data is None else _digest(data)
     return out
 
