@@ -1,9 +1,10 @@
 """Benchmark of the compute engine: feature sets computed cold through the server beside local Qlib computing
 the same sets, in one run, on the same generated data.
 
-    python -m sim.bench_engine [--instruments 300] [--days 2500] [--sets alpha158,alpha360,five]
+    python -m sim.bench_engine [--instruments 300] [--days 2500] [--sets alpha158,alpha360,five] [--repeat 3]
 
-For each set: local Qlib's ``D.features`` (its default config, reading the data directory: the floor, the same
+For each set, ``--repeat`` runs, each with a new server (the machine's timings vary from run to run; the table
+shows the medians and each run's ratio): local Qlib's ``D.features`` (its default config, reading the data directory: the floor, the same
 rows computed the way a user computes them without a server); the same ``D.features`` through
 ``qlib_server.client`` against an embedded server with no cache yet (what the user waits for: the server
 computes the set with the engine, writes the dataset cache and streams it), and once more (hot); the worker's
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,40 +99,47 @@ def main(argv=None) -> int:
     parser.add_argument("--instruments", type=int, default=300)
     parser.add_argument("--days", type=int, default=2500)
     parser.add_argument("--sets", default="alpha158,alpha360,five")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per set (medians shown; a new server each run)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     data = generate_dataset(work / "data", instruments=args.instruments, days=args.days, start="2012-01-04",
                             markets={"csi300": args.instruments})
     rows = []
     for name in args.sets.split(","):
-        port = _free_port()
-        config = work / f"server-{name}.yaml"
-        config.write_text(json.dumps({"provider_uri": str(data), "flask_port": port, "logging_level": "WARNING"}))
-        server = subprocess.Popen([sys.executable, "-m", "qlib_server", "serve", "-c", str(config), "--embedded"],
-                                  stdout=open(work / f"server-{name}.log", "wb"), stderr=subprocess.STDOUT)
-        try:
-            _wait_ready(f"http://127.0.0.1:{port}")
-            print(f"{name}: local Qlib ...", flush=True)
-            (local_s,), local = timed("local", SETS[name], work, data, port, 1)
-            print(f"{name}: through the server, cold then hot ...", flush=True)
-            (cold_s, hot_s), served = timed("server", SETS[name], work, data, port, 2)
-        finally:
-            stop(server)
+        runs = []
+        for run in range(args.repeat):  # each run a new server with no cache yet: cold is its first request
+            port = _free_port()
+            config = work / f"server-{name}-{run}.yaml"
+            config.write_text(json.dumps({"provider_uri": str(data), "flask_port": port, "logging_level": "WARNING",
+                                          "dataset_cache_dir_name": f"dataset_cache_{name}_{run}"}))
+            server = subprocess.Popen([sys.executable, "-m", "qlib_server", "serve", "-c", str(config), "--embedded"],
+                                      stdout=open(work / f"server-{name}-{run}.log", "wb"), stderr=subprocess.STDOUT)
+            try:
+                _wait_ready(f"http://127.0.0.1:{port}")
+                print(f"{name} (run {run + 1} of {args.repeat}): local Qlib ...", flush=True)
+                (local_s,), local = timed("local", SETS[name], work, data, port, 1)
+                print(f"{name} (run {run + 1} of {args.repeat}): through the server, cold then hot ...", flush=True)
+                (cold_s, hot_s), served = timed("server", SETS[name], work, data, port, 2)
+            finally:
+                stop(server)
+            runs.append((local_s, cold_s, hot_s, bool(served.equals(local))))
+        local_s, cold_s, hot_s = (statistics.median(r[k] for r in runs) for k in range(3))
         alone = worker_alone(data, SETS[name])
         rows.append({"set": name, "rows": len(local), "fields": local.shape[1], "local_qlib_s": round(local_s, 2),
                      "server_cold_s": round(cold_s, 2), "server_hot_s": round(hot_s, 2),
-                     "speedup_cold": round(local_s / cold_s, 2), "equal": bool(served.equals(local)),
+                     "speedup_cold": round(local_s / cold_s, 2), "equal": all(r[3] for r in runs),
+                     "speedup_per_run": " ".join(f"{r[0] / r[1]:.1f}" for r in runs),
                      "engine_s": round(alone["engine_s"], 2), "cache_write_s": round(alone["write_s"], 2),
                      "engine_fallbacks": alone["fallbacks"]})
     print(f"\n== feature sets over {args.instruments} instruments x {args.days} days, cold through the server beside "
           "local Qlib (same machine, same data) ==")
-    head = ("set", "rows", "fields", "local Qlib s", "server cold s", "x faster", "hot s", "equal", "engine s",
-            "cache write s", "fallbacks")
+    head = ("set", "rows", "fields", "local Qlib s", "server cold s", "x faster", "each run", "hot s", "equal",
+            "engine s", "cache write s", "fallbacks")
     print("".join(f"{h:>14}" for h in head))
     for r in rows:
         print("".join(f"{r[k]!s:>14}" for k in ("set", "rows", "fields", "local_qlib_s", "server_cold_s",
-                                                 "speedup_cold", "server_hot_s", "equal", "engine_s",
-                                                 "cache_write_s", "engine_fallbacks")))
+                                                 "speedup_cold", "speedup_per_run", "server_hot_s", "equal",
+                                                 "engine_s", "cache_write_s", "engine_fallbacks")))
     Path("bench-results").mkdir(exist_ok=True)
     Path("bench-results/engine.json").write_text(json.dumps(rows, indent=1))
     return 0 if all(r["equal"] for r in rows) else 1
