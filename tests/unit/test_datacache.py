@@ -189,3 +189,16 @@ def test_a_refresh_waits_for_the_worker_writing_a_cache_and_keeps_it_once_comple
     counts = datacache.drop_stale(path.parent, client)
     finished.join()
     assert counts == {"kept": 1, "dropped": 0, "to_extend": []} and is_current(path)
+
+
+def test_a_cache_whose_records_are_of_an_earlier_layout_is_not_current_and_a_refresh_drops_it(data):
+    """After an upgrade that changed the records' layout (rows to columns), the caches on disk would read as other
+    values: they are not current, the processor's first refresh drops them, and they are computed again."""
+    client = fakeredis.FakeRedis()
+    cfg = make_config(provider_uri=str(data))
+    kept, old = make_cache(data, "kept", ["SZ000003"]), make_cache(data, "old", ["SH600000"])
+    manifest = json.loads(records.path_of(old).read_text())
+    records.path_of(old).write_text(json.dumps({"segments": manifest["segments"]}))  # as versions before wrote it
+    assert is_current(kept, form=sources.RECORDS) and not is_current(old, form=sources.RECORDS)
+    assert refresh(cfg, client, force=False) == {"kept": 1, "dropped": 1, "generation": 1}
+    assert not old.exists() and not records.path_of(old).exists() and is_current(kept, form=sources.RECORDS)
