@@ -4,12 +4,12 @@ the same sets, in one run, on the same generated data.
     python -m sim.bench_engine [--instruments 300] [--days 2500] [--sets alpha158,alpha360,five] [--repeat 3]
 
 For each set, ``--repeat`` runs, each with a new server (the machine's timings vary from run to run; the table
-shows the medians and each run's ratio): local Qlib's ``D.features`` (its default config, reading the data directory: the floor, the same
-rows computed the way a user computes them without a server); the same ``D.features`` through
-``qlib_server.client`` against an embedded server with no cache yet (what the user waits for: the server
-computes the set with the engine, writes the dataset cache and streams it), and once more (hot); the worker's
-computation alone (engine and cache write, in this process). Checks ``df.equals`` between the client's frame and
-local Qlib's, prints a table and writes bench-results/engine.json.
+shows the medians and each run's ratio): local Qlib's ``D.features`` (its default config, reading the data
+directory: the floor, the same rows computed the way a user computes them without a server); the same
+``D.features`` through ``qlib_server.client`` against an embedded server with no cache yet (what the user waits
+for: the server computes the set with the engine, writes the dataset cache and streams it), and once more (hot);
+the worker's computation alone (engine and cache write, in this process). Checks ``df.equals`` between the
+client's frame and local Qlib's, prints a table and writes bench-results/engine.json.
 """
 
 from __future__ import annotations
