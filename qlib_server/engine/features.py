@@ -121,9 +121,9 @@ def blocks(instruments: list, names: list, start: int, end: int, *, expression_o
         return Block(chunk, start, end, values, present, saved)
 
     by_bytes = BLOCK_BYTES // max(1, 4 * len(names) * (end - start + 1))
-    count = -(-len(instruments) // max(1, min(size, by_bytes)))  # blocks at most that large
+    count = max(1, -(-len(instruments) // max(1, min(size, by_bytes))))  # blocks at most that large
     count = -(-count // threads) * threads  # as many for every thread: none waits on a short last block
-    size = -(-len(instruments) // count)
+    size = max(1, -(-len(instruments) // count))
     chunks = [instruments[first:first + size] for first in range(0, len(instruments), size)]
     if threads <= 1 or len(chunks) <= 1:
         yield from map(block, chunks)

@@ -263,3 +263,14 @@ def test_a_row_is_kept_on_the_days_of_its_listing_spans_both_ends_included_whate
         spans_of.append((spans, each_day))
     spans_of += [(None, np.ones(len(times), dtype=bool)), ([], np.zeros(len(times), dtype=bool))]
     assert np.array_equal(dataset.listed(times, [s for s, _ in spans_of]), np.array([d for _, d in spans_of]))
+
+
+@pytest.mark.parametrize("instruments", [[], {}], ids=["no codes", "no codes and spans"])
+def test_a_request_of_no_instruments_is_qlibs_empty_frame(provider, instruments):
+    from qlib.data.data import Cal
+
+    calendar = Cal.calendar(freq="day")
+    assert dataset.compute(provider, instruments, FIELDS, calendar[0], calendar[-1], "day") is None
+    theirs = provider.dataset(instruments, FIELDS, calendar[0], calendar[-1], "day")
+    ours = dataset.dataset(provider, instruments, FIELDS, calendar[0], calendar[-1], "day")
+    assert ours.empty and theirs.empty and list(ours.columns) == list(theirs.columns)
