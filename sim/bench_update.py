@@ -71,7 +71,7 @@ _, again = timed(lambda: datacache.compute_cache(root / "dataset_cache" / "full"
                                                  "day", hdf5=False))
 a, b = records.read(root / "dataset_cache" / "c"), records.read(root / "dataset_cache" / "full")
 equal = bool(done) and all(x.dtype == y.dtype and np.array_equal(x.T.view(np.uint8), y.T.view(np.uint8))
-                           for x, y in zip(a.take(0, len(a)), b.take(0, len(b))))
+                           for x, y in zip(a.take(), b.take()))
 print(json.dumps({{"full_s": full, "extend_s": sorted(extends)[1], "extends_s": extends, "full_again_s": again,
                   "extended": bool(done),
                   "equal_bits": equal, "rows": len(b), "segments": len(a.segments)}}))

@@ -1,9 +1,11 @@
 """An Arrow IPC stream of feature rows (see :mod:`qlib_server.front.transfer`) → the frame Qlib gives.
 
-The frame is sorted by instrument, then date. The rows come sorted by date, and the schema says how
-many rows each instrument has, so each row of a batch is copied once, straight to its place in
-arrays allocated once for every row: the client holds the frame being built and one batch, and
-never sorts or copies the frame again. Columns get the requested field names, in their order.
+The frame is sorted by instrument, then date. The schema says how many rows each instrument has, so each
+row of a batch is copied once, straight to its place in arrays allocated once for every row: the client
+holds the frame being built and one batch, and never sorts or copies the frame again. The rows come in
+the frame's order (a batch is a run of its rows, each column copied as a whole); rows in another order (by
+date, as earlier servers send them) are placed row by row. Columns get the requested field names, in
+their order.
 
 The ``datetime`` level has the resolution local Qlib's frames have with the client's pandas (see
 :func:`datetime_unit`), whatever resolution the server's cache stores.
@@ -50,9 +52,20 @@ class _Places:
         self.first = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
         self.placed = np.zeros(len(counts), dtype=np.int64)
 
-    def of(self, codes: np.ndarray) -> np.ndarray:
+    def of(self, codes: np.ndarray) -> np.ndarray | slice:
+        """The frame's rows for a batch's rows of ``codes``: a slice where they come in the frame's own order."""
         if codes.size and (codes.min() < 0 or codes.max() >= len(self.counts)):
             raise ConnectionError("the feature stream names an instrument it did not announce")
+        if codes.size and np.all(codes[1:] >= codes[:-1]):  # by instrument: in order if each earlier one is full
+            first, last = int(codes[0]), int(codes[-1])
+            full = self.placed[first:last] + np.bincount(codes, minlength=last + 1)[first:last] \
+                == self.counts[first:last]
+            if full.all() and (first == last or self.placed[last] == 0):
+                at = int(self.first[first] + self.placed[first])
+                self.placed += np.bincount(codes, minlength=len(self.counts))
+                if np.any(self.placed > self.counts):
+                    raise ConnectionError("the feature stream sent more rows of an instrument than it announced")
+                return slice(at, at + len(codes))
         order = np.argsort(codes, kind="stable")
         ordered = codes[order]
         starts = np.flatnonzero(np.diff(ordered, prepend=-1))  # first row of each instrument in the batch
@@ -66,9 +79,9 @@ class _Places:
 
 
 class _Days:
-    """The frame's datetime level and each row's code in it. The server sends rows by day, so the level is
-    the days in the order they come and a row's code is a running count (no sort of all the rows); rows in
-    another order are placed as well, by a sort at the end."""
+    """The frame's datetime level and each row's code in it. Rows by day (as earlier servers send them) give
+    the level in the order they come and a row's code as a running count; rows in another order (by
+    instrument) by hashing the days at the end."""
 
     def __init__(self, rows: int, dtype) -> None:
         self.dtype = dtype
@@ -77,7 +90,7 @@ class _Days:
         self.seen: list[np.ndarray] = []
         self.count = 0
 
-    def add(self, stamps: np.ndarray, at: np.ndarray) -> None:
+    def add(self, stamps: np.ndarray, at: np.ndarray | slice) -> None:
         self.stamps[at] = stamps
         if self.codes is None or not len(stamps):
             return
@@ -93,8 +106,12 @@ class _Days:
         self.count += int(np.count_nonzero(new))
 
     def level(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.codes is None:
-            return np.unique(self.stamps.view(self.dtype), return_inverse=True)
+        if self.codes is None:  # the distinct days by hashing, then sorted: no sort of every row
+            codes, found = pd.factorize(self.stamps)
+            order = np.argsort(found)
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            return found[order].view(self.dtype), rank[codes]
         return np.concatenate(self.seen).view(self.dtype), self.codes
 
 

@@ -8,16 +8,17 @@ the same checks as every request. The cache itself is only ever computed through
 the request's dataset cache is not current here, the answer is 409 and the client sends the same
 request as a ``feature_request`` event (computed once, de-duplicated), then asks again.
 
-The stream holds exactly the requested dates and fields: one batch of about ``CHUNK_BYTES`` at a time
-is taken from the cache's records file (mapped, see :mod:`qlib_server.state.records`), encoded and
-written, so neither side holds more than a few chunks. Batch
+The stream holds exactly the requested dates and fields, rows by instrument then date (the order of the
+frame a client builds): one batch of about ``CHUNK_BYTES`` at a time is taken from the cache's records file
+(mapped, see :mod:`qlib_server.state.records`), encoded and written, so neither side holds more than a few
+chunks. Batch
 columns: ``datetime``; ``instrument``, an int32 index into the schema metadata ``instruments`` (a JSON
 list of ``[code, rows]`` sorted by code, from which the client places each row of a batch where it
 belongs in the frame at once); then a ``fixed_size_list`` column of one field for each requested field
 (its name, spaces removed as in Qlib's cache columns, in the field metadata ``columns``: clients read
 lists of several fields too): each is a slice of the cache's column as the file holds it, sent without a
-copy, and pyarrow compresses the columns of a batch on all cores. The schema metadata ``rows`` says how
-many rows follow.
+copy (the rows of several slices are joined: a date range cut out of each instrument's rows), and pyarrow
+compresses the columns of a batch on all cores. The schema metadata ``rows`` says how many rows follow.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def cache_columns(fields: list) -> list[str]:
     return list(dict.fromkeys(remove_fields_space(fields)))
 
 
+Selection = records.Selection
+
+
 @dataclass(frozen=True)
 class Layout:
     """One dataset cache's records file, mapped (:mod:`qlib_server.state.records`), and what was worked out
@@ -70,16 +74,24 @@ class Layout:
 
     records: records.Records
     position: dict  # column → its position in a row's values
-    counts: OrderedDict  # (start, stop) → rows of each code in those rows (the windows sent last)
-    lock: Any  # guards ``counts`` (transfers run in several threads)
+    selections: OrderedDict  # (start_time, end_time) → the rows of those dates (the ranges sent last)
+    lock: Any  # guards ``selections`` (transfers run in several threads)
 
     @property
     def fields(self) -> frozenset:
         return frozenset(self.position)
 
-    def rows(self, start_time, end_time) -> tuple[int, int]:
-        """Rows ``[start, stop)`` holding the dates from ``start_time`` to ``end_time``."""
-        return self.records.rows(start_time, end_time)
+    def select(self, start_time, end_time) -> Selection:
+        """The rows holding the dates from ``start_time`` to ``end_time``."""
+        key = (str(start_time), str(end_time))
+        found = self.selections.get(key)
+        if found is None:
+            found = self.records.select(start_time, end_time)
+            with self.lock:
+                self.selections[key] = found
+                while len(self.selections) > 64:
+                    self.selections.popitem(last=False)
+        return found
 
 
 _layouts: OrderedDict[tuple, Layout] = OrderedDict()
@@ -108,25 +120,21 @@ def layout(cache_path: Path) -> Layout:
     return found
 
 
-def _ranges(start: int, stop: int, rows: int):
-    for offset in range(start, stop, rows):
-        yield offset, min(stop, offset + rows)
-
-
-def _counts(where: Layout, start: int, stop: int) -> np.ndarray:
-    """Rows of each of the file's codes in rows ``[start, stop)`` (the file's own counts for all its rows)."""
-    if (start, stop) == (0, len(where.records)):
-        return where.records.counts
-    found = where.counts.get((start, stop))
-    if found is None:
-        found = np.zeros(len(where.records.codes), dtype=np.int64)
-        for segment, first, last in where.records.pieces(start, stop):
-            found += np.bincount(segment.instrument[first:last], minlength=len(found))
-        with where.lock:
-            where.counts[start, stop] = found
-            while len(where.counts) > 64:
-                where.counts.popitem(last=False)
-    return found
+def _batches(pieces: list, rows: int):
+    """``pieces`` (``(segment, first, last)``) as batches of about ``rows`` rows: a long piece cut in slices, short
+    ones gathered."""
+    gathered: list = []
+    size = 0
+    for segment, first, last in pieces:
+        while last - first >= rows - size:
+            cut = first + rows - size
+            yield [*gathered, (segment, first, cut)]
+            gathered, size, first = [], 0, cut
+        if last > first:
+            gathered.append((segment, first, last))
+            size += last - first
+    if gathered:
+        yield gathered
 
 
 def _groups(where: Layout, columns: list[str]) -> list[tuple[list[str], int]]:
@@ -144,12 +152,16 @@ def _schema(where: Layout, groups: list, instruments: list, rows: int) -> pa.Sch
     return pa.schema(fields, metadata={"rows": str(rows), "instruments": json.dumps(instruments)})
 
 
-def _batch(segment: records.Segment, first: int, last: int, groups: list, wire: Optional[np.ndarray],
-           schema: pa.Schema) -> pa.RecordBatch:
-    codes = segment.instrument[first:last]
-    arrays = [pa.array(segment.datetime[first:last]), pa.array(codes if wire is None else wire[codes])]
+def _batch(pieces: list, groups: list, wire: Optional[np.ndarray], schema: pa.Schema) -> pa.RecordBatch:
+    """The rows of ``pieces``: slices of the file sent as they are (one piece), or joined (several)."""
+    def column(of) -> np.ndarray:
+        return of(*pieces[0]) if len(pieces) == 1 else np.concatenate([of(*piece) for piece in pieces])
+
+    codes = column(lambda s, a, b: s.instrument[a:b])
+    arrays = [pa.array(column(lambda s, a, b: s.datetime[a:b])), pa.array(codes if wire is None else wire[codes])]
     for names, which in groups:
-        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(segment.values[which, first:last]), len(names)))
+        values = column(lambda s, a, b, k=which: s.values[k, a:b])
+        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values), len(names)))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
@@ -189,25 +201,23 @@ class _Chunks:
         return taken
 
 
-def stream(where: Layout, columns: list[str], start: int, stop: int, compression: str):
-    """Yield the Arrow IPC stream of rows ``[start, stop)`` and ``columns`` of the cache, piece by piece."""
+def stream(where: Layout, columns: list[str], selection: records.Selection, compression: str):
+    """Yield the Arrow IPC stream of the ``selection``'s rows and ``columns`` of the cache, piece by piece."""
     rows = max(1024, CHUNK_BYTES // (12 + 4 * len(columns)))
-    if stop > start:
-        counts = _counts(where, start, stop)
-        present = counts > 0
-        instruments = [[code, int(n)] for code, n in zip(where.records.codes, counts.tolist()) if n]
+    if selection.rows:
+        present = selection.counts > 0
+        instruments = [[code, int(n)] for code, n in zip(where.records.codes, selection.counts.tolist()) if n]
         wire = None if present.all() else (np.cumsum(present) - 1).astype(np.int32)  # file code → stream's
         groups = _groups(where, columns)
-        schema = _schema(where, groups, instruments, stop - start)
+        schema = _schema(where, groups, instruments, selection.rows)
     else:  # no rows: a stream of no batches
         wire, groups, schema = None, [], pa.schema([], metadata={"rows": "0", "instruments": "[]"})
     chunks = _Chunks()
     options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
     writer = pa.ipc.new_stream(pa.PythonFile(chunks, mode="w"), schema, options=options)
-    for segment, first, last in where.records.pieces(start, stop):
-        for a, b in _ranges(first, last, rows):
-            writer.write_batch(_batch(segment, a, b, groups, wire, schema))
-            yield from chunks.take()
+    for pieces in _batches(selection.pieces, rows):
+        writer.write_batch(_batch(pieces, groups, wire, schema))
+        yield from chunks.take()
     writer.close()
     yield from chunks.take()
 
@@ -310,8 +320,8 @@ def register(handler) -> None:
         where = layout(path)
         handler.usage.note(path.name)
         # a cache with inst_processors holds the window's frame as Qlib's processors left it: all of it is sent
-        start, stop = (0, len(where.records)) if args.get("inst_processors") else \
-            where.rows(args["start_time"], args["end_time"])
+        selection = where.select(*((None, None) if args.get("inst_processors") else
+                                   (args["start_time"], args["end_time"])))
         columns = cache_columns(args["fields"])
         missing = set(columns) - where.fields
         if missing:  # a cache is keyed by its fields: only a bug gets here
@@ -319,10 +329,10 @@ def register(handler) -> None:
         started, sent = time.monotonic(), [0]
 
         def body():
-            for piece in ahead(stream(where, columns, start, stop, compression), spawn):
+            for piece in ahead(stream(where, columns, selection, compression), spawn):
                 sent[0] += len(piece)
                 yield piece
-            log.info("feature transfer to %s: %d rows x %d fields, %.1f MB in %.1f ms", peer, stop - start,
+            log.info("feature transfer to %s: %d rows x %d fields, %.1f MB in %.1f ms", peer, selection.rows,
                      len(columns), sent[0] / 1e6, (time.monotonic() - started) * 1000)
 
         def stalled():

@@ -2,28 +2,30 @@
 
 A worker writes them beside Qlib's files of the same cache (:mod:`qlib_server.worker.datacache`); the front
 streams their rows (:mod:`qlib_server.front.transfer`). Qlib's HDF5 file is written only for the stock pyqlib
-client, which reads it from a shared mount; these cost a copy of the values to write and nothing to read: the
-rows of a date range are one slice of each column.
+client, which reads it from a shared mount; these cost a copy of the values to write and nothing to read.
 
-``<uri>.records`` is a small JSON manifest listing the cache's *segments* in row order, each the first ``rows``
-rows of a segment file ``<uri>.records.<token>``: a cache computed in full is one segment; extending it by
-appended days (:mod:`qlib_server.worker.extension`) adds a segment of the rows that changed and trims the
-rows they replace from the one before, so that nothing already written is copied or changed. A manifest is
-replaced atomically: a reader sees the old cache or the new one. A segment file, little-endian, each section
-starting on a multiple of :data:`ALIGN` bytes::
+Rows are held in the order of the frame a client builds (Qlib's ``dataset`` frame): by instrument, then day.
+A worker writes each block of instruments as the engine finishes it, a transfer sends slices of the file as
+they are, and the client copies each of them to its place at once; the rows of a date range are one slice of
+each instrument's rows.
+
+``<uri>.records`` is a small JSON manifest listing the cache's *segments* in day order, each the rows of its
+first ``days`` days of a segment file ``<uri>.records.<token>``: a cache computed in full is one segment;
+extending it by appended days (:mod:`qlib_server.worker.extension`) adds a segment of the days that changed
+and keeps the days before them of the segments before, so that nothing already written is copied or changed.
+An instrument's rows are those of each segment in turn. A manifest is replaced atomically: a reader sees the
+old cache or the new one. A segment file, little-endian, each section starting on a multiple of :data:`ALIGN`
+bytes::
 
     datetime    int64 x rows: each row's day
     instrument  int32 x rows: each row's instrument, a position in the footer's ``codes``
     values      float32 x columns x rows (column-major: a column's rows are contiguous, as a transfer sends
                 them and a frame holds them)
-    days        int64 x days: each day of the rows (calendar order)
-    ends        int64 x days: the row after each day's last row
-    footer      JSON: rows, days, the datetime unit, the columns, the ``codes`` (sorted) and ``counts``
-                (rows of each code)
+    starts      int64 x (codes + 1): the first row of each code (and the number of rows)
+    days        int64 x days: the days of the rows (ascending)
+    footer      JSON: rows, days, the datetime unit, the columns and the ``codes`` (sorted)
     8 bytes     the footer's length
     8 bytes     :data:`MAGIC`
-
-Rows are sorted by day, then instrument, as in Qlib's cache.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from typing import Optional
 import numpy as np
 
 SUFFIX = ".records"
-MAGIC = b"QSREC004"
+MAGIC = b"QSREC005"
 #: the manifest's ``format``: a cache written by a version of another layout is not read (it is computed again)
-FORMAT = 4
+FORMAT = 5
 ALIGN = 64
 _TAIL = 16
 
@@ -61,71 +63,108 @@ def _aligned(offset: int) -> int:
     return -(-offset // ALIGN) * ALIGN
 
 
-def _sections(rows: int, columns: int) -> tuple[int, int, int, int]:
-    """Where the instrument, values and days sections start, and where the values end."""
+def _sections(rows: int, columns: int) -> tuple[int, int, int]:
+    """Where the instrument, values and starts sections begin."""
     instrument = _aligned(8 * rows)
     values = _aligned(instrument + 4 * rows)
-    end = values + 4 * rows * columns
-    return instrument, values, _aligned(end), end
+    return instrument, values, _aligned(values + 4 * rows * columns)
 
 
 @dataclass(frozen=True)
 class Segment:
-    """The first ``len(instrument)`` rows of a segment file, mapped: ``datetime``, ``instrument``, ``values``
-    (columns x rows), each day's rows (``days``, ``ends``) and the rows of each code (``counts``)."""
+    """A segment file, mapped: ``datetime``, ``instrument``, ``values`` (columns x rows) of all its rows, and of
+    those used (its first ``len(days)`` days), each code's ``[starts, stops)``."""
 
     datetime: np.ndarray
     instrument: np.ndarray
     values: np.ndarray  # values[column, row]: each column a contiguous view
+    starts: np.ndarray  # per code
+    stops: np.ndarray
     days: np.ndarray
-    ends: np.ndarray
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self.stops - self.starts
+
+    def within(self, start_time, end_time) -> tuple[np.ndarray, np.ndarray]:
+        """Each code's rows ``[first, last)`` from ``start_time`` to ``end_time`` (None: open)."""
+        if not len(self.days):
+            return self.starts, self.starts
+        whole_from = start_time is None or np.datetime64(start_time) <= self.days[0]
+        whole_to = end_time is None or np.datetime64(end_time) >= self.days[-1]
+        if (start_time is not None and np.datetime64(start_time) > self.days[-1]) or \
+                (end_time is not None and np.datetime64(end_time) < self.days[0]):
+            return self.starts, self.starts
+        first, last = self.starts.copy(), self.stops.copy()
+        for code in np.flatnonzero(self.stops > self.starts).tolist():
+            stamps = self.datetime[self.starts[code]:self.stops[code]]
+            if not whole_from:
+                first[code] += np.searchsorted(stamps, np.datetime64(start_time), "left")
+            if not whole_to:
+                last[code] = self.starts[code] + np.searchsorted(stamps, np.datetime64(end_time), "right")
+        return first, np.maximum(first, last)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The rows of a date range in a client's order: ``pieces`` ``(segment, first, last)`` (by code, then
+    segment; pieces that follow each other in a file joined) and ``counts``, the rows of each code."""
+
+    pieces: list
     counts: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return int(self.counts.sum())
 
 
 @dataclass(frozen=True)
 class Records:
-    """A cache's segments, in row order (``offsets``: the first row of each), the ``columns`` of their values,
-    the ``codes`` their instrument columns point into, all the days (``days``, ``ends``) and ``counts``."""
+    """A cache's segments, in day order, the ``columns`` of their values, the ``codes`` their instrument
+    columns point into, all the days (``days``) and the rows of each code (``counts``)."""
 
     segments: list
-    offsets: list
     files: list  # the segment files' names (in the cache's directory)
     columns: list
     codes: list
     unit: str
     days: np.ndarray
-    ends: np.ndarray
     counts: np.ndarray
 
     def __len__(self) -> int:
-        return int(self.ends[-1]) if len(self.ends) else 0
+        return int(self.counts.sum())
 
-    def rows(self, start_time, end_time) -> tuple[int, int]:
-        """Rows ``[start, stop)`` holding the days from ``start_time`` to ``end_time`` (None: open)."""
-        first = 0 if start_time is None else int(np.searchsorted(self.days, np.datetime64(start_time), "left"))
-        last = len(self.days) if end_time is None else int(np.searchsorted(self.days, np.datetime64(end_time),
-                                                                            "right"))
-        if last <= first:
-            return 0, 0
-        return (int(self.ends[first - 1]) if first else 0), int(self.ends[last - 1])
+    def select(self, start_time=None, end_time=None) -> Selection:
+        """The rows from ``start_time`` to ``end_time`` (None: open)."""
+        bounds = [segment.within(start_time, end_time) for segment in self.segments]
+        counts = np.zeros(len(self.codes), dtype=np.int64)
+        for first, last in bounds:
+            counts += last - first
+        pieces: list = []
+        for code in np.flatnonzero(counts).tolist():
+            for segment, (first, last) in zip(self.segments, bounds):
+                a, b = int(first[code]), int(last[code])
+                if a == b:
+                    continue
+                if pieces and pieces[-1][0] is segment and pieces[-1][2] == a:
+                    pieces[-1] = (segment, pieces[-1][1], b)
+                else:
+                    pieces.append((segment, a, b))
+        return Selection(pieces, counts)
 
-    def pieces(self, start: int, stop: int):
-        """``(segment, first, last)`` of each segment holding part of rows ``[start, stop)``, in order."""
-        for segment, offset in zip(self.segments, self.offsets):
-            first, last = max(start, offset), min(stop, offset + len(segment.instrument))
-            if first < last:
-                yield segment, first - offset, last - offset
+    def take(self, start_time=None, end_time=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of the rows from ``start_time`` to ``end_time``, by instrument then day: their days,
+        instruments and values (rows x columns, each column contiguous)."""
+        return take(self.select(start_time, end_time).pieces, self.unit, len(self.columns))
 
 
-    def take(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Copies of rows ``[start, stop)``: their days, instruments and values (rows x columns, each column
-        contiguous)."""
-        parts = [(s.datetime[a:b], s.instrument[a:b], s.values[:, a:b]) for s, a, b in self.pieces(start, stop)]
-        if not parts:
-            return (np.empty(0, f"<M8[{self.unit}]"), np.empty(0, "<i4"),
-                    np.empty((len(self.columns), 0), "<f4").T)
-        datetime, instrument, values = zip(*parts)
-        return np.concatenate(datetime), np.concatenate(instrument), np.concatenate(values, axis=1).T
+def take(pieces: list, unit: str, columns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Copies of the rows of ``pieces`` (``(segment, first, last)``), in their order."""
+    if not pieces:
+        return np.empty(0, f"<M8[{unit}]"), np.empty(0, "<i4"), np.empty((columns, 0), "<f4").T
+    return (np.concatenate([s.datetime[a:b] for s, a, b in pieces]),
+            np.concatenate([s.instrument[a:b] for s, a, b in pieces]),
+            np.concatenate([s.values[:, a:b] for s, a, b in pieces], axis=1).T)
 
 
 def of_this_layout(cache_path: Path) -> bool:
@@ -142,25 +181,26 @@ def read(cache_path: Path) -> Records:
     manifest = json.loads(path_of(cache_path).read_text())
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{cache_path.name}: records of another layout ({manifest.get('format', 3)}, not {FORMAT})")
-    segments, offsets, footer, at = [], [], None, 0
-    for entry in manifest["segments"]:
-        segment, footer = _segment(cache_path.parent / entry["file"], entry["rows"])
+    return of_segments([(cache_path.parent / entry["file"], entry["days"]) for entry in manifest["segments"]])
+
+
+def of_segments(listed: list) -> Records:
+    """The records of the segment files ``listed`` (``(path, days used)``, in day order)."""
+    segments, footer = [], None
+    for path, used in listed:
+        segment, footer = _segment(path, used)
         segments.append(segment)
-        offsets.append(at)
-        at += len(segment.instrument)
     if footer is None:
-        raise ValueError(f"{cache_path.name}: a cache of no segment")
+        raise ValueError("a cache of no segment")
     days = np.concatenate([s.days for s in segments])
-    ends = np.concatenate([s.ends + o for s, o in zip(segments, offsets)])
     if len(days) > 1 and np.any(np.diff(days.view("<i8")) <= 0):
-        raise ValueError(f"{cache_path.name}: segments out of day order")
-    return Records(segments, offsets, [e["file"] for e in manifest["segments"]], footer["columns"], footer["codes"],
-                   footer["unit"], days, ends,
+        raise ValueError(f"{listed[0][0].name}: segments out of day order")
+    return Records(segments, [p.name for p, _ in listed], footer["columns"], footer["codes"], footer["unit"], days,
                    np.sum([s.counts for s in segments], axis=0).astype(np.int64))
 
 
 def _segment(path: Path, used: int) -> tuple[Segment, dict]:
-    """The first ``used`` rows of the segment file at ``path`` (whole days), and its footer."""
+    """The rows of the first ``used`` days of the segment file at ``path``, and its footer."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         if size < _TAIL:
@@ -172,26 +212,30 @@ def _segment(path: Path, used: int) -> tuple[Segment, dict]:
         length = int.from_bytes(tail[:8], "little")
         f.seek(size - _TAIL - length)
         footer = json.loads(f.read(length))
-    rows, days, columns, unit = footer["rows"], footer["days"], footer["columns"], footer["unit"]
-    if not 0 <= used <= rows:
-        raise ValueError(f"{path.name}: {used} rows used of {rows}")
-    instrument_at, values_at, days_at, _ = _sections(rows, len(columns))
-    stamps = np.fromfile(path, dtype="<i8", count=2 * days, offset=days_at)
-    kept = int(np.searchsorted(stamps[days:], used, side="right"))  # the days whose rows are all used
-    if kept and stamps[days + kept - 1] != used or not kept and used:
-        raise ValueError(f"{path.name}: {used} rows used, not whole days")
-    if used:
-        whole = np.memmap(path, dtype=np.uint8, mode="r", shape=(days_at,))
-        datetime = whole[:8 * used].view(f"<M8[{unit}]")
-        instrument = whole[instrument_at:instrument_at + 4 * used].view("<i4")
-        values = whole[values_at:values_at + 4 * rows * len(columns)].view("<f4").reshape(len(columns), rows)[:, :used]
+    rows, days, columns, unit, codes = footer["rows"], footer["days"], footer["columns"], footer["unit"], \
+        len(footer["codes"])
+    if not 0 <= used <= days:
+        raise ValueError(f"{path.name}: {used} days used of {days}")
+    instrument_at, values_at, starts_at = _sections(rows, len(columns))
+    bounds = np.fromfile(path, dtype="<i8", count=codes + 1 + days, offset=starts_at)
+    starts, stamps = bounds[:codes + 1], bounds[codes + 1:].view(f"M8[{unit}]")
+    if starts[0] != 0 or starts[-1] != rows or np.any(np.diff(starts) < 0):
+        raise ValueError(f"{path.name}: not a records file")
+    if rows:
+        whole = np.memmap(path, dtype=np.uint8, mode="r", shape=(starts_at,))
+        datetime = whole[:8 * rows].view(f"<M8[{unit}]")
+        instrument = whole[instrument_at:instrument_at + 4 * rows].view("<i4")
+        values = whole[values_at:values_at + 4 * rows * len(columns)].view("<f4").reshape(len(columns), rows)
     else:
         datetime, instrument = np.empty(0, f"<M8[{unit}]"), np.empty(0, "<i4")
         values = np.empty((len(columns), 0), "<f4")
-    counts = (np.array(footer["counts"], dtype=np.int64) if used == rows
-              else np.bincount(instrument, minlength=len(footer["codes"])).astype(np.int64))
-    return Segment(datetime, instrument, values, stamps[:kept].view(f"M8[{unit}]"), stamps[days:days + kept],
-                   counts), footer
+    stops = starts[1:].copy()
+    if used < days:  # each code's rows up to the last day used
+        last = stamps[used - 1] if used else None
+        for code in range(codes):
+            kept = 0 if last is None else np.searchsorted(datetime[starts[code]:stops[code]], last, "right")
+            stops[code] = starts[code] + kept
+    return Segment(datetime, instrument, values, starts[:-1], stops, stamps[:used]), footer
 
 
 def segment_path(cache_path: Path) -> Path:
@@ -205,12 +249,12 @@ def segment_files(cache_path: Path) -> list[Path]:
 
 
 def publish(cache_path: Path, segments: list[tuple[Path, int]]) -> None:
-    """Make ``segments`` (segment file, rows used) the cache's rows: replace its manifest atomically, then
+    """Make ``segments`` (segment file, days used) the cache's rows: replace its manifest atomically, then
     delete the segment files it no longer lists (a transfer reading one keeps it until it is done)."""
     target = path_of(cache_path)
     temporary = target.with_name(target.name + ".tmp")
     temporary.write_text(json.dumps({"format": FORMAT,
-                                     "segments": [{"file": p.name, "rows": int(n)} for p, n in segments]}))
+                                     "segments": [{"file": p.name, "days": int(n)} for p, n in segments]}))
     os.replace(temporary, target)
     listed = {p.name for p, _ in segments}
     for path in segment_files(cache_path):
@@ -219,9 +263,9 @@ def publish(cache_path: Path, segments: list[tuple[Path, int]]) -> None:
 
 
 class Writer:
-    """Writes a segment file (:func:`segment_path`) of ``rows`` rows from parts of consecutive days
-    (:meth:`add`); :meth:`close` completes it under its name (:func:`publish` makes it the cache's),
-    :meth:`abandon` leaves nothing."""
+    """Writes a segment file (:func:`segment_path`) of ``rows`` rows from parts of consecutive rows by
+    instrument then day (:meth:`add`); :meth:`close` completes it under its name and returns its days
+    (:func:`publish` makes it the cache's), :meth:`abandon` leaves nothing."""
 
     def __init__(self, path: Path, columns: list, codes: list, unit: str, rows: int):
         self.path = path
@@ -230,17 +274,18 @@ class Writer:
         if self.codes != sorted(self.codes):
             raise ValueError("the codes of a records file must be sorted")
         self.expected = rows
-        self.instrument_at, self.values_at, self.days_at, _ = _sections(rows, len(self.columns))
+        self.instrument_at, self.values_at, self.starts_at = _sections(rows, len(self.columns))
         self.counts = np.zeros(len(self.codes), dtype=np.int64)
         self.days: list[np.ndarray] = []
-        self.ends: list[np.ndarray] = []
+        self.last: Optional[tuple[int, int]] = None  # the code and day of the last row added
+        self.in_order = True
         self.rows = 0
         self.fd: Optional[int] = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, self.days_at)
+        os.ftruncate(self.fd, self.starts_at)
 
     def add(self, datetimes: np.ndarray, which: np.ndarray, values: np.ndarray) -> None:
-        """Rows sorted by day then instrument: their days, their instruments (positions in ``codes``) and
-        ``values[column, row]``; the days follow those of the rows added before."""
+        """Rows sorted by instrument then day: their days, their instruments (positions in ``codes``) and
+        ``values[column, row]``; they follow the rows added before."""
         n = len(which)
         if n == 0:
             return
@@ -248,35 +293,36 @@ class Writer:
             self.abandon()
             raise ValueError(f"more than the {self.expected} rows announced")
         stamps = np.ascontiguousarray(datetimes.astype(f"<M8[{self.unit}]")).view("<i8")
+        which = np.ascontiguousarray(which, dtype="<i4")
         _pwrite(self.fd, stamps, 8 * self.rows)
-        _pwrite(self.fd, np.ascontiguousarray(which, dtype="<i4"), self.instrument_at + 4 * self.rows)
+        _pwrite(self.fd, which, self.instrument_at + 4 * self.rows)
         for k, column in enumerate(values):  # each column's part where that column's rows go on
             _pwrite(self.fd, np.ascontiguousarray(column, dtype="<f4"),
                     self.values_at + 4 * (k * self.expected + self.rows))
-        starts = np.flatnonzero(np.diff(stamps, prepend=stamps[0] - 1))
-        days, ends = stamps[starts], self.rows + np.append(starts[1:], n)
-        if self.days and self.days[-1][-1] == days[0]:  # the part goes on with the last day of the one before
-            self.ends[-1][-1] = ends[0]
-            days, ends = days[1:], ends[1:]
-        self.days.append(days)
-        self.ends.append(ends)
+        step, later = np.diff(which), np.diff(stamps)
+        if self.last is not None:
+            step, later = np.append(which[0] - self.last[0], step), np.append(stamps[0] - self.last[1], later)
+        self.in_order &= bool(np.all((step > 0) | ((step == 0) & (later > 0))))
+        self.last = (int(which[-1]), int(stamps[-1]))
+        self.days.append(np.unique(stamps))
         self.counts += np.bincount(which, minlength=len(self.codes))
         self.rows += n
 
-    def close(self) -> None:
-        days = np.concatenate(self.days) if self.days else np.empty(0, "<i8")
-        ends = np.concatenate(self.ends) if self.ends else np.empty(0, "<i8")
-        if self.rows != self.expected or (len(days) > 1 and np.any(np.diff(days) <= 0)):
+    def close(self) -> int:
+        if self.rows != self.expected or not self.in_order:
             self.abandon()
-            raise ValueError(f"{self.rows} rows of {self.expected} announced, or added out of day order")
+            raise ValueError(f"{self.rows} rows of {self.expected} announced, or added out of order")
+        days = np.unique(np.concatenate(self.days)) if self.days else np.empty(0, "<i8")
         footer = json.dumps({"rows": self.rows, "days": len(days), "unit": self.unit, "columns": self.columns,
-                             "codes": self.codes, "counts": self.counts.tolist()}, separators=(",", ":")).encode()
+                             "codes": self.codes}, separators=(",", ":")).encode()
         fd, self.fd = self.fd, None
         assert fd is not None, "closed twice"
-        _pwrite(fd, np.concatenate([days, ends]).astype("<i8").tobytes() + footer + len(footer).to_bytes(8, "little")
-                + MAGIC, self.days_at)
+        starts = np.concatenate([[0], np.cumsum(self.counts)])
+        _pwrite(fd, np.concatenate([starts, days]).astype("<i8").tobytes() + footer + len(footer).to_bytes(8, "little")
+                + MAGIC, self.starts_at)
         os.close(fd)
         os.replace(self.temporary, self.path)
+        return len(days)
 
     def abandon(self) -> None:
         if self.fd is not None:

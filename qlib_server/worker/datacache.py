@@ -249,26 +249,26 @@ def write_records(cache_path: Path, rows: dataset.CacheRows) -> None:
     except BaseException:
         writer.abandon()
         raise
-    writer.close()
-    records.publish(cache_path, [(segment, rows.rows)])
+    days = writer.close()
+    records.publish(cache_path, [(segment, days)])
 
 
 def record_frames(table: records.Records) -> Iterator[pd.DataFrame]:
-    """A records file as the pieces of consecutive whole days that :func:`write_table` writes."""
+    """A records file as the pieces of consecutive whole days that :func:`write_table` writes (rows by day, then
+    instrument)."""
     codes = np.array(table.codes, dtype=object)
     width = max([len(c) for c in table.codes] + [1])
     target = max(1, min(dataset.CHUNK_ROWS, dataset.CHUNK_BYTES // (4 * max(1, len(table.columns)))))
-    first = 0
-    for last in table.ends.tolist():
-        if last - first < target and last < len(table):
-            continue  # a piece ends with a day
-        datetime, instrument, values = table.take(first, last)
+    step = max(1, target * len(table.days) // max(1, len(table)))  # days of about ``target`` rows
+    for first in range(0, len(table.days), step):
+        datetime, instrument, values = table.take(table.days[first], table.days[min(first + step, len(table.days)) - 1])
+        order = np.argsort(datetime, kind="stable")  # by day; each day's rows stay by instrument
+        datetime, instrument, values = datetime[order], instrument[order], values.T[:, order].T
         index = pd.MultiIndex.from_arrays([pd.DatetimeIndex(datetime), codes[instrument]],
                                           names=["datetime", "instrument"])
         piece = pd.DataFrame(values, index=index, columns=list(table.columns), copy=False)
         piece.attrs[dataset.CODE_WIDTH] = width
         yield piece
-        first = last
 
 
 def add_hdf5(cache_path: Path, instruments, freq: str) -> None:

@@ -83,6 +83,30 @@ class Computed:
                 yield self.times[day + first + self.start], which, data
             first = last
 
+    def instrument_parts(self, reuse: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The rows in the records' order (by instrument, then day), in parts of consecutive instruments of about
+        :data:`CHUNK_BYTES` (at most :data:`CHUNK_ROWS` rows, an instrument's rows in one part): each part's days
+        (datetime64), instruments (positions in ``codes``) and ``values[field, row]``. With ``reuse``, as
+        :meth:`date_parts`."""
+        per_instrument = self.rows.sum(axis=1)
+        target = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (4 * max(1, len(self.names)))))
+        buffer = np.empty((len(self.names), 0), dtype=np.float32)
+        first = 0
+        while first < len(per_instrument):
+            last = first + max(1, int(np.searchsorted(np.cumsum(per_instrument[first:]), target, side="right")))
+            mask = self.rows[first:last]
+            which, day = np.nonzero(mask)  # (instruments, days): by instrument, then day
+            if len(day):
+                if not reuse or buffer.shape[1] < len(day):
+                    size = max(len(day), target) if reuse else len(day)
+                    buffer = np.empty((len(self.names), size), dtype=np.float32)
+                data = buffer[:, :len(day)]
+                flat = mask.reshape(-1)
+                for k in range(len(self.names)):
+                    np.compress(flat, self.dense[k, first:last].reshape(-1), out=data[k])
+                yield self.times[day + self.start], which + first, data
+            first = last
+
     def by_date(self) -> Iterator[pd.DataFrame]:
         """The frame in the dataset cache's layout (:func:`cache_layout`), in the pieces of :meth:`date_parts`."""
         codes = np.array(self.codes, dtype=object)
@@ -98,7 +122,7 @@ class Computed:
 @dataclass
 class CacheRows:
     """A feature set to write as a dataset cache, in its two forms: ``parts()`` for the records file
-    (:meth:`Computed.date_parts`) and ``frames()`` for Qlib's HDF5 file (:meth:`Computed.by_date`)."""
+    (:meth:`Computed.instrument_parts`) and ``frames()`` for Qlib's HDF5 file (:meth:`Computed.by_date`)."""
 
     columns: list  # the cache's columns: each field once, spaces removed, sorted (Qlib's)
     codes: list  # sorted
@@ -119,8 +143,8 @@ def cache_rows(provider, instruments, fields, start_time, end_time, freq: str, i
                        checkpoint=True)
     if computed is not None:
         return CacheRows(computed.names, computed.codes, np.datetime_data(computed.times.dtype)[0],
-                         int(computed.rows.sum()), functools.partial(computed.date_parts, reuse=True), computed.by_date,
-                         computed.checkpoint)
+                         int(computed.rows.sum()), functools.partial(computed.instrument_parts, reuse=True),
+                         computed.by_date, computed.checkpoint)
     frame = cache_layout(provider.dataset(instruments, fields, start_time, end_time, freq,
                                           inst_processors=list(inst_processors)))
     other = [(c, t) for c, t in frame.dtypes.items() if t != np.float32] if inst_processors else []
@@ -132,8 +156,9 @@ def cache_rows(provider, instruments, fields, start_time, end_time, freq: str, i
     which, codes = pd.factorize(frame.index.get_level_values("instrument"), sort=True)
     days = frame.index.get_level_values("datetime").to_numpy()
 
-    def parts():
-        yield days, which, frame.to_numpy(np.float32).T
+    def parts():  # by instrument, then day
+        order = np.lexsort((days, which))
+        yield days[order], which[order], frame.to_numpy(np.float32)[order].T
 
     return CacheRows(list(frame.columns), list(codes), np.datetime_data(days.dtype)[0], len(frame), parts,
                      lambda: iter([frame]))

@@ -137,9 +137,8 @@ def _extend(cache_path: Path, instruments, fields, freq: str, change: changes.Ch
         return False
     first = blocks[0].start if blocks else len(times)
     tail = _tail(blocks, codes, spans_of, times, first, len(times) - 1, saved.names)
-    before = int(np.searchsorted(table.days, times[first])) if first < len(times) else len(table.days)
-    keep = int(table.ends[before - 1]) if before else 0  # the rows of the days before the first changed one
-    segments = _segments(cache_path, table, keep, tail)
+    keep = int(np.searchsorted(table.days, times[first])) if first < len(times) else len(table.days)
+    segments = _segments(cache_path, table, keep, tail)  # the days before the first changed one kept
     save_checkpoint(cache_path, Checkpoint(saved.names, saved.start, len(times) - 1, [b.checkpoint for b in blocks]))
     for stale in (cache_path, cache_path.with_suffix(".index"), cache_path.with_suffix(".meta")):
         stale.unlink(missing_ok=True)  # Qlib's HDF5 form is made again from the records when a stock client asks
@@ -168,30 +167,37 @@ def _tail(blocks: list, codes: list, spans_of: dict, times: np.ndarray, first: i
 
 
 def _segments(cache_path: Path, table: records.Records, keep: int, tail: dataset.Computed) -> list[tuple[Path, int]]:
-    """Write the changed rows as a new segment after the first ``keep`` rows of the cache; the segments that
+    """Write the changed rows as a new segment after the first ``keep`` days of the cache; the segments that
     make the extended cache (all of it in one new segment when it has many already)."""
-    kept = [(s, min(len(s.instrument), keep - o)) for s, o in zip(table.segments, table.offsets) if o < keep]
-    rows = int(tail.rows.sum())
-    if len(kept) + 1 > MAX_SEGMENTS:  # compact: the kept rows copied once into the new segment
-        old = ((d, w, v.T) for d, w, v in (table.take(a, b) for a, b in _chunks(keep)))  # v.T: values[col, row]
-        return [_write(cache_path, table, keep + rows, [old, tail.date_parts(reuse=True)])]
-    listed = [(cache_path.parent / table.files[i], n) for i, (_, n) in enumerate(kept)]
-    return [*listed, _write(cache_path, table, rows, [tail.date_parts(reuse=True)])]
+    kept: list[tuple[Path, int]] = []
+    for name, segment in zip(table.files, table.segments):
+        if keep <= 0:
+            break
+        kept.append((cache_path.parent / name, min(len(segment.days), keep)))
+        keep -= len(segment.days)
+    new = _write(cache_path, table, int(tail.rows.sum()), tail.instrument_parts(reuse=True))
+    if len(kept) + 1 <= MAX_SEGMENTS:
+        return [*kept, new]
+    merged = records.of_segments([*kept, new])  # compact: the kept rows copied once, with the new ones
+    return [_write(cache_path, table, len(merged), _parts(merged))]  # (the new segment alone is then unlisted)
 
 
-def _chunks(rows: int, size: int = 1 << 18):
-    return ((a, min(rows, a + size)) for a in range(0, rows, size))
+def _parts(table: records.Records, pieces: int = 256):
+    """All the rows of ``table``, by instrument then day, in parts as :meth:`records.Writer.add` takes them."""
+    listed = table.select().pieces
+    for first in range(0, len(listed), pieces):
+        datetime, instrument, values = records.take(listed[first:first + pieces], table.unit, len(table.columns))
+        yield datetime, instrument, values.T
 
 
-def _write(cache_path: Path, table: records.Records, rows: int, sources: list) -> tuple[Path, int]:
-    """A new segment of ``rows`` rows from the parts of each of ``sources`` (days, instruments, values[col, row])."""
+def _write(cache_path: Path, table: records.Records, rows: int, parts) -> tuple[Path, int]:
+    """A new segment of ``rows`` rows from ``parts`` (days, instruments, values[col, row]): its file and days."""
     segment = records.segment_path(cache_path)
     writer = records.Writer(segment, table.columns, table.codes, table.unit, rows)
     try:
-        for datetimes, which, values in (part for parts in sources for part in parts):
+        for datetimes, which, values in parts:
             writer.add(datetimes, which, values)
     except BaseException:
         writer.abandon()
         raise
-    writer.close()
-    return segment, rows
+    return segment, writer.close()

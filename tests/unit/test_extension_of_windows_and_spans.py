@@ -79,7 +79,7 @@ def test_a_cache_with_inst_processors_is_computed_again_not_extended_when_days_a
     path = data / "dataset_cache" / uri
     assert is_current(path, form=RECORDS)
     table = records.read(path)
-    datetime, instrument, values = table.take(0, len(table))
+    datetime, instrument, values = table.take()
     index = pd.MultiIndex.from_arrays([np.array(table.codes, dtype=object)[instrument], pd.DatetimeIndex(datetime)],
                                       names=["instrument", "datetime"])
     ours = pd.DataFrame(values, index=index, columns=table.columns).sort_index()

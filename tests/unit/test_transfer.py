@@ -53,26 +53,27 @@ def write_cache(path, codes=("SH600000", "SZ000001", "SH6"), days=40, fields=FIE
 
 
 def write_segments(path, datetimes, which, values, columns, codes, unit, segments=1):
-    """The cache's records in ``segments`` segments (cut at day boundaries), as extensions leave them; each segment
-    file holds one extra day that the next segment replaces (its rows used stop before it)."""
+    """The cache's records (rows given by day, then instrument) in ``segments`` segments (cut at day boundaries),
+    as extensions leave them, each holding its rows by instrument, then day; each segment file holds one extra
+    day that the next segment replaces (its days used stop before it)."""
     days = np.unique(datetimes)
     cuts = [0] + [int(np.searchsorted(datetimes, days[len(days) * k // segments])) for k in range(1, segments)]
     cuts.append(len(which))
     listed = []
     for first, stop in zip(cuts, cuts[1:]):
         last = stop if stop == len(which) else int(np.searchsorted(datetimes, datetimes[stop], side="right"))
+        order = first + np.lexsort((datetimes[first:last], which[first:last]))
         segment = records.segment_path(path)
         writer = records.Writer(segment, columns, codes, unit, last - first)
-        writer.add(datetimes[first:last], which[first:last], values[first:last].T)
+        writer.add(datetimes[order], which[order], values[order].T)
         writer.close()
-        listed.append((segment, stop - first))
+        listed.append((segment, len(np.unique(datetimes[first:stop]))))
     records.publish(path, listed)
 
 
 def served(path, fields, start, end, compression="lz4", unit=None) -> tuple[pd.DataFrame, bytes]:
     where = transfer.layout(path)
-    first, stop = where.rows(start, end)
-    data = b"".join(transfer.stream(where, transfer.cache_columns(fields), first, stop, compression))
+    data = b"".join(transfer.stream(where, transfer.cache_columns(fields), where.select(start, end), compression))
     return read_frame(io.BytesIO(data), fields, unit), data
 
 
@@ -174,9 +175,10 @@ def test_a_stream_with_more_rows_of_an_instrument_than_announced_is_an_error(tmp
     path = tmp_path / "abc"
     write_cache(path, days=10)
     where = transfer.layout(path)
-    where.counts[3, 30] = np.array([8, 10, 9])  # SH6, SH600000, SZ000001: one row of SH6 too few
+    rows = where.records.select()
+    announced = records.Selection(rows.pieces, rows.counts - np.array([1, 0, 0]))  # one row of SH6 too few
     with pytest.raises(ConnectionError):
-        read_frame(io.BytesIO(b"".join(transfer.stream(where, ["$close"], 3, 30, "lz4"))), ["$close"])
+        read_frame(io.BytesIO(b"".join(transfer.stream(where, ["$close"], announced, "lz4"))), ["$close"])
 
 
 def test_pieces_made_ahead_in_a_thread_arrive_in_order_and_are_closed_when_the_reader_stops():
@@ -251,13 +253,15 @@ def test_streamed_frames_hold_each_column_contiguous_as_qlibs_frames_do_so_reduc
 
 
 def test_a_stream_of_several_fields_per_list_from_a_server_of_an_earlier_version_reads_the_same_frame(tmp_path):
-    """Servers before the column-major records sent the rows of several fields as one ``fixed_size_list`` (rows as
-    the file held them): the client reads such streams too."""
+    """Servers before the column-major records sent the rows of several fields as one ``fixed_size_list`` (rows by
+    day, then instrument): the client reads such streams too."""
     path = tmp_path / "abc"
     write_cache(path, days=30)
     where = transfer.layout(path)
-    first, stop = where.rows(None, None)
-    datetime, instrument, values = where.records.take(first, stop)
+    datetime, instrument, values = where.records.take()
+    by_day = np.argsort(datetime, kind="stable")
+    datetime, instrument, values = datetime[by_day], instrument[by_day], values[by_day]
+    first, stop = 0, len(datetime)
     columns = sorted(transfer.cache_columns(FIELDS))
     schema = pa.schema([pa.field("datetime", pa.timestamp("us")), pa.field("instrument", pa.int32()),
                         pa.field("block0", pa.list_(pa.float32(), len(columns)), nullable=False,
@@ -276,14 +280,14 @@ def test_a_stream_of_several_fields_per_list_from_a_server_of_an_earlier_version
     pdt.assert_frame_equal(got, DiskDatasetCache.read_data_from_cache(path, None, None, FIELDS))
 
 
-def test_rows_that_do_not_come_by_day_still_read_as_the_frame_qlib_reads(tmp_path):
-    """The server sends rows by day (the client then needs no sort of the days); rows by instrument, each
-    instrument's days in order, give the same frame."""
+def test_rows_by_day_as_earlier_servers_send_them_read_as_the_frame_qlib_reads(tmp_path):
+    """The server sends rows in the frame's order (by instrument, then day: each batch copied as a whole); rows
+    by day, as servers before the instrument-major records sent them, give the same frame."""
     path = tmp_path / "abc"
     write_cache(path, days=30)
     where = transfer.layout(path)
-    datetime, instrument, values = where.records.take(0, len(where.records))
-    order = np.lexsort((datetime, instrument))
+    datetime, instrument, values = where.records.take()
+    order = np.argsort(datetime, kind="stable")
     columns = list(where.records.columns)
     schema = pa.schema([pa.field("datetime", pa.timestamp("us")), pa.field("instrument", pa.int32())]
                        + [pa.field(f"block{k}", pa.list_(pa.float32(), 1), nullable=False,

@@ -58,7 +58,7 @@ def request_args(body: dict, allowed: tuple = ()) -> dict:
 def cached_frame(path) -> pd.DataFrame:
     """The records file as Qlib's frame: by instrument, then date; the requested columns."""
     table = records.read(path)
-    datetime, instrument, values = table.take(0, len(table))
+    datetime, instrument, values = table.take()
     codes = np.array(table.codes, dtype=object)[instrument]
     index = pd.MultiIndex.from_arrays([codes, pd.DatetimeIndex(datetime)], names=["instrument", "datetime"])
     frame = pd.DataFrame(values, index=index, columns=table.columns).sort_index()
@@ -167,7 +167,7 @@ PLAIN = ["$close", "Ref($volume, 1) / $volume", "Max($high, 10)", "Rank($close, 
 def served_frame(path, fields, start, end) -> pd.DataFrame:
     """What the transfer sends of a records file for ``start``..``end``, as Qlib's frame."""
     table = records.read(path)
-    datetime, instrument, values = table.take(*table.rows(start, end))
+    datetime, instrument, values = table.take(start, end)
     codes = np.array(table.codes, dtype=object)[instrument]
     index = pd.MultiIndex.from_arrays([codes, pd.DatetimeIndex(datetime)], names=["instrument", "datetime"])
     frame = pd.DataFrame(values, index=index, columns=table.columns).sort_index()
