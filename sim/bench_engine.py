@@ -8,7 +8,8 @@ shows the medians and each run's ratio): local Qlib's ``D.features`` (its defaul
 directory: the floor, the same rows computed the way a user computes them without a server); the same
 ``D.features`` through ``qlib_server.client`` against an embedded server with no cache yet (what the user waits
 for: the server computes the set with the engine, writes the dataset cache and streams it), and once more (hot);
-the worker's computation alone (engine and cache write, in this process). Checks ``df.equals`` between the
+the worker's computation alone (the engine with the records written block by block, then the checkpoint, in
+this process). Checks ``df.equals`` between the
 client's frame and local Qlib's, prints a table and writes bench-results/engine.json.
 """
 
@@ -63,12 +64,14 @@ def timed(kind: str, fields: str, work: Path, data: Path, port: int, repeat: int
 
 
 def worker_alone(data: Path, fields_code: str) -> dict:
-    """The worker's part in this process: the engine's values with the checkpoint (as a worker computes a cache),
-    then the cache's records and checkpoint written (what ``qlib_server.client`` streams)."""
+    """The worker's part in this process, as a worker computes a cache for ``qlib_server.client``: the engine's
+    values, each block's rows written to the records file as it is computed, with the checkpoint; then the
+    records published and the checkpoint written."""
     script = f"""
 import json, sys, time, tempfile
 from pathlib import Path
 import qlib
+from qlib_server.state import records
 from qlib_server.worker import dataset, datacache, extension, storage
 qlib.init(provider_uri={str(data)!r}, region="cn", logging_level="ERROR",
           feature_provider={{"class": "LocalFeatureProvider", "kwargs": {{"backend": storage.BACKEND}}}})
@@ -77,16 +80,14 @@ from qlib_server.engine import features, kernels
 {fields_code}
 cal = Cal.calendar(freq="day")
 dataset.dataset(DatasetD._provider, ["SH600000"], FIELDS[:3], cal[0], cal[-1], "day")  # kernels loaded
+path = Path(tempfile.mkdtemp()) / "c"
 t = time.perf_counter()
-computed = dataset.compute(DatasetD._provider, {{"market": "csi300", "filter_pipe": []}}, FIELDS, cal[0], cal[-1],
-                           "day", checkpoint=True)
+rows = dataset.cache_rows(DatasetD._provider, {{"market": "csi300", "filter_pipe": []}}, FIELDS, cal[0], cal[-1],
+                          "day", segment=records.segment_path(path))
 engine = time.perf_counter() - t
 t = time.perf_counter()
-rows = dataset.CacheRows(computed.names, computed.codes, "us", int(computed.rows.sum()),
-                         lambda: computed.date_parts(reuse=True), computed.by_date, computed.checkpoint)
-path = Path(tempfile.mkdtemp()) / "c"
 datacache.write_records(path, rows)
-extension.save_checkpoint(path, computed.checkpoint)
+extension.save_checkpoint(path, rows.checkpoint)
 write = time.perf_counter() - t
 print(json.dumps({{"engine_s": engine, "write_s": write, "fallbacks": sum(features.FALLBACKS.values())}}))
 """
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     print(f"\n== feature sets over {args.instruments} instruments x {args.days} days, cold through the server beside "
           "local Qlib (same machine, same data) ==")
     head = ("set", "rows", "fields", "local Qlib s", "server cold s", "x faster", "each run", "hot s", "equal",
-            "engine s", "cache write s", "fallbacks")
+            "engine+rec s", "checkpoint s", "fallbacks")
     print("".join(f"{h:>14}" for h in head))
     for r in rows:
         print("".join(f"{r[k]!s:>14}" for k in ("set", "rows", "fields", "local_qlib_s", "server_cold_s",

@@ -19,11 +19,11 @@ bytes::
 
     datetime    int64 x rows: each row's day
     instrument  int32 x rows: each row's instrument, a position in the footer's ``codes``
-    values      float32 x columns x rows (column-major: a column's rows are contiguous, as a transfer sends
-                them and a frame holds them)
+    values      float32 x columns x stride (column-major: a column's rows are contiguous, as a transfer sends
+                them and a frame holds them; a column's room, ``stride``, may be more than its rows)
     starts      int64 x (codes + 1): the first row of each code (and the number of rows)
     days        int64 x days: the days of the rows (ascending)
-    footer      JSON: rows, days, the datetime unit, the columns and the ``codes`` (sorted)
+    footer      JSON: rows, stride, days, the datetime unit, the columns and the ``codes`` (sorted)
     8 bytes     the footer's length
     8 bytes     :data:`MAGIC`
 """
@@ -63,11 +63,11 @@ def _aligned(offset: int) -> int:
     return -(-offset // ALIGN) * ALIGN
 
 
-def _sections(rows: int, columns: int) -> tuple[int, int, int]:
-    """Where the instrument, values and starts sections begin."""
-    instrument = _aligned(8 * rows)
-    values = _aligned(instrument + 4 * rows)
-    return instrument, values, _aligned(values + 4 * rows * columns)
+def _sections(stride: int, columns: int) -> tuple[int, int, int]:
+    """Where the instrument, values and starts sections begin, for room for ``stride`` rows."""
+    instrument = _aligned(8 * stride)
+    values = _aligned(instrument + 4 * stride)
+    return instrument, values, _aligned(values + 4 * stride * columns)
 
 
 @dataclass(frozen=True)
@@ -212,11 +212,11 @@ def _segment(path: Path, used: int) -> tuple[Segment, dict]:
         length = int.from_bytes(tail[:8], "little")
         f.seek(size - _TAIL - length)
         footer = json.loads(f.read(length))
-    rows, days, columns, unit, codes = footer["rows"], footer["days"], footer["columns"], footer["unit"], \
-        len(footer["codes"])
+    rows, stride, days, columns, unit, codes = footer["rows"], footer["stride"], footer["days"], footer["columns"], \
+        footer["unit"], len(footer["codes"])
     if not 0 <= used <= days:
         raise ValueError(f"{path.name}: {used} days used of {days}")
-    instrument_at, values_at, starts_at = _sections(rows, len(columns))
+    instrument_at, values_at, starts_at = _sections(stride, len(columns))
     bounds = np.fromfile(path, dtype="<i8", count=codes + 1 + days, offset=starts_at)
     starts, stamps = bounds[:codes + 1], bounds[codes + 1:].view(f"M8[{unit}]")
     if starts[0] != 0 or starts[-1] != rows or np.any(np.diff(starts) < 0):
@@ -225,7 +225,8 @@ def _segment(path: Path, used: int) -> tuple[Segment, dict]:
         whole = np.memmap(path, dtype=np.uint8, mode="r", shape=(starts_at,))
         datetime = whole[:8 * rows].view(f"<M8[{unit}]")
         instrument = whole[instrument_at:instrument_at + 4 * rows].view("<i4")
-        values = whole[values_at:values_at + 4 * rows * len(columns)].view("<f4").reshape(len(columns), rows)
+        values = whole[values_at:values_at + 4 * stride * len(columns)].view("<f4").reshape(len(columns), stride)
+        values = values[:, :rows]
     else:
         datetime, instrument = np.empty(0, f"<M8[{unit}]"), np.empty(0, "<i4")
         values = np.empty((len(columns), 0), "<f4")
@@ -263,17 +264,18 @@ def publish(cache_path: Path, segments: list[tuple[Path, int]]) -> None:
 
 
 class Writer:
-    """Writes a segment file (:func:`segment_path`) of ``rows`` rows from parts of consecutive rows by
-    instrument then day (:meth:`add`); :meth:`close` completes it under its name and returns its days
-    (:func:`publish` makes it the cache's), :meth:`abandon` leaves nothing."""
+    """Writes a segment file (:func:`segment_path`) of ``rows`` rows (with ``at_most``, up to ``rows``: the parts
+    of the file it does not fill are holes) from parts of consecutive rows by instrument then day (:meth:`add`);
+    :meth:`close` completes it under its name and returns its days (:func:`publish` makes it the cache's),
+    :meth:`abandon` leaves nothing."""
 
-    def __init__(self, path: Path, columns: list, codes: list, unit: str, rows: int):
+    def __init__(self, path: Path, columns: list, codes: list, unit: str, rows: int, at_most: bool = False):
         self.path = path
         self.temporary = path.with_name(path.name + ".tmp")
         self.columns, self.codes, self.unit = list(columns), list(codes), unit
         if self.codes != sorted(self.codes):
             raise ValueError("the codes of a records file must be sorted")
-        self.expected = rows
+        self.expected, self.at_most = rows, at_most
         self.instrument_at, self.values_at, self.starts_at = _sections(rows, len(self.columns))
         self.counts = np.zeros(len(self.codes), dtype=np.int64)
         self.days: list[np.ndarray] = []
@@ -309,12 +311,12 @@ class Writer:
         self.rows += n
 
     def close(self) -> int:
-        if self.rows != self.expected or not self.in_order:
+        if (self.rows != self.expected and not self.at_most) or not self.in_order:
             self.abandon()
             raise ValueError(f"{self.rows} rows of {self.expected} announced, or added out of order")
         days = np.unique(np.concatenate(self.days)) if self.days else np.empty(0, "<i8")
-        footer = json.dumps({"rows": self.rows, "days": len(days), "unit": self.unit, "columns": self.columns,
-                             "codes": self.codes}, separators=(",", ":")).encode()
+        footer = json.dumps({"rows": self.rows, "stride": self.expected, "days": len(days), "unit": self.unit,
+                             "columns": self.columns, "codes": self.codes}, separators=(",", ":")).encode()
         fd, self.fd = self.fd, None
         assert fd is not None, "closed twice"
         starts = np.concatenate([[0], np.cumsum(self.counts)])

@@ -240,7 +240,11 @@ def with_timestamps(instruments):
 
 
 def write_records(cache_path: Path, rows: dataset.CacheRows) -> None:
-    """Write the records file of a cache (see :mod:`qlib_server.state.records`)."""
+    """Write the records file of a cache (see :mod:`qlib_server.state.records`), or publish it where the engine
+    wrote it as it computed."""
+    if rows.written is not None:
+        records.publish(cache_path, [rows.written])
+        return
     segment = records.segment_path(cache_path)
     writer = records.Writer(segment, rows.columns, rows.codes, rows.unit, rows.rows)
     try:
@@ -309,7 +313,8 @@ def compute_cache(cache_path: Path, provider, instruments, fields, freq: str, in
     calendar = Cal.calendar(freq=freq)
     first, last = window[0] or calendar[0], window[1] or calendar[-1]
     rows = dataset.cache_rows(provider, with_timestamps(instruments), fields, first, last, freq,
-                              build(inst_processors), scratch=cache_path.parent)
+                              build(inst_processors), scratch=cache_path.parent,
+                              segment=None if hdf5 else records.segment_path(cache_path))
     write_records(cache_path, rows)
     save_checkpoint(cache_path, rows.checkpoint)
     forms: tuple = (RECORDS,)

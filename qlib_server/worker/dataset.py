@@ -42,8 +42,14 @@ class Computed:
     times: np.ndarray  # the whole calendar, as Qlib's frames hold it
     start: int
     rows: np.ndarray
-    dense: np.ndarray
+    dense: Optional[np.ndarray]  # None when the rows went straight to a records file
     checkpoint: object = None  # the engine's checkpoint (``engine.checkpoint.Checkpoint``), when asked for
+    written: Optional[tuple] = None  # that records file and its days
+
+    @property
+    def held(self) -> np.ndarray:
+        assert self.dense is not None, "the rows went straight to a records file"
+        return self.dense
 
     def by_instrument(self, column_names: list) -> pd.DataFrame:
         """Qlib's ``dataset`` frame: rows by instrument then day, the requested columns in their order."""
@@ -56,7 +62,7 @@ class Computed:
         column_of = {name: k for k, name in enumerate(self.names)}
         data = np.empty((len(column_names), len(day)), dtype=np.float32)  # pandas keeps a frame's columns so
         for j, name in enumerate(column_names):
-            data[j] = self.dense[column_of[remove_fields_space(name)]][self.rows]
+            data[j] = self.held[column_of[remove_fields_space(name)]][self.rows]
         return pd.DataFrame(data.T, index=index, columns=[str(c) for c in column_names], copy=False)
 
     def date_parts(self, reuse: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -79,7 +85,7 @@ class Computed:
                     buffer = np.empty((len(self.names), size), dtype=np.float32)
                 data = buffer[:, :len(day)]
                 for k in range(len(self.names)):
-                    np.take(np.ascontiguousarray(self.dense[k, :, first:last]).reshape(-1), taken, out=data[k])
+                    np.take(np.ascontiguousarray(self.held[k, :, first:last]).reshape(-1), taken, out=data[k])
                 yield self.times[day + first + self.start], which, data
             first = last
 
@@ -103,7 +109,7 @@ class Computed:
                 data = buffer[:, :len(day)]
                 flat = mask.reshape(-1)
                 for k in range(len(self.names)):
-                    np.compress(flat, self.dense[k, first:last].reshape(-1), out=data[k])
+                    np.compress(flat, self.held[k, first:last].reshape(-1), out=data[k])
                 yield self.times[day + self.start], which + first, data
             first = last
 
@@ -131,20 +137,22 @@ class CacheRows:
     parts: Callable[[], Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]]  # each valid until the next
     frames: Callable[[], Iterator[pd.DataFrame]]
     checkpoint: object = None  # what extends the cache when days are appended (the engine's), if anything
+    written: Optional[tuple] = None  # the records file already written as the engine computed (and its days)
 
 
 def cache_rows(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=(),
-               scratch: Optional[Path] = None) -> CacheRows:
+               scratch: Optional[Path] = None, segment: Optional[Path] = None) -> CacheRows:
     """The feature set of a dataset cache, computed by the engine (by Qlib where it must be), with the engine's
-    checkpoint for a later extension."""
+    checkpoint for a later extension. With ``segment`` (no HDF5 form wanted), the engine writes its rows there
+    block by block, and ``frames`` is not to be asked for."""
     from qlib.utils import normalize_cache_fields
 
     computed = compute(provider, instruments, fields, start_time, end_time, freq, inst_processors, scratch,
-                       checkpoint=True)
+                       checkpoint=True, segment=segment)
     if computed is not None:
         return CacheRows(computed.names, computed.codes, np.datetime_data(computed.times.dtype)[0],
                          int(computed.rows.sum()), functools.partial(computed.instrument_parts, reuse=True),
-                         computed.by_date, computed.checkpoint)
+                         computed.by_date, computed.checkpoint, computed.written)
     frame = cache_layout(provider.dataset(instruments, fields, start_time, end_time, freq,
                                           inst_processors=list(inst_processors)))
     other = [(c, t) for c, t in frame.dtypes.items() if t != np.float32] if inst_processors else []
@@ -165,17 +173,20 @@ def cache_rows(provider, instruments, fields, start_time, end_time, freq: str, i
 
 
 def compute(provider, instruments, fields, start_time, end_time, freq: str, inst_processors=(),
-            scratch: Optional[Path] = None, checkpoint: bool = False) -> Optional[Computed]:
+            scratch: Optional[Path] = None, checkpoint: bool = False,
+            segment: Optional[Path] = None) -> Optional[Computed]:
     """The feature set computed by the engine, or None where Qlib must compute it (``inst_processors``, an
     expression cache, a provider that does not align to the calendar, a field Qlib left in another dtype, no
     rows at all). A set over :data:`IN_MEMORY_BYTES` is held in a file under ``scratch`` (deleted at once,
-    mapped while it lives), so a worker's memory stays bounded whatever the market's size."""
+    mapped while it lives), so a worker's memory stays bounded whatever the market's size. With ``segment``, the
+    rows are not held: each block's are written to that records file as it comes (``written``)."""
     from qlib.data.data import Cal, ExpressionD, LocalExpressionProvider
     from qlib.utils import normalize_cache_fields
 
     from ..engine import features
     from ..engine.checkpoint import Checkpoint
     from ..engine.values import Unsupported
+    from ..state import records
 
     window = Cal.calendar(start_time, end_time, freq)
     if inst_processors or type(getattr(ExpressionD, "_provider", None)) is not LocalExpressionProvider \
@@ -187,7 +198,10 @@ def compute(provider, instruments, fields, start_time, end_time, freq: str, inst
     codes = sorted(spans_of)
     times = pd.DatetimeIndex(Cal.calendar(freq=freq)).to_numpy()  # the unit pandas infers, as for Qlib's frames
     rows = np.zeros((len(codes), len(window)), dtype=bool)  # where a row exists: any field has an entry there
-    dense = _dense((len(names), len(codes), len(window)), scratch)
+    unit = np.datetime_data(times.dtype)[0]
+    writer = records.Writer(segment, names, codes, unit, rows.size, at_most=True) if segment else None
+    dense = None if writer else _dense((len(names), len(codes), len(window)), scratch)
+    buffer = np.empty(0, dtype=np.float32)
     first = start = 0
     saved = []
     try:
@@ -198,15 +212,29 @@ def compute(provider, instruments, fields, start_time, end_time, freq: str, inst
             mine = rows[first:first + n]
             np.logical_or.reduce(block.present, out=mine)
             mine &= listed(times[block.start:block.end + 1], [spans_of[inst] for inst in block.instruments])
-            for k, values in enumerate(block.values):
-                dense[k, first:first + n] = values
+            if dense is not None:
+                for k, values in enumerate(block.values):
+                    dense[k, first:first + n] = values
+            elif writer is not None:  # the block's rows, by instrument then day, in memory reused from block to block
+                which, day = np.nonzero(mine)
+                if buffer.size < len(names) * len(day):
+                    buffer = np.empty(len(names) * len(day), dtype=np.float32)
+                data = buffer[:len(names) * len(day)].reshape(len(names), len(day))
+                for k, values in enumerate(block.values):
+                    np.compress(mine.reshape(-1), values.reshape(-1), out=data[k])
+                writer.add(times[day + start], which + first, data)
             first += n
-    except Unsupported:
-        return None
-    if not rows.any():
-        return None  # Qlib's own empty frame (it evaluates the expressions again: they gave no rows)
+        if not rows.any():
+            raise Unsupported("no rows")  # Qlib's own empty frame (it evaluates the expressions again)
+        written = (segment, writer.close()) if writer else None
+    except BaseException as failed:
+        if writer:
+            writer.abandon()
+        if isinstance(failed, Unsupported):
+            return None
+        raise
     kept = Checkpoint(list(names), start, start + len(window) - 1, saved) if checkpoint else None
-    return Computed(codes, list(names), times, start, rows, dense, kept)
+    return Computed(codes, list(names), times, start, rows, dense, kept, written)
 
 
 def _dense(shape: tuple, scratch: Optional[Path]) -> np.ndarray:

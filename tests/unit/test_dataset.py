@@ -9,6 +9,7 @@ import pytest
 import qlib
 
 from qlib_server.datagen import generate_dataset
+from qlib_server.engine import features
 from qlib_server.worker import dataset, storage
 
 FIELDS = ["Mean($close, 5)", "Std($close, 20)", "Max( $high, 3 )", "$close > $open", "Ref($volume, 1)", "$late",
@@ -95,7 +96,7 @@ def test_the_cache_layout_comes_in_pieces_of_consecutive_days_that_make_qlibs_fr
     assert_same_frame(pd.concat(pieces), theirs)
 
 
-@pytest.mark.parametrize("by", ["engine", "qlib"])
+@pytest.mark.parametrize("by", ["engine", "engine as it computes", "qlib"])
 def test_the_records_file_of_a_cache_holds_qlibs_frame_row_for_row(provider, monkeypatch, tmp_path, by):
     from qlib.data.cache import H
     from qlib.data.data import Cal
@@ -111,8 +112,10 @@ def test_the_records_file_of_a_cache_holds_qlibs_frame_row_for_row(provider, mon
     monkeypatch.setattr(dataset, "CHUNK_BYTES", 4 * len(set(FIELDS)) * 100)  # several parts
     if by == "qlib":
         monkeypatch.setattr(dataset, "compute", lambda *a, **k: None)
+    monkeypatch.setattr(features, "BLOCK_BYTES", 1)  # a block per instrument: written one after the other
+    segment = records.segment_path(tmp_path / "c") if by == "engine as it computes" else None
     datacache.write_records(tmp_path / "c", dataset.cache_rows(provider, market, FIELDS, calendar[0], calendar[-1],
-                                                               "day"))
+                                                               "day", segment=segment))
     table = records.read(tmp_path / "c")
     datetime, instrument, values = table.take()
     assert np.all(np.lexsort((datetime, instrument)) == np.arange(len(datetime)))  # by instrument, then day
@@ -276,3 +279,26 @@ def test_a_request_of_no_instruments_is_qlibs_empty_frame(provider, instruments)
     theirs = provider.dataset(instruments, FIELDS, calendar[0], calendar[-1], "day")
     ours = dataset.dataset(provider, instruments, FIELDS, calendar[0], calendar[-1], "day")
     assert ours.empty and theirs.empty and list(ours.columns) == list(theirs.columns)
+
+
+def test_a_computation_that_fails_midway_leaves_no_records_file_behind(provider, monkeypatch, tmp_path):
+    from qlib.data.data import Cal
+
+    from qlib_server.state import records
+
+    calendar = Cal.calendar(freq="day")
+    monkeypatch.setattr(features, "BLOCK_BYTES", 1)  # a block per instrument
+    calls = []
+    spans = dataset.listed
+
+    def failing_on_the_third_block(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return spans(*args)
+
+    monkeypatch.setattr(dataset, "listed", failing_on_the_third_block)
+    with pytest.raises(RuntimeError, match="disk full"):
+        dataset.cache_rows(provider, {"market": "csi300", "filter_pipe": []}, FIELDS, calendar[0], calendar[-1],
+                           "day", segment=records.segment_path(tmp_path / "c"))
+    assert len(calls) == 3 and list(tmp_path.iterdir()) == []
