@@ -65,7 +65,7 @@ def _j(frozen: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 def _masked(node: Node, values: np.ndarray, stds: list) -> None:
     """Qlib's NaN where the rolling std behind Rsquare / Corr is ~0 (``stds``: on ``values``' columns)."""
     for std in stds:
-        values[np.isclose(std, 0, atol=windows._CLOSE_TO_ZERO)] = np.nan
+        values[windows.close_to_zero(std)] = np.nan
 
 
 class Recorder(Evaluator):

@@ -3,7 +3,7 @@
 Each branch names the Qlib code it stands for. Window 0 is ``expanding``; a float window in (0, 1) is an
 exponentially weighted mean with that ``alpha`` (``Rolling`` and ``EMA``); other windows are positive ints.
 Qlib's masks on top of a kernel (``Rsquare`` and ``Corr`` set NaN where a rolling std is close to 0) are
-applied here, with the same ``np.isclose`` call.
+applied here, as ``np.isclose`` finds them (:func:`close_to_zero`).
 """
 
 from __future__ import annotations
@@ -136,7 +136,13 @@ def _flat(evaluator, feature, window: int) -> np.ndarray:
     if std is None:
         x = evaluator.series(feature)
         std = evaluator.memo[key] = _out(x, kernel("rolling_std")(x.float64(), x.lo, x.hi, window))
-    return np.isclose(std.data, 0, atol=_CLOSE_TO_ZERO)
+    return close_to_zero(std.data)
+
+
+def close_to_zero(std: np.ndarray) -> np.ndarray:
+    """``np.isclose(std, 0, atol=2e-05)``: with 0 as the reference, ``|std - 0| <= atol + rtol * |0|`` is
+    ``|std| <= atol`` (NaN and infinities not close, as there), without ``isclose``'s general case's passes."""
+    return np.abs(std) <= _CLOSE_TO_ZERO
 
 
 def _out(x: Series, values: np.ndarray) -> Series:

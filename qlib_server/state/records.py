@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 
 SUFFIX = ".records"
 MAGIC = b"QSREC005"
@@ -285,9 +286,11 @@ class Writer:
         self.fd: Optional[int] = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self.fd, self.starts_at)
 
-    def add(self, datetimes: np.ndarray, which: np.ndarray, values: np.ndarray) -> None:
+    def add(self, datetimes: np.ndarray, which: np.ndarray, values: np.ndarray,
+            days: Optional[np.ndarray] = None) -> None:
         """Rows sorted by instrument then day: their days, their instruments (positions in ``codes``) and
-        ``values[column, row]``; they follow the rows added before."""
+        ``values[column, row]``; they follow the rows added before. ``days``: the distinct days of the rows, where
+        the caller knows them."""
         n = len(which)
         if n == 0:
             return
@@ -306,7 +309,10 @@ class Writer:
             step, later = np.append(which[0] - self.last[0], step), np.append(stamps[0] - self.last[1], later)
         self.in_order &= bool(np.all((step > 0) | ((step == 0) & (later > 0))))
         self.last = (int(which[-1]), int(stamps[-1]))
-        self.days.append(np.unique(stamps))
+        if days is not None:
+            self.days.append(np.asarray(days).astype(f"<M8[{self.unit}]").view("<i8"))
+        else:
+            self.days.append(pd.unique(stamps))  # by hashing: the rows' days are sorted once, at the end
         self.counts += np.bincount(which, minlength=len(self.codes))
         self.rows += n
 

@@ -107,9 +107,9 @@ class Computed:
                     size = max(len(day), target) if reuse else len(day)
                     buffer = np.empty((len(self.names), size), dtype=np.float32)
                 data = buffer[:, :len(day)]
-                flat = mask.reshape(-1)
+                taken = np.flatnonzero(mask)
                 for k in range(len(self.names)):
-                    np.compress(flat, self.held[k, first:last].reshape(-1), out=data[k])
+                    np.take(self.held[k, first:last].reshape(-1), taken, out=data[k])
                 yield self.times[day + self.start], which + first, data
             first = last
 
@@ -220,9 +220,10 @@ def compute(provider, instruments, fields, start_time, end_time, freq: str, inst
                 if buffer.size < len(names) * len(day):
                     buffer = np.empty(len(names) * len(day), dtype=np.float32)
                 data = buffer[:len(names) * len(day)].reshape(len(names), len(day))
+                taken = np.flatnonzero(mine)  # once for every field (``np.compress`` finds it again for each)
                 for k, values in enumerate(block.values):
-                    np.compress(mine.reshape(-1), values.reshape(-1), out=data[k])
-                writer.add(times[day + start], which + first, data)
+                    np.take(values.reshape(-1), taken, out=data[k])
+                writer.add(times[day + start], which + first, data, times[np.flatnonzero(mine.any(axis=0)) + start])
             first += n
         if not rows.any():
             raise Unsupported("no rows")  # Qlib's own empty frame (it evaluates the expressions again)

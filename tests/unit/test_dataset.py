@@ -128,6 +128,7 @@ def test_the_records_file_of_a_cache_holds_qlibs_frame_row_for_row(provider, mon
     counts = theirs.groupby(level="instrument").size()
     assert [[c, n] for c, n in zip(table.codes, table.counts.tolist())] == [[c, int(n)] for c, n in counts.items()]
     assert table.select(calendar[10], calendar[20]).rows == len(theirs.loc[calendar[10]:calendar[20]])
+    assert np.array_equal(table.days, np.unique(theirs.index.get_level_values("datetime").to_numpy()))
 
 
 def test_qlibs_hdf5_files_written_from_a_records_file_read_as_qlib_computed_them(provider, monkeypatch, tmp_path):

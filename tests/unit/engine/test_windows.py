@@ -266,3 +266,14 @@ def test_moments_of_rows_side_by_side_equal_pandas(frame):
 @given(paired_frames())
 def test_rank_with_a_running_count_equals_pandas_on_inf_and_nan_runs(frame):
     check_family(["rank", "rank_pct"], frame)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64),
+                          st.sampled_from([2e-05, -2e-05, np.nextafter(2e-05, 1), np.nextafter(2e-05, 0), 0.0, -0.0,
+                                           5e-324, -np.inf, np.inf, np.nan])), min_size=1, max_size=64))
+def test_close_to_zero_is_numpys_isclose_to_zero_with_qlibs_tolerance(values):
+    from qlib_server.engine.windows import close_to_zero
+
+    std = np.array(values, dtype=np.float64)
+    assert np.array_equal(close_to_zero(std), np.isclose(std, 0, atol=2e-05))
