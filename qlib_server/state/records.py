@@ -297,17 +297,15 @@ class Writer:
         if self.fd is None or self.rows + n > self.expected:
             self.abandon()
             raise ValueError(f"more than the {self.expected} rows announced")
-        stamps = np.ascontiguousarray(datetimes.astype(f"<M8[{self.unit}]")).view("<i8")
+        stamps = np.ascontiguousarray(datetimes.astype(f"<M8[{self.unit}]", copy=False)).view("<i8")
         which = np.ascontiguousarray(which, dtype="<i4")
         _pwrite(self.fd, stamps, 8 * self.rows)
         _pwrite(self.fd, which, self.instrument_at + 4 * self.rows)
         for k, column in enumerate(values):  # each column's part where that column's rows go on
             _pwrite(self.fd, np.ascontiguousarray(column, dtype="<f4"),
                     self.values_at + 4 * (k * self.expected + self.rows))
-        step, later = np.diff(which), np.diff(stamps)
-        if self.last is not None:
-            step, later = np.append(which[0] - self.last[0], step), np.append(stamps[0] - self.last[1], later)
-        self.in_order &= bool(np.all((step > 0) | ((step == 0) & (later > 0))))
+        later = (which[1:] > which[:-1]) | ((which[1:] == which[:-1]) & (stamps[1:] > stamps[:-1]))
+        self.in_order &= bool(later.all()) and (self.last is None or (int(which[0]), int(stamps[0])) > self.last)
         self.last = (int(which[-1]), int(stamps[-1]))
         if days is not None:
             self.days.append(np.asarray(days).astype(f"<M8[{self.unit}]").view("<i8"))

@@ -78,12 +78,20 @@ def test_a_manifest_using_more_days_than_a_segment_holds_is_refused(tmp_path):
         records.read(cache)
 
 
-def test_rows_added_out_of_order_are_not_written(tmp_path):
+@pytest.mark.parametrize("parts", ["by day", "a part before the one added last", "a day again"])
+def test_rows_added_out_of_order_are_not_written(tmp_path, parts):
     cache = tmp_path / "c"
     stamps, which, values = rows(3)
-    writer = records.Writer(records.segment_path(cache), COLUMNS, CODES, "us", len(which))
-    order = np.argsort(stamps, kind="stable")  # by day: not a records file's order
-    writer.add(stamps[order], which[order], values[:, order])
+    writer = records.Writer(records.segment_path(cache), COLUMNS, CODES, "us", len(which) + 10, at_most=True)
+    if parts == "by day":  # not a records file's order
+        order = np.argsort(stamps, kind="stable")
+        writer.add(stamps[order], which[order], values[:, order])
+    elif parts == "a part before the one added last":
+        writer.add(stamps[3:], which[3:], values[:, 3:])
+        writer.add(stamps[:3], which[:3], values[:, :3])
+    else:  # SH600000's second day twice, each in its own part
+        writer.add(stamps[:2], which[:2], values[:, :2])
+        writer.add(stamps[1:], which[1:], values[:, 1:])
     with pytest.raises(ValueError, match="out of order"):
         writer.close()
     assert list(tmp_path.iterdir()) == []
