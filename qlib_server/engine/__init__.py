@@ -41,8 +41,19 @@ def warm() -> None:
             for field in WARM_FIELDS:
                 evaluator.series(ExpressionD.get_expression_instance(field))
             _warm_extension(raw)
+            _warm_rows()
         finally:
             logging.disable(logging.NOTSET)
+
+
+def _warm_rows() -> None:
+    """The kernels that gather the rows of a block (a feature worker's every cache write)."""
+    import numpy as np
+
+    from .kernels import rows
+
+    values = np.zeros((1, 2), dtype=np.float32)
+    rows.compress(values, np.ones((1, 2), dtype=bool), np.empty(2, dtype=np.float32))
 
 
 def _warm_extension(raw) -> None:

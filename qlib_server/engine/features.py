@@ -27,6 +27,7 @@ from qlib.data import base
 from . import extend, windows
 from .checkpoint import BlockCheckpoint, Checkpoint
 from .evaluate import Evaluator
+from .kernels import rows
 from .values import Series, Unsupported
 
 log = logging.getLogger(__name__)
@@ -253,14 +254,8 @@ def _cut(series: Series, offset: int, start: int, end: int) -> tuple[np.ndarray,
     data = series.data
     if data.dtype.kind not in "fiub":
         raise Unsupported(f"a field of {data.dtype} values")
-    n, width = data.shape
-    first, stop = start - offset, min(end + 1 - offset, width)  # the series' columns on [start, end]
-    out = np.full((n, end - start + 1), np.nan, dtype=np.float32)
-    out[:, :stop - first] = data[:, first:stop]
-    position = np.arange(end - start + 1)
-    where = (position >= (series.lo - first)[:, None]) & (position < (series.hi - first)[:, None])
-    out[~where] = np.nan
-    return out, where
+    first, stop = start - offset, min(end + 1 - offset, data.shape[1])  # the series' columns on [start, end]
+    return rows.cut(data, first, stop, series.lo, series.hi, end - start + 1)
 
 
 def _by_qlib(chunk: list, name: str, start: int, end: int, by_qlib: Callable) -> tuple[np.ndarray, np.ndarray]:

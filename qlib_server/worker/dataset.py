@@ -185,6 +185,7 @@ def compute(provider, instruments, fields, start_time, end_time, freq: str, inst
 
     from ..engine import features
     from ..engine.checkpoint import Checkpoint
+    from ..engine.kernels import rows as kernel_rows
     from ..engine.values import Unsupported
     from ..state import records
 
@@ -220,9 +221,8 @@ def compute(provider, instruments, fields, start_time, end_time, freq: str, inst
                 if buffer.size < len(names) * len(day):
                     buffer = np.empty(len(names) * len(day), dtype=np.float32)
                 data = buffer[:len(names) * len(day)].reshape(len(names), len(day))
-                taken = np.flatnonzero(mine)  # once for every field (``np.compress`` finds it again for each)
                 for k, values in enumerate(block.values):
-                    np.take(values.reshape(-1), taken, out=data[k])
+                    kernel_rows.compress(values, mine, data[k])
                 writer.add(times[day + start], which + first, data, times[np.flatnonzero(mine.any(axis=0)) + start])
             first += n
         if not rows.any():
