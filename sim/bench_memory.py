@@ -3,10 +3,10 @@
     python -m sim.bench_memory [--instruments 4000] [--days 5000] [--hdf5]
 
 Generates the data, then, in a fresh process, runs what a feature worker runs for a request of
-``qlib_server.client`` (``datacache.compute_cache``: the engine by blocks, the values held in an unlinked
-scratch file when over 512 MB, the records written in parts, the checkpoint; with ``--hdf5`` Qlib's HDF5
-form too, as for a stock client) while a thread samples the process's anonymous memory (``RssAnon``: what
-the process itself holds; pages of mapped files are the kernel's to drop). Prints the rows, the time and the
+``qlib_server.client`` (``datacache.compute_cache``: the engine by blocks, each block's rows written to the
+records as it is computed, the checkpoint; with ``--hdf5`` Qlib's HDF5 form too, as for a stock client: the
+values are then held whole, in an unlinked scratch file when over 1 GB) while a thread samples the process's
+anonymous memory (``RssAnon``: what the process itself holds; pages of mapped files are the kernel's to drop). Prints the rows, the time and the
 peak anonymous memory above the process's idle (Qlib imported and initialised, kernels loaded), and writes
 bench-results/memory.json.
 """
