@@ -6,9 +6,9 @@ Generates the data, then, in a fresh process, runs what a feature worker runs fo
 ``qlib_server.client`` (``datacache.compute_cache``: the engine by blocks, each block's rows written to the
 records as it is computed, the checkpoint; with ``--hdf5`` Qlib's HDF5 form too, as for a stock client: the
 values are then held whole, in an unlinked scratch file when over 1 GB) while a thread samples the process's
-anonymous memory (``RssAnon``: what the process itself holds; pages of mapped files are the kernel's to drop). Prints the rows, the time and the
-peak anonymous memory above the process's idle (Qlib imported and initialised, kernels loaded), and writes
-bench-results/memory.json.
+anonymous memory (``RssAnon``: what the process itself holds; pages of mapped files are the kernel's to drop).
+Prints the rows, the time and the peak anonymous memory above the process's idle (Qlib imported and
+initialised, kernels loaded), and writes bench-results/memory.json.
 """
 
 from __future__ import annotations
