@@ -10,7 +10,6 @@ and the frame is built once. What this module does not build itself (an expressi
 
 from __future__ import annotations
 
-import functools
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,14 +64,12 @@ class Computed:
             data[j] = self.held[column_of[remove_fields_space(name)]][self.rows]
         return pd.DataFrame(data.T, index=index, columns=[str(c) for c in column_names], copy=False)
 
-    def date_parts(self, reuse: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """The rows in the dataset cache's order (by day, then instrument), in parts of consecutive days of
-        about :data:`CHUNK_BYTES` (at most :data:`CHUNK_ROWS` rows): each part's days (datetime64), instruments
-        (positions in ``codes``) and ``values[field, row]``. With ``reuse``, every part's values are in one buffer
-        (fresh memory costs page faults): a part is valid only until the next is asked for."""
+    def date_parts(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The rows in the order of Qlib's dataset cache (by day, then instrument), in parts of consecutive days
+        of about :data:`CHUNK_BYTES` (at most :data:`CHUNK_ROWS` rows): each part's days (datetime64),
+        instruments (positions in ``codes``) and ``values[field, row]``."""
         per_day = self.rows.sum(axis=0)
         target = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (4 * max(1, len(self.names)))))
-        buffer = np.empty((len(self.names), 0), dtype=np.float32)
         first = 0
         while first < len(per_day):
             last = first + max(1, int(np.searchsorted(np.cumsum(per_day[first:]), target, side="right")))
@@ -80,20 +77,17 @@ class Computed:
             if len(day):
                 width = last - first
                 taken = which * width + day  # positions in each field's (instruments, days) piece
-                if not reuse or buffer.shape[1] < len(day):  # sized for the largest part to come, at most
-                    size = max(len(day), min(target, int(per_day[first:].sum()))) if reuse else len(day)
-                    buffer = np.empty((len(self.names), size), dtype=np.float32)
-                data = buffer[:, :len(day)]
+                data = np.empty((len(self.names), len(day)), dtype=np.float32)
                 for k in range(len(self.names)):
                     np.take(np.ascontiguousarray(self.held[k, :, first:last]).reshape(-1), taken, out=data[k])
                 yield self.times[day + first + self.start], which, data
             first = last
 
-    def instrument_parts(self, reuse: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def instrument_parts(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The rows in the records' order (by instrument, then day), in parts of consecutive instruments of about
         :data:`CHUNK_BYTES` (at most :data:`CHUNK_ROWS` rows, an instrument's rows in one part): each part's days
-        (datetime64), instruments (positions in ``codes``) and ``values[field, row]``. With ``reuse``, as
-        :meth:`date_parts`."""
+        (datetime64), instruments (positions in ``codes``) and ``values[field, row]``. Every part's values are in
+        one buffer (fresh memory costs page faults): a part is valid only until the next is asked for."""
         per_instrument = self.rows.sum(axis=1)
         target = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (4 * max(1, len(self.names)))))
         buffer = np.empty((len(self.names), 0), dtype=np.float32)
@@ -103,9 +97,8 @@ class Computed:
             mask = self.rows[first:last]
             which, day = np.nonzero(mask)  # (instruments, days): by instrument, then day
             if len(day):
-                if not reuse or buffer.shape[1] < len(day):
-                    size = max(len(day), target) if reuse else len(day)
-                    buffer = np.empty((len(self.names), size), dtype=np.float32)
+                if buffer.shape[1] < len(day):
+                    buffer = np.empty((len(self.names), max(len(day), target)), dtype=np.float32)
                 data = buffer[:, :len(day)]
                 taken = np.flatnonzero(mask)
                 for k in range(len(self.names)):
@@ -151,7 +144,7 @@ def cache_rows(provider, instruments, fields, start_time, end_time, freq: str, i
                        checkpoint=True, segment=segment)
     if computed is not None:
         return CacheRows(computed.names, computed.codes, np.datetime_data(computed.times.dtype)[0],
-                         int(computed.rows.sum()), functools.partial(computed.instrument_parts, reuse=True),
+                         int(computed.rows.sum()), computed.instrument_parts,
                          computed.by_date, computed.checkpoint, computed.written)
     frame = cache_layout(provider.dataset(instruments, fields, start_time, end_time, freq,
                                           inst_processors=list(inst_processors)))

@@ -175,7 +175,7 @@ def _segments(cache_path: Path, table: records.Records, keep: int, tail: dataset
             break
         kept.append((cache_path.parent / name, min(len(segment.days), keep)))
         keep -= len(segment.days)
-    new = _write(cache_path, table, int(tail.rows.sum()), tail.instrument_parts(reuse=True))
+    new = _write(cache_path, table, int(tail.rows.sum()), tail.instrument_parts())
     if len(kept) + 1 <= MAX_SEGMENTS:
         return [*kept, new]
     merged = records.of_segments([*kept, new])  # compact: the kept rows copied once, with the new ones
