@@ -31,7 +31,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -153,14 +153,26 @@ def _schema(where: Layout, groups: list, instruments: list, rows: int) -> pa.Sch
 
 
 def _batch(pieces: list, groups: list, wire: Optional[np.ndarray], schema: pa.Schema) -> pa.RecordBatch:
-    """The rows of ``pieces``: slices of the file sent as they are (one piece), or joined (several)."""
-    def column(of) -> np.ndarray:
-        return of(*pieces[0]) if len(pieces) == 1 else np.concatenate([of(*piece) for piece in pieces])
+    """The rows of ``pieces``: slices of the file sent as they are (one piece), gathered by their rows (several
+    of one segment: a date range of each instrument), or joined (several segments). A column is named by
+    ``of(segment)``, that segment's array of it."""
+    segment, first, last = pieces[0]
+    if len(pieces) == 1:
+        def column(of: Callable) -> np.ndarray:
+            return of(segment)[first:last]
+    elif all(piece[0] is segment for piece in pieces):
+        at = np.concatenate([np.arange(a, b) for _, a, b in pieces])
 
-    codes = column(lambda s, a, b: s.instrument[a:b])
-    arrays = [pa.array(column(lambda s, a, b: s.datetime[a:b])), pa.array(codes if wire is None else wire[codes])]
+        def column(of: Callable) -> np.ndarray:
+            return np.take(of(segment), at)
+    else:
+        def column(of: Callable) -> np.ndarray:
+            return np.concatenate([of(s)[a:b] for s, a, b in pieces])
+
+    codes = column(lambda s: s.instrument)
+    arrays = [pa.array(column(lambda s: s.datetime)), pa.array(codes if wire is None else wire[codes])]
     for names, which in groups:
-        values = column(lambda s, a, b, k=which: s.values[k, a:b])
+        values = column(lambda s, k=which: s.values[k])
         arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values), len(names)))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
