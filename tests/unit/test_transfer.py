@@ -305,3 +305,13 @@ def test_rows_by_day_as_earlier_servers_send_them_read_as_the_frame_qlib_reads(t
     got = read_frame(io.BytesIO(sink.getvalue()), FIELDS)
     assert got.equals(served(path, FIELDS, None, None)[0])
     pdt.assert_frame_equal(got, DiskDatasetCache.read_data_from_cache(path, None, None, FIELDS))
+
+
+def test_the_values_of_a_column_of_lists_are_read_as_pyarrow_flattens_them_and_a_null_row_is_refused():
+    from qlib_server.client.frames import _flat
+
+    lists = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(12, dtype=np.float32)), 3)
+    for part in (lists, lists.slice(1, 2), lists.slice(3)):
+        assert _flat(part).equals(part.flatten())
+    with pytest.raises(ConnectionError, match="null row"):
+        _flat(pa.array([[1.0, 2.0], None], type=pa.list_(pa.float32(), 2)))
