@@ -17,7 +17,7 @@ list of ``[code, rows]`` sorted by code, from which the client places each row o
 belongs in the frame at once); then a ``fixed_size_list`` column of one field for each requested field
 (its name, spaces removed as in Qlib's cache columns, in the field metadata ``columns``: clients read
 lists of several fields too): each is a slice of the cache's column as the file holds it, sent without a
-copy (the rows of several slices are joined: a date range cut out of each instrument's rows), and pyarrow
+copy (the rows of several slices, a date range cut out of each instrument's rows, are gathered), and pyarrow
 compresses the columns of a batch on all cores. The schema metadata ``rows`` says how many rows follow.
 """
 
