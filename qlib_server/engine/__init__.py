@@ -47,11 +47,15 @@ def warm() -> None:
 
 
 def _warm_rows() -> None:
-    """The kernels that gather the rows of a block (a feature worker's every cache write)."""
+    """The kernels that cut a field to a request's days (for each kind of values a field holds: Qlib's float32
+    arithmetic, float64 windows, booleans of comparisons) and gather the rows of a block."""
     import numpy as np
 
     from .kernels import rows
 
+    spans = np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64)
+    for dtype in (np.float32, np.float64, np.bool_):
+        rows.cut(np.zeros((1, 2), dtype=dtype), 0, 2, *spans, 2)
     values = np.zeros((1, 2), dtype=np.float32)
     rows.compress(values, np.ones((1, 2), dtype=bool), np.empty(2, dtype=np.float32))
 

@@ -16,3 +16,11 @@ def test_warming_up_compiles_every_kernel_the_evaluator_calls(qlib_data):
     assert dispatchers
     cold = [name for name, f in dispatchers.items() if not f.signatures]
     assert not cold, f"not compiled by warm(): {cold}"
+
+
+def test_warming_up_compiles_the_row_kernels_for_every_kind_of_values_a_field_holds(qlib_data):
+    from qlib_server.engine.kernels import rows
+
+    engine.warm()
+    assert {str(signature[0].dtype) for signature in rows.cut.signatures} >= {"float32", "float64", "bool"}
+    assert rows.compress.signatures
