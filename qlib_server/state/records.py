@@ -91,18 +91,18 @@ class Segment:
         """Each code's rows ``[first, last)`` from ``start_time`` to ``end_time`` (None: open)."""
         if not len(self.days):
             return self.starts, self.starts
-        whole_from = start_time is None or np.datetime64(start_time) <= self.days[0]
-        whole_to = end_time is None or np.datetime64(end_time) >= self.days[-1]
-        if (start_time is not None and np.datetime64(start_time) > self.days[-1]) or \
-                (end_time is not None and np.datetime64(end_time) < self.days[0]):
+        start = self.days[0] if start_time is None else np.datetime64(start_time)
+        end = self.days[-1] if end_time is None else np.datetime64(end_time)
+        if start > self.days[-1] or end < self.days[0]:
             return self.starts, self.starts
+        whole_from, whole_to = start <= self.days[0], end >= self.days[-1]
         first, last = self.starts.copy(), self.stops.copy()
         for code in np.flatnonzero(self.stops > self.starts).tolist():
             stamps = self.datetime[self.starts[code]:self.stops[code]]
             if not whole_from:
-                first[code] += np.searchsorted(stamps, np.datetime64(start_time), "left")
+                first[code] += np.searchsorted(stamps, start, "left")
             if not whole_to:
-                last[code] = self.starts[code] + np.searchsorted(stamps, np.datetime64(end_time), "right")
+                last[code] = self.starts[code] + np.searchsorted(stamps, end, "right")
         return first, np.maximum(first, last)
 
 
