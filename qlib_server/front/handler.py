@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 import uuid
 from typing import Callable, Optional
@@ -102,6 +103,30 @@ def answer_close_frames_late(delay: float = CLOSE_REPLY_DELAY) -> None:
             return super().handle_close(header, payload)
 
     ws_handler.WebSocket = LateClosingWebSocket
+
+
+def send_without_delay() -> None:
+    """Turn Nagle's algorithm off on every connection the gevent server accepts (this process).
+
+    gevent's WSGI handler sends a response's headers and its body in two writes. With Nagle's algorithm on, the
+    body waits for the client's acknowledgement of the headers, which a client delays by up to 40 ms on a
+    connection it keeps open: every HTTP answer after a connection's first (a feature placement, a 409, a
+    health check) took 44 ms where it takes 1 ms.
+    """
+    from geventwebsocket import handler as ws_handler
+
+    served = ws_handler.WebSocketHandler  # what Flask-SocketIO's ``run`` serves with (its methods name the class:
+    if getattr(served, "no_delay", False):  # it is patched, not subclassed)
+        return
+    accept = served.__init__
+
+    def __init__(self, sock, *args, **kwargs):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        accept(self, sock, *args, **kwargs)
+
+    served.__init__ = __init__
+    served.no_delay = True
 
 
 class Packet(socketio.packet.Packet):
@@ -296,6 +321,7 @@ class RequestHandler:
         """Run the Socket.IO server on ``flask_server:flask_port`` until stopped."""
         if self.cfg.async_mode == "gevent":
             answer_close_frames_late()
+            send_without_delay()
         self.start_background()
         log.info("request handler listening on %s:%s (%s)", self.cfg.flask_server, self.cfg.flask_port,
                  self.cfg.async_mode)

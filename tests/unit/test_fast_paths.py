@@ -2,6 +2,8 @@
 in one pass (the layout pyqlib's stock client and the transfer read), checked requests and cached
 answers remembered by a handler."""
 
+import socket
+
 import fakeredis
 import numpy as np
 import pandas as pd
@@ -15,7 +17,7 @@ from qlib.data.storage.file_storage import FileFeatureStorage
 from qlib_server.config import make_config
 from qlib_server.datagen import generate_dataset
 from qlib_server.errors import RequestError
-from qlib_server.front.handler import Frames, Packet, closes_late, make_parser
+from qlib_server.front.handler import Frames, Packet, closes_late, make_parser, send_without_delay
 from qlib_server.protocol import response, with_id
 from qlib_server.state import keys
 from qlib_server.state.cache import MISS, ResultCache
@@ -143,3 +145,20 @@ BROWSER = {"QUERY_STRING": "EIO=4&transport=websocket&sid=Qx3", "HTTP_USER_AGENT
 def test_only_the_stock_pyqlib_client_has_its_close_frame_answered_late():
     assert closes_late(STOCK_PYQLIB)
     assert not any(closes_late(e) for e in (SYNC_WEBSOCKET, ASYNCIO, ASYNCIO_UPGRADED, BROWSER, {}))
+
+
+def test_every_connection_the_gevent_server_accepts_sends_without_nagles_delay():
+    """gevent's WSGI handler sends a response's headers and body in two writes: with Nagle's algorithm on, each
+    answer after a kept-alive connection's first waited for the client's delayed acknowledgement (44 ms)."""
+    from geventwebsocket.handler import WebSocketHandler
+
+    send_without_delay()
+    send_without_delay()  # once is enough; again changes nothing
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        accepted, address = listener.accept()
+        with client, accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+            handler = WebSocketHandler(accepted, address, None)
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            handler.rfile.close()
