@@ -7,10 +7,11 @@ For each set, ``--repeat`` runs, each with a new server (the machine's timings v
 shows the medians and each run's ratio): local Qlib's ``D.features`` (its default config, reading the data
 directory: the floor, the same rows computed the way a user computes them without a server); the same
 ``D.features`` through ``qlib_server.client`` against an embedded server with no cache yet (what the user waits
-for: the server computes the set with the engine, writes the dataset cache and streams it), and once more (hot);
-the worker's computation alone (the engine with the records written block by block, then the checkpoint, in
-this process). Checks ``df.equals`` between the
-client's frame and local Qlib's, prints a table and writes bench-results/engine.json.
+for: the server computes the set with the engine and writes the dataset cache, which the client, on the
+server's host, maps), and once more (hot); the same request hot from a client that has the rows streamed
+(``delivery="stream"``, as a client on another host gets them); the worker's computation alone (the engine
+with the records written block by block, then the checkpoint, in this process). Checks ``df.equals`` between
+each client's frame and local Qlib's, prints a table and writes bench-results/engine.json.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ INIT = {
     "server": ('from qlib_server.client import client_config\n'
                'qlib.init(**client_config("127.0.0.1", {port}, timeout=1800), provider_uri=tempfile.mkdtemp(), '
                'region="cn", logging_level="ERROR")'),
+    "stream": ('from qlib_server.client import client_config\n'
+               'qlib.init(**client_config("127.0.0.1", {port}, timeout=1800, delivery="stream"), '
+               'provider_uri=tempfile.mkdtemp(), region="cn", logging_level="ERROR")'),
 }
 SCRIPT = """
 import pickle, sys, tempfile, time
@@ -121,25 +125,29 @@ def main(argv=None) -> int:
                 (local_s,), local = timed("local", SETS[name], work, data, port, 1)
                 print(f"{name} (run {run + 1} of {args.repeat}): through the server, cold then hot ...", flush=True)
                 (cold_s, hot_s), served = timed("server", SETS[name], work, data, port, 2)
+                print(f"{name} (run {run + 1} of {args.repeat}): hot, streamed ...", flush=True)
+                (streamed_s,), streamed = timed("stream", SETS[name], work, data, port, 1)
             finally:
                 stop(server)
-            runs.append((local_s, cold_s, hot_s, bool(served.equals(local))))
-        local_s, cold_s, hot_s = (statistics.median(r[k] for r in runs) for k in range(3))
+            runs.append((local_s, cold_s, hot_s, streamed_s, bool(served.equals(local) and streamed.equals(local))))
+        local_s, cold_s, hot_s, streamed_s = (statistics.median(r[k] for r in runs) for k in range(4))
         alone = worker_alone(data, SETS[name])
         rows.append({"set": name, "rows": len(local), "fields": local.shape[1], "local_qlib_s": round(local_s, 2),
                      "server_cold_s": round(cold_s, 2), "server_hot_s": round(hot_s, 2),
-                     "speedup_cold": round(local_s / cold_s, 2), "equal": all(r[3] for r in runs),
+                     "speedup_cold": round(local_s / cold_s, 2), "equal": all(r[4] for r in runs),
+                     "server_hot_streamed_s": round(streamed_s, 2),
                      "speedup_per_run": " ".join(f"{r[0] / r[1]:.1f}" for r in runs),
                      "engine_s": round(alone["engine_s"], 2), "cache_write_s": round(alone["write_s"], 2),
                      "engine_fallbacks": alone["fallbacks"]})
     print(f"\n== feature sets over {args.instruments} instruments x {args.days} days, cold through the server beside "
           "local Qlib (same machine, same data) ==")
-    head = ("set", "rows", "fields", "local Qlib s", "server cold s", "x faster", "each run", "hot s", "equal",
-            "engine+rec s", "checkpoint s", "fallbacks")
+    head = ("set", "rows", "fields", "local Qlib s", "server cold s", "x faster", "each run", "hot s",
+            "hot stream s", "equal", "engine+rec s", "checkpoint s", "fallbacks")
     print("".join(f"{h:>14}" for h in head))
     for r in rows:
         print("".join(f"{r[k]!s:>14}" for k in ("set", "rows", "fields", "local_qlib_s", "server_cold_s",
-                                                 "speedup_cold", "speedup_per_run", "server_hot_s", "equal",
+                                                 "speedup_cold", "speedup_per_run", "server_hot_s",
+                                                 "server_hot_streamed_s", "equal",
                                                  "engine_s", "cache_write_s", "engine_fallbacks")))
     Path("bench-results").mkdir(exist_ok=True)
     Path("bench-results/engine.json").write_text(json.dumps(rows, indent=1))

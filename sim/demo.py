@@ -58,7 +58,8 @@ import qlib
 from qlib.data import D
 from qlib.data.filter import NameDFilter
 from qlib_server.client import client_config
-qlib.init(**client_config("127.0.0.1", {port}), provider_uri=tempfile.mkdtemp(), region="cn", logging_level="ERROR")
+qlib.init(**client_config("127.0.0.1", {port}, delivery={delivery!r}), provider_uri=tempfile.mkdtemp(), region="cn",
+          logging_level="ERROR")
 out = []
 def timed(name, call):
     t = time.perf_counter(); value = call(); out.append((name, time.perf_counter() - t, value))
@@ -179,17 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _wait_ready(url, server)
         print("== 3. real pyqlib clients (ClientProvider with the data mounted, pickled requests as released) beside")
-        print("      qlib_server.client (no data directory), each vs Qlib reading locally")
+        print("      qlib_server.client (no data directory; on this host it maps the server's cache files, and a")
+        print("      second one has the rows streamed as a client on another host does), each vs Qlib reading locally")
         remote = _run_script(CLIENT_SCRIPT.format(data=str(data), port=port))
-        mountless = _run_script(NEW_CLIENT_SCRIPT.format(port=port))
+        mapping = _run_script(NEW_CLIENT_SCRIPT.format(port=port, delivery="auto"))
+        streamed = _run_script(NEW_CLIENT_SCRIPT.format(port=port, delivery="stream"))
         local = _run_script(LOCAL_SCRIPT.format(data=str(data)))
         different = 0
-        print(f"   {'request':<48} {'stock':>10} {'new':>10}  size  identical to local (stock, new)")
-        for (name, seconds, value), (_, new_seconds, new_value), expected in zip(remote, mountless, local):
+        print(f"   {'request':<46} {'stock':>10} {'new':>10} {'streamed':>10}  size  identical to local (each)")
+        for (name, seconds, value), mapped, sent, expected in zip(remote, mapping, streamed, local):
             size = getattr(value, "shape", None) or len(value)
-            same, new_same = _same(value, expected), _same(new_value, expected)
-            different += (not same) + (not new_same)
-            print(f"   {name:<48} {seconds * 1000:7.1f} ms {new_seconds * 1000:7.1f} ms  {size}  {same}, {new_same}")
+            same = [_same(got, expected) for got in (value, mapped[2], sent[2])]
+            different += same.count(False)
+            times = " ".join(f"{t * 1000:7.1f} ms" for t in (seconds, mapped[1], sent[1]))
+            print(f"   {name:<46} {times}  {size}  " + ", ".join(map(str, same)))
         print("   (pyqlib's own Socket.IO client waits ~1 s per request in its wait loop; "
               "the server's part is the rest)")
         print(f"== 4. simulator: {args.clients} fake clients for {args.duration:g}s, "

@@ -19,7 +19,8 @@ _CONNECTION = ("ServerConnection", "RequestTimeout", "AdmissionRefused")
 
 
 def client_config(host: str, port: int = 9710, *, timeout: float = 100.0, auth_token: str | None = None,
-                  retries: int = 3, max_inflight: int = 8, compression: str = "auto", **qlib_options: Any) -> dict:
+                  retries: int = 3, max_inflight: int = 8, compression: str = "auto", delivery: str = "auto",
+                  **qlib_options: Any) -> dict:
     """Keyword arguments for ``qlib.init`` wiring Qlib's providers to the server at ``host:port``.
 
     ``timeout``: seconds one request may take (connecting, computing and transferring included);
@@ -27,13 +28,16 @@ def client_config(host: str, port: int = 9710, *, timeout: float = 100.0, auth_t
     dropped is sent again; ``max_inflight``: concurrent requests of this process (the server's
     ``max_inflight_per_client``); ``compression`` of feature rows: ``lz4``, ``zstd``, ``none`` or ``auto``
     (uncompressed when the server is on this host, where compressing costs time and saves no network;
-    lz4 otherwise). Any other
+    lz4 otherwise); ``delivery`` of feature rows: ``stream`` (over the connection), ``files`` (this process maps
+    the server's cache files, where it can, see :mod:`qlib_server.client.placed`; it streams where it cannot) or
+    ``auto`` (files when the server is on this host, the stream otherwise). Any other
     keyword (``provider_uri``, ``logging_level``, ...) is passed to ``qlib.init`` as it is.
     """
     from .providers import ServerProvider
 
     options = {"host": host, "port": int(port), "timeout": timeout, "auth_token": auth_token, "retries": retries,
-               "max_inflight": max_inflight, "compression": compression}
+               "max_inflight": max_inflight, "compression": compression,
+               "delivery": delivery}
 
     def provider(name: str) -> dict:
         return {"class": name, "module_path": __name__, "kwargs": dict(options)}

@@ -30,9 +30,12 @@ import socketio
 import urllib3
 
 from .frames import datetime_unit, read_frame
+from .placed import read_placed
 
 log = logging.getLogger(__name__)
 REQUEST_TYPES = ("calendar", "instrument", "feature")
+DELIVERIES = ("auto", "files", "stream")
+MEDIA_TYPE = "application/vnd.apache.arrow.stream"
 FIRST_PAUSE, LONGEST_PAUSE = 0.2, 2.0  # seconds between tries of an unreachable or draining server (doubling)
 
 
@@ -80,13 +83,18 @@ class ServerConnection:
     """The connection of this process to the server at ``host:port`` (see the module docstring)."""
 
     def __init__(self, host: str, port: int, timeout: float = 100.0, auth_token: Optional[str] = None,
-                 retries: int = 3, max_inflight: int = 8, compression: str = "auto", connect_timeout: float = 10.0):
+                 retries: int = 3, max_inflight: int = 8, compression: str = "auto", connect_timeout: float = 10.0,
+                 delivery: str = "auto"):
+        if delivery not in DELIVERIES:
+            raise ValueError(f"delivery must be one of {', '.join(DELIVERIES)}, not {delivery!r}")
         self.address = f"{host}:{port}"
         self.url = f"http://{self.address}"
         self.timeout = float(timeout)
         self.auth_token = auth_token
         self.retries = int(retries)
-        self.compression = compression if compression != "auto" else "none" if same_host(host, port) else "lz4"
+        here = same_host(host, port)
+        self.compression = compression if compression != "auto" else "none" if here else "lz4"
+        self.maps_files = delivery == "files" or (delivery == "auto" and here)  # until a mapping fails
         self.connect_timeout = float(connect_timeout)
         self.datetime_unit = datetime_unit()  # of the frames local Qlib builds with this process's pandas
         self._slots = threading.BoundedSemaphore(max_inflight)  # the server's max_inflight_per_client
@@ -202,16 +210,17 @@ class ServerConnection:
         deadline = time.monotonic() + self.timeout
         body = {**body, "stream": True}  # this client streams the cache: the server writes no HDF5 file for it
         payload: dict[str, Any] = {"head": {"version": self._version}, "body": json.dumps(body, default=str)}
-        computed, failures, pause = False, 0, FIRST_PAUSE
+        computed, failures, pause, placed = False, 0, FIRST_PAUSE, self.maps_files
         late = f"no feature data from qlib-server at {self.address} within {self.timeout:g}s"
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RequestTimeout(late)
+            params = {"compression": self.compression, **({"delivery": "files"} if placed else {})}
             try:
-                reply = self._session().post(f"{self.url}/features", json=payload,
-                                             params={"compression": self.compression}, headers=self._headers(),
-                                             stream=True, timeout=(min(self.connect_timeout, left), left))
+                reply = self._session().post(f"{self.url}/features", json=payload, params=params,
+                                             headers=self._headers(), stream=True,
+                                             timeout=(min(self.connect_timeout, left), left))
             except requests.RequestException as exc:  # no answer began: the server is down or restarting
                 if isinstance(exc, requests.ReadTimeout):
                     raise RequestTimeout(late) from None
@@ -221,10 +230,18 @@ class ServerConnection:
                 continue
             try:
                 with reply:
-                    if reply.status_code == 200:
+                    if reply.status_code == 200 and reply.headers.get("Content-Type", "").startswith(MEDIA_TYPE):
                         reply.raw.decode_content = True
                         return read_frame(reply.raw, fields, self.datetime_unit)
                     answer = _json(reply)
+                if reply.status_code == 200 and placed:
+                    try:
+                        return read_placed(answer.get("result") or {}, fields, self.datetime_unit)
+                    except OSError as exc:  # not this host's file, replaced in between, or no permission
+                        log.info("cannot map the dataset cache of %s (%s); streaming it", self.url, exc)
+                        placed = False
+                        self.maps_files = self.maps_files and _replaced(exc)  # else: stream from now on
+                        continue
             except (requests.RequestException, urllib3.exceptions.HTTPError, pa.ArrowInvalid, ConnectionError,
                     OSError) as exc:  # the transfer broke off
                 if isinstance(exc, requests.Timeout) and deadline - time.monotonic() <= 0:
@@ -279,6 +296,12 @@ def same_host(host: str, port: int) -> bool:
             if probe.getsockname()[0] == address[0]:
                 return True
     return False
+
+
+def _replaced(error: OSError) -> bool:
+    """Whether a file the server named is gone from a directory this process sees: the cache was replaced
+    between the answer and the mapping (a file of another host's, or of no permission, is not)."""
+    return isinstance(error, FileNotFoundError) and os.path.isdir(os.path.dirname(str(error.filename or "")))
 
 
 def _json(reply) -> dict:

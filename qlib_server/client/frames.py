@@ -106,13 +106,32 @@ class _Days:
         self.count += int(np.count_nonzero(new))
 
     def level(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.codes is None:  # the distinct days by hashing, then sorted: no sort of every row
-            codes, found = pd.factorize(self.stamps)
-            order = np.argsort(found)
-            rank = np.empty(len(order), dtype=np.int64)
-            rank[order] = np.arange(len(order))
-            return found[order].view(self.dtype), rank[codes]
+        if self.codes is None:
+            return day_level(self.stamps, self.dtype)
         return np.concatenate(self.seen).view(self.dtype), self.codes
+
+
+def day_level(stamps: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct days of ``stamps`` (int64) as ``dtype``, sorted, and each row's position among them: found by
+    hashing, then sorted, with no sort of every row."""
+    codes, found = pd.factorize(stamps)
+    order = np.argsort(found)
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return found[order].view(dtype), rank[codes]
+
+
+def frame_of(names: list[str], counts: np.ndarray, days: tuple[np.ndarray, np.ndarray], arrays: list,
+             fields: list[str], unit: str) -> pd.DataFrame:
+    """The frame of ``arrays`` (``[(cache columns, rows x columns)]``) whose rows are by instrument (``names``,
+    ``counts`` rows each), then day (``days``: the day level and each row's position in it)."""
+    date_level, date_codes = days
+    codes = np.repeat(np.arange(len(names), dtype=np.int32), counts)
+    index = pd.MultiIndex(levels=[pd.Index(names), pd.DatetimeIndex(date_level.astype(f"datetime64[{unit}]"))],
+                          codes=[codes, date_codes], names=["instrument", "datetime"], verify_integrity=False)
+    frames = [pd.DataFrame(array, index=index, columns=columns, copy=False) for columns, array in arrays]
+    frame = frames[0] if len(frames) == 1 else pd.concat(frames, axis=1, copy=False)
+    return _as_fields(frame, fields)
 
 
 def read_frame(source, fields: list[str], unit: str | None = None) -> pd.DataFrame:
@@ -144,14 +163,7 @@ def read_frame(source, fields: list[str], unit: str | None = None) -> pd.DataFra
         received += batch.num_rows
     if received != rows or np.any(places.placed != places.counts):
         raise ConnectionError(f"the feature stream ended after {received} of {rows} rows")
-    date_level, date_codes = days.level()
-    date_level = date_level.astype(f"datetime64[{unit or datetime_unit()}]")
-    codes = np.repeat(np.arange(len(names), dtype=np.int32), places.counts)
-    index = pd.MultiIndex(levels=[pd.Index(names), pd.DatetimeIndex(date_level)], codes=[codes, date_codes],
-                          names=["instrument", "datetime"], verify_integrity=False)
-    frames = [pd.DataFrame(array, index=index, columns=columns, copy=False) for columns, array in arrays]
-    frame = frames[0] if len(frames) == 1 else pd.concat(frames, axis=1, copy=False)
-    return _as_fields(frame, fields)
+    return frame_of(names, places.counts, days.level(), arrays, fields, unit or datetime_unit())
 
 
 def _flat(lists: pa.FixedSizeListArray) -> pa.Array:

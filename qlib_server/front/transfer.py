@@ -19,6 +19,9 @@ belongs in the frame at once); then a ``fixed_size_list`` column of one field fo
 lists of several fields too): each is a slice of the cache's column as the file holds it, sent without a
 copy (the rows of several slices, a date range cut out of each instrument's rows, are gathered), and pyarrow
 compresses the columns of a batch on all cores. The schema metadata ``rows`` says how many rows follow.
+
+With ``?delivery=files`` (a client on the server's host) the answer is instead where those rows lie in the
+cache's files, as JSON (:mod:`qlib_server.front.placement`).
 """
 
 from __future__ import annotations
@@ -43,12 +46,14 @@ from ..errors import RequestError
 from ..state import records
 from ..state.sources import RECORDS, is_current
 from . import guard
+from .placement import placement
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 8 << 20  # a batch (each requested column a slice of it; work per batch is per column): 16 MB was slower
 MEDIA_TYPE = "application/vnd.apache.arrow.stream"
 COMPRESSIONS = ("lz4", "zstd", "none")
+DELIVERIES = ("stream", "files")
 
 
 def dataset_uri(args: dict) -> str:
@@ -310,6 +315,8 @@ def register(handler) -> None:
             raise guard.Refused(400, f"request body must be application/json, not {request.mimetype[:60]!r}")
         if request.args.get("compression", "lz4") not in COMPRESSIONS:
             raise guard.Refused(400, f"compression must be one of {', '.join(COMPRESSIONS)}")
+        if request.args.get("delivery", "stream") not in DELIVERIES:
+            raise guard.Refused(400, f"delivery must be one of {', '.join(DELIVERIES)}")
         if request.content_length is not None and request.content_length > limit:
             raise guard.Refused(413, f"request body of {request.content_length} bytes is over {limit} bytes, "
                                      f"the limit of {what}")
@@ -338,6 +345,12 @@ def register(handler) -> None:
         missing = set(columns) - where.fields
         if missing:  # a cache is keyed by its fields: only a bug gets here
             raise guard.Refused(500, f"the dataset cache has no column {sorted(missing)[0][:60]!r}", 2)
+        if request.args.get("delivery") == "files":  # a client on this host maps the files
+            answer = json.dumps({"result": placement(where, columns, selection), "status": 0, "detailed_info": ""})
+            log.info("feature placement to %s: %d rows x %d fields", peer, selection.rows, len(columns))
+            response = Response(answer, mimetype="application/json")
+            response.call_on_close(free)
+            return response
         started, sent = time.monotonic(), [0]
 
         def body():

@@ -82,6 +82,10 @@ class Segment:
     starts: np.ndarray  # per code
     stops: np.ndarray
     days: np.ndarray
+    file: Optional[Path] = None  # where it is mapped from: what a client on this host maps (``placement``)
+    identity: tuple = ()  # the file's (device, inode, size, mtime in ns) when it was mapped
+    values_at: int = 0  # the byte where its values begin
+    stride: int = 0  # a column's room, in rows
 
     @property
     def counts(self) -> np.ndarray:
@@ -202,8 +206,9 @@ def of_segments(listed: list) -> Records:
 
 def _segment(path: Path, used: int) -> tuple[Segment, dict]:
     """The rows of the first ``used`` days of the segment file at ``path``, and its footer."""
-    size = path.stat().st_size
     with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        size, identity = st.st_size, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         if size < _TAIL:
             raise ValueError(f"{path.name}: not a records file")
         f.seek(size - _TAIL)
@@ -237,7 +242,8 @@ def _segment(path: Path, used: int) -> tuple[Segment, dict]:
         for code in range(codes):
             kept = 0 if last is None else np.searchsorted(datetime[starts[code]:stops[code]], last, "right")
             stops[code] = starts[code] + kept
-    return Segment(datetime, instrument, values, starts[:-1], stops, stamps[:used]), footer
+    return Segment(datetime, instrument, values, starts[:-1], stops, stamps[:used], path, identity, values_at,
+                   stride), footer
 
 
 def segment_path(cache_path: Path) -> Path:

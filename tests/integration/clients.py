@@ -96,15 +96,17 @@ import pickle, sys
 import qlib
 from qlib.data import D
 from qlib_server.client import client_config
-qlib.init(**client_config("127.0.0.1", {port}, timeout=120), provider_uri={provider_uri!r}, region="cn",
-          logging_level="ERROR")
+qlib.init(**client_config("127.0.0.1", {port}, timeout=120, delivery={delivery!r}), provider_uri={provider_uri!r},
+          region="cn", logging_level="ERROR")
 """
 
 
-def run_server_client(script: str, port: int, provider_uri: Path | None, timeout: float = 300.0) -> Any:
+def run_server_client(script: str, port: int, provider_uri: Path | None, timeout: float = 300.0,
+                      delivery: str = "auto") -> Any:
     """Run ``script`` with Qlib wired to the server by :func:`qlib_server.client.client_config` in a
-    subprocess (``provider_uri`` None: left unset); return what it assigns to ``result``."""
-    prelude = SERVER_CLIENT_PRELUDE.format(port=port, provider_uri=str(provider_uri))
+    subprocess (``provider_uri`` None: left unset; ``delivery`` of feature rows: on this host, ``auto`` maps the
+    cache files); return what it assigns to ``result``."""
+    prelude = SERVER_CLIENT_PRELUDE.format(port=port, provider_uri=str(provider_uri), delivery=delivery)
     if provider_uri is None:
         prelude = prelude.replace("provider_uri='None', ", "")
     code = prelude + textwrap.dedent(script) + "\nsys.stdout.buffer.write(b'RESULT:' + pickle.dumps(result))\n"

@@ -110,6 +110,7 @@ def test_second_run_is_served_from_the_dataset_cache_with_the_same_answers(serve
     run_server_client(QUERIES, server.port, empty)
     published = server.metric("qlib_server_tasks_published_total", type="feature")
     assert_same(run_server_client(QUERIES, server.port, None), local)  # provider_uri left unset
+    assert_same(run_server_client(QUERIES, server.port, None, delivery="stream"), local)  # the rows streamed
     assert server.metric("qlib_server_tasks_published_total", type="feature") == published  # nothing computed again
 
 
@@ -118,7 +119,8 @@ def test_alpha158_over_a_market_equals_local_qlib(server, dataset, tmp_path):
     assert expected["alpha158"].shape[1] == 158 and len(expected["alpha158"]) > 1000
     empty = tmp_path / "no-data"
     empty.mkdir()
-    assert_same(run_server_client(ALPHA158, server.port, empty), expected)
+    assert_same(run_server_client(ALPHA158, server.port, empty), expected)  # the cache's files mapped
+    assert_same(run_server_client(ALPHA158, server.port, empty, delivery="stream"), expected)
 
 
 ALPHA360 = f"""
@@ -189,6 +191,71 @@ def test_concurrent_requests_share_one_connection_and_each_gets_its_answer(serve
         t.join(120)
     assert [answers[m] for m in range(1, 9)] == expected and len({str(a) for a in expected}) == 8
     assert server.metric("qlib_server_connected_clients") == 1
+
+
+class Mappings(list):
+    """The files this process's client mapped; :meth:`fail` makes the next mapping raise as the OS would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures: list[OSError] = []
+
+    def fail(self, error: OSError) -> None:
+        self.failures.append(error)
+
+
+@pytest.fixture
+def mappings(monkeypatch) -> Mappings:
+    from qlib_server.client import placed
+
+    mapped, real = Mappings(), placed._mapped
+
+    def mapping(path, identity):
+        if mapped.failures:
+            raise mapped.failures.pop(0)
+        mapped.append(path)
+        return real(path, identity)
+
+    monkeypatch.setattr(placed, "_mapped", mapping)
+    return mapped
+
+
+def test_a_client_on_the_servers_host_maps_the_cache_files_and_gets_local_qlibs_frame(server, qlib_client, local,
+                                                                                      mappings):
+    from qlib.data import D
+
+    qlib_client(server.port)
+    assert_same_frame(D.features(D.instruments("csi300"), FIELDS, START, END), local["features_market"])
+    assert len(mappings) == 1 and ".records." in mappings[0]
+    assert_same_frame(D.features(CODES, FIELDS, START, END, disk_cache=1), local["features_codes_1"])
+    assert len(mappings) == 2
+
+
+def test_a_client_that_cannot_map_the_files_streams_the_rows_and_stops_asking_for_files(server, qlib_client, local,
+                                                                                         mappings):
+    from qlib.data import D
+
+    from qlib_server.client import connection
+
+    qlib_client(server.port)
+    mappings.fail(PermissionError(13, "Permission denied"))  # e.g. a cache directory of another user's
+    assert_same_frame(D.features(D.instruments("csi300"), FIELDS, START, END), local["features_market"])
+    assert_same_frame(D.features(CODES, FIELDS, START, END, disk_cache=1), local["features_codes_1"])
+    assert mappings == [] and [c.maps_files for c in connection._connections.values()] == [False]
+
+
+def test_a_cache_replaced_before_the_client_maps_it_is_streamed_that_once(server, qlib_client, local, mappings,
+                                                                         tmp_path):
+    from qlib.data import D
+
+    from qlib_server.client import connection
+
+    qlib_client(server.port)
+    mappings.fail(FileNotFoundError(2, "No such file or directory", str(tmp_path / "abc.records.0123456789ab")))
+    assert_same_frame(D.features(D.instruments("csi300"), FIELDS, START, END), local["features_market"])
+    assert mappings == [] and [c.maps_files for c in connection._connections.values()] == [True]
+    assert_same_frame(D.features(CODES, FIELDS, START, END, disk_cache=1), local["features_codes_1"])
+    assert len(mappings) == 1
 
 
 def test_a_server_restart_during_a_session_is_survived(start_server, qlib_client):
