@@ -254,6 +254,8 @@ def _cut(series: Series, offset: int, start: int, end: int) -> tuple[np.ndarray,
     data = series.data
     if data.dtype.kind not in "fiub":
         raise Unsupported(f"a field of {data.dtype} values")
+    if data.dtype == np.float16:  # NumPy's ``Log`` of a boolean field; float32 holds it exactly (numba has no
+        data = data.astype(np.float32)  # float16)
     first, stop = start - offset, min(end + 1 - offset, data.shape[1])  # the series' columns on [start, end]
     return rows.cut(data, first, stop, series.lo, series.hi, end - start + 1)
 

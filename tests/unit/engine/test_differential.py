@@ -100,7 +100,8 @@ def per_operator():
     cases += ["Rolling($neg, 0, 'rank')", "Mean($close, 0.5)", "Std($close, 0.3)", "EMA($close, 0.2)"]
     cases += ["Ref($close, 1)", "Ref($close, 0)", "Ref($close, -3)", "Ref($neg, 2)", "Ref($neg, 400)"]
     cases += ["Delta($close, 1)", "Delta($close, 0)", "Delta($neg, 5)", "Delta($close, -2)"]
-    cases += ["Abs($neg)", "Sign($neg)", "Log($volume)", "Log($neg)", "Power($close, 2)", "Power($neg, 0.5)",
+    cases += ["Abs($neg)", "Sign($neg)", "Log($volume)", "Log($neg)", "Log($close > $open)", "Power($close, 2)",
+              "Power($neg, 0.5)",
               "Power($close, $neg)", "$close + $neg", "$close - 1", "1 - $close", "$close * $neg", "$close / $neg",
               "$neg / 0", "Greater($close, $neg)", "Less($neg, 0)", "$close > $open", "$neg >= 0", "$neg < 0.5",
               "$close <= $open", "$neg == 0", "And($close > $open, $high > $vwap)",
