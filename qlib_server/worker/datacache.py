@@ -259,18 +259,19 @@ def write_records(cache_path: Path, rows: dataset.CacheRows) -> None:
 
 def record_frames(table: records.Records) -> Iterator[pd.DataFrame]:
     """A records file as the pieces of consecutive whole days that :func:`write_table` writes (rows by day, then
-    instrument)."""
+    instrument; the columns sorted, as Qlib's cache holds them, whatever order the records hold them in)."""
     codes = np.array(table.codes, dtype=object)
+    fields = np.argsort(np.array(table.columns, dtype=object), kind="stable")
     width = max([len(c) for c in table.codes] + [1])
     target = max(1, min(dataset.CHUNK_ROWS, dataset.CHUNK_BYTES // (4 * max(1, len(table.columns)))))
     step = max(1, target * len(table.days) // max(1, len(table)))  # days of about ``target`` rows
     for first in range(0, len(table.days), step):
         datetime, instrument, values = table.take(table.days[first], table.days[min(first + step, len(table.days)) - 1])
         order = np.argsort(datetime, kind="stable")  # by day; each day's rows stay by instrument
-        datetime, instrument, values = datetime[order], instrument[order], values.T[:, order].T
+        datetime, instrument, values = datetime[order], instrument[order], values.T[np.ix_(fields, order)].T
         index = pd.MultiIndex.from_arrays([pd.DatetimeIndex(datetime), codes[instrument]],
                                           names=["datetime", "instrument"])
-        piece = pd.DataFrame(values, index=index, columns=list(table.columns), copy=False)
+        piece = pd.DataFrame(values, index=index, columns=[table.columns[k] for k in fields], copy=False)
         piece.attrs[dataset.CODE_WIDTH] = width
         yield piece
 
@@ -287,7 +288,7 @@ def add_hdf5(cache_path: Path, instruments, freq: str) -> None:
     H.clear()
     last_update = str(Cal.calendar(freq=freq)[-1])
     if not write_table(cache_path, record_frames(table), instruments, freq, last_update):
-        write_empty(cache_path, instruments, table.columns, freq, last_update)
+        write_empty(cache_path, instruments, sorted(table.columns), freq, last_update)
     write_sources(cache_path, record["files"], (RECORDS, HDF5))
 
 

@@ -67,8 +67,9 @@ class Computed:
     def date_parts(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The rows in the order of Qlib's dataset cache (by day, then instrument), in parts of consecutive days
         of about :data:`CHUNK_BYTES` (at most :data:`CHUNK_ROWS` rows): each part's days (datetime64),
-        instruments (positions in ``codes``) and ``values[field, row]``."""
+        instruments (positions in ``codes``) and ``values[field, row]``, the fields sorted (Qlib's layout)."""
         per_day = self.rows.sum(axis=0)
+        fields = sorted(range(len(self.names)), key=self.names.__getitem__)
         target = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (4 * max(1, len(self.names)))))
         first = 0
         while first < len(per_day):
@@ -78,8 +79,8 @@ class Computed:
                 width = last - first
                 taken = which * width + day  # positions in each field's (instruments, days) piece
                 data = np.empty((len(self.names), len(day)), dtype=np.float32)
-                for k in range(len(self.names)):
-                    np.take(np.ascontiguousarray(self.held[k, :, first:last]).reshape(-1), taken, out=data[k])
+                for j, k in enumerate(fields):
+                    np.take(np.ascontiguousarray(self.held[k, :, first:last]).reshape(-1), taken, out=data[j])
                 yield self.times[day + first + self.start], which, data
             first = last
 
@@ -113,7 +114,7 @@ class Computed:
         for datetimes, which, data in self.date_parts():
             index = pd.MultiIndex.from_arrays([pd.DatetimeIndex(datetimes), codes[which]],
                                               names=["datetime", "instrument"])
-            piece = pd.DataFrame(data.T, index=index, columns=list(self.names), copy=False)
+            piece = pd.DataFrame(data.T, index=index, columns=sorted(self.names), copy=False)
             piece.attrs[CODE_WIDTH] = width
             yield piece
 
@@ -123,7 +124,7 @@ class CacheRows:
     """A feature set to write as a dataset cache, in its two forms: ``parts()`` for the records file
     (:meth:`Computed.instrument_parts`) and ``frames()`` for Qlib's HDF5 file (:meth:`Computed.by_date`)."""
 
-    columns: list  # the cache's columns: each field once, spaces removed, sorted (Qlib's)
+    columns: list  # the cache's columns: each field once, spaces removed (in the order of the request computing it)
     codes: list  # sorted
     unit: str  # of the days
     rows: int
@@ -174,7 +175,7 @@ def compute(provider, instruments, fields, start_time, end_time, freq: str, inst
     mapped while it lives), so a worker's memory stays bounded whatever the market's size. With ``segment``, the
     rows are not held: each block's are written to that records file as it comes (``written``)."""
     from qlib.data.data import Cal, ExpressionD, LocalExpressionProvider
-    from qlib.utils import normalize_cache_fields
+    from qlib.utils import remove_fields_space
 
     from ..engine import features
     from ..engine.checkpoint import Checkpoint
@@ -187,7 +188,8 @@ def compute(provider, instruments, fields, start_time, end_time, freq: str, inst
             or not provider.align_time or len(window) == 0:
         return None
     instruments_d = provider.get_instruments_d(instruments, freq)
-    names = normalize_cache_fields(provider.get_column_names(fields))
+    names = list(dict.fromkeys(remove_fields_space(provider.get_column_names(fields))))  # in the request's order:
+    # what a client of this order maps as it is (a client of another order reads the columns by name)
     spans_of = instruments_d if isinstance(instruments_d, dict) else dict.fromkeys(instruments_d)
     codes = sorted(spans_of)
     times = pd.DatetimeIndex(Cal.calendar(freq=freq)).to_numpy()  # the unit pandas infers, as for Qlib's frames

@@ -128,7 +128,8 @@ def _extend(cache_path: Path, instruments, fields, freq: str, change: changes.Ch
     spans_of = DatasetD._provider.get_instruments_d(instruments, freq)
     spans_of = spans_of if isinstance(spans_of, dict) else dict.fromkeys(spans_of)
     codes = [code for block in saved.blocks for code in block.instruments]
-    if codes != sorted(spans_of) or codes != table.codes or len(times) != change.new_length:
+    if codes != sorted(spans_of) or codes != table.codes or len(times) != change.new_length \
+            or list(saved.names) != list(table.columns):  # the new rows' columns are the checkpoint's
         return False
     try:
         blocks = list(features.of_qlib_extend(saved, freq, contents))

@@ -117,3 +117,19 @@ def test_a_refresh_leaves_telling_a_rewrite_apart_to_the_extension_of_a_cache_us
     counts = datacache.drop_stale(data / "dataset_cache", fakeredis.FakeRedis(), frozenset({"lately"}))
     assert counts["to_extend"] == [lately] and counts["dropped"] == 1 and not records.path_of(other).exists()
     assert not extend(lately)  # the rewrite found: computed again, not extended
+
+
+def test_a_cache_holds_its_columns_in_the_computing_requests_order_and_is_extended_only_in_that_order(data):
+    """The engine writes the records' columns in the order of the request that computed the cache (a client of
+    that order maps them as they are); an extension writes its rows in the checkpoint's order, so a checkpoint
+    of another order than the records' is not extended from but computed again."""
+    from dataclasses import replace
+
+    from qlib_server.engine.checkpoint import Checkpoint
+
+    path = compute(data, "c")
+    assert records.read(path).columns == [f.replace(" ", "") for f in FIELDS]
+    saved = Checkpoint.load(extension.checkpoint_path(path))
+    extension.save_checkpoint(path, replace(saved, names=sorted(saved.names)))
+    append_days(data, 1)
+    assert not extend(path) and not is_current(path, form=RECORDS)
