@@ -365,6 +365,7 @@ def test_bodies_that_cannot_be_decoded_get_400_with_a_json_answer(server):
     broken.refused(400, "could not be read")
     assert broken.closed
     exchange(server.port, head("POST", "/features?compression=gzip", AUTH, length=2) + b"{}").refused(400, "lz4")
+    exchange(server.port, head("POST", "/features?delivery=mmap", AUTH, length=2) + b"{}").refused(400, "files")
     assert_served(server)
 
 
