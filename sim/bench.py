@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -181,6 +183,7 @@ def run_all(args) -> dict:
     seconds = 3.0 if quick else args.seconds
     latency_n = 100 if quick else 500
     work = Path(tempfile.mkdtemp(prefix="qlib-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # its data and caches (GBs) go when it ends
     data = generate_dataset(work / "data", instruments=args.instruments, days=DAYS)
     results: dict = {"machine": {"cores": os.cpu_count(), "instruments": args.instruments, "days": DAYS,
                                  "load_avg_at_start": os.getloadavg()[0]},

@@ -11,7 +11,9 @@ and Redis at 127.0.0.1 (``--amqp-host``/``--redis-host``).
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -104,6 +106,7 @@ def client_run(kind: str, port: int, data: Path, work: Path, parts: tuple, n: in
 
 def run(args, start_server, stop) -> int:
     work = Path(tempfile.mkdtemp(prefix="qlib-bench-client-"))
+    atexit.register(shutil.rmtree, work, True)  # its data and caches (GBs) go when it ends
     instruments, days = (60, 500) if args.quick else (args.instruments, args.days)
     print(f"generating {instruments} instruments x {days} days ...", flush=True)
     data = generate_dataset(work / "data", instruments=instruments, days=days, markets={"csi300": min(instruments,

@@ -17,7 +17,9 @@ each client's frame and local Qlib's, prints a table and writes bench-results/en
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,6 +96,7 @@ datacache.write_records(path, rows)
 extension.save_checkpoint(path, rows.checkpoint)
 write = time.perf_counter() - t
 print(json.dumps({{"engine_s": engine, "write_s": write, "fallbacks": sum(features.FALLBACKS.values())}}))
+import shutil; shutil.rmtree(path.parent)
 """
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -107,6 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per set (medians shown; a new server each run)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    atexit.register(shutil.rmtree, work, True)  # its data and caches (GBs) go when it ends
     data = generate_dataset(work / "data", instruments=args.instruments, days=args.days, start="2012-01-04",
                             markets={"csi300": args.instruments})
     rows = []

@@ -12,8 +12,10 @@ the first took), and checks the two frames are equal.
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -55,6 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=4)
     args = parser.parse_args(argv)
     path = Path(tempfile.mkdtemp(prefix="bench-frames-")) / "c"
+    atexit.register(shutil.rmtree, path.parent, True)  # its data and caches (GBs) go when it ends
     codes = [f"SH{600000 + i}" for i in range(args.instruments)]
     columns = [f"F{k:03d}" for k in range(args.fields)]
     days = np.arange(np.datetime64("2012-01-04", "us"), np.datetime64("2012-01-04", "us") + args.days * 86400 * 10**6,

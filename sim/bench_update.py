@@ -20,8 +20,10 @@ Prints a table and writes bench-results/update.json.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,6 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--days", type=int, default=2500)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-update-"))
+    atexit.register(shutil.rmtree, work, True)  # its data and caches (GBs) go when it ends
     markets = {"csi300": args.instruments}
     # 1. the worker's part
     alone = generate_dataset(work / "alone", instruments=args.instruments, days=args.days, start="2012-01-04",
