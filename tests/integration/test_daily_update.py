@@ -215,7 +215,8 @@ def test_clients_reading_while_a_cache_is_extended_get_the_old_or_the_new_frame_
     run_server_client(SCRIPT, server.port, None)
     with ThreadPoolExecutor(1) as pool:
         reading = pool.submit(run_server_client, READER, server.port, None)
-        wait_until(lambda: server.log().count("feature transfer to") >= 3, 60, what="the reader reading")
+        wait_until(lambda: sum(server.log().count(f"feature {how} to") for how in ("transfer", "placement")) >= 3, 60,
+                   what="the reader reading")  # the files mapped (on this host) or streamed
         append_days(data, 1)
         wait_until(lambda: extended(data, 2), 120, what="the cache extended by the refresh")
         seen = reading.result()
