@@ -10,13 +10,15 @@ cannot (another host that has no such file, a cache replaced in between, no perm
 stream instead.
 
 The answer (its ``result``): ``rows``; ``instruments``, ``[code, rows]`` by code, as the stream's schema;
-``unit`` of the ``datetime`` section; ``files``, each ``{"path", "identity", "values", "stride"}`` (the byte
-where its values begin, a column's room in rows); ``columns``, the position of each requested column (named
+``unit`` of the ``datetime`` section; ``files``, each segment file the pieces read, as
+``{"path", "identity", "values", "stride"}`` (its absolute path, the byte where its values begin, a column's
+room in rows); ``columns``, the position of each requested column (named
 in ``names``) in a row's values; ``pieces``, ``[file, first, last]``: rows of a file, in the frame's order.
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,14 +27,14 @@ if TYPE_CHECKING:
 
 def placement(where: Layout, columns: list[str], selection: Selection) -> dict:
     """The placement of the ``selection``'s rows and ``columns`` in the cache's files (see the module)."""
-    segments = where.records.segments
-    number = {id(segment): i for i, segment in enumerate(segments)}
+    used = list({id(segment): segment for segment, _, _ in selection.pieces}.values())
+    number = {id(segment): i for i, segment in enumerate(used)}
     return {
         "rows": selection.rows,
         "instruments": [[code, int(n)] for code, n in zip(where.records.codes, selection.counts.tolist()) if n],
         "unit": where.records.unit,
-        "files": [{"path": str(s.file), "identity": list(s.identity), "values": s.values_at, "stride": s.stride}
-                  for s in segments],
+        "files": [{"path": os.path.abspath(s.file), "identity": list(s.identity), "values": s.values_at,
+                   "stride": s.stride} for s in used],
         "names": columns,
         "columns": [where.position[column] for column in columns],
         "pieces": [[number[id(segment)], first, last] for segment, first, last in selection.pieces],

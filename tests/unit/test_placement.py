@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -108,6 +109,20 @@ def test_a_file_replaced_or_gone_is_not_read(tmp_path):
     os.unlink(file["path"])
     with pytest.raises(FileNotFoundError):
         read_placed(placed_answer(path, FIELDS), FIELDS, "us")
+
+
+def test_a_placement_names_by_absolute_path_only_the_files_its_rows_lie_in(tmp_path, monkeypatch):
+    """A client in another directory than the server's (a relative ``provider_uri``) still finds the files;
+    a window in the last of three segments names that one file, not the two it does not read."""
+    monkeypatch.chdir(tmp_path)
+    write_cache(tmp_path / "abc", segments=3)
+    whole = placed_answer(Path("abc"), FIELDS)
+    assert len(whole["files"]) == 3 and all(os.path.isabs(f["path"]) for f in whole["files"])
+    last_days = placed_answer(Path("abc"), FIELDS, "2019-02-20", None)
+    assert [f["path"] for f in last_days["files"]] == [whole["files"][2]["path"]]
+    monkeypatch.chdir("/")
+    expected = DiskDatasetCache.read_data_from_cache(tmp_path / "abc", "2019-02-20", None, FIELDS)
+    assert read_placed(last_days, FIELDS, "us").equals(expected)
 
 
 @pytest.mark.parametrize("damage", [
