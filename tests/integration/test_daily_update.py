@@ -1,5 +1,6 @@
 """The daily update: trading days appended to the data under a running server. Its dataset caches are extended
-by the new days (a new segment of records, nothing recomputed), in the background before anyone asks, and
+by the new days (only the rows they change computed; a refresh writes them with the rows kept as one segment, a
+request as a segment of their own), in the background before anyone asks, and
 every client then gets what local Qlib computes on the new data; any other change is computed again.
 
 Each test changes its own copy of the session dataset; the server runs on its defaults (RabbitMQ, Redis)."""
@@ -45,11 +46,12 @@ def data(dataset, tmp_path) -> Path:
 
 
 def caches(root: Path) -> dict:
-    """Each dataset cache's records: how many segments it has (1: computed in full; more: extended)."""
+    """Each dataset cache's records: the names of its segment files (one: computed in full, or extended by a
+    refresh, which writes it as one; more: extended by a request). A computation writes new files."""
     found = {}
     for manifest in (root / "dataset_cache").glob("*.records"):
         try:
-            found[manifest.stem] = len(records.read(manifest.with_suffix("")).segments)
+            found[manifest.stem] = records.read(manifest.with_suffix("")).files
         except (OSError, ValueError):
             continue
     return found
@@ -66,7 +68,12 @@ def refresh(server) -> dict:
 
 
 def extended(root: Path, segments: int) -> bool:
-    return list(caches(root).values()) == [segments]
+    return [len(files) for files in caches(root).values()] == [segments]
+
+
+def extensions(server) -> int:
+    """How many times the server's processors extended a dataset cache, as its log says."""
+    return len(re.findall(r"dataset cache \w+ extended:", server.log()))
 
 
 @pytest.mark.parametrize("days", [1, 5], ids=["one day", "five days"])
@@ -75,15 +82,18 @@ def test_appended_days_extend_the_cache_before_anyone_asks_and_clients_get_qlibs
     server = start_server(provider_uri=str(data))
     before = run_server_client(SCRIPT, server.port, None)
     assert_same(before, local_qlib(SCRIPT, data))
+    computed = caches(data)
     assert extended(data, 1)
     append_days(data, days)
-    wait_until(lambda: extended(data, 2), 120, what="the cache extended by the refresh")
+    wait_until(lambda: extensions(server) == 1, 120, what="the cache extended by the refresh")
     wait_until(lambda: refresh(server).get("state") == "done", 60, what="the refresh done on the status page")
     assert {k: refresh(server)[k] for k in ("total", "extended", "failed")} == {"total": 1, "extended": 1, "failed": 0}
+    written = caches(data)
+    assert extended(data, 1) and written != computed  # written again as one segment, for clients that map it
     after, local = run_server_client(SCRIPT, server.port, None), local_qlib(SCRIPT, data)
     assert len(after) > len(before)
     assert_same(after, local)
-    assert extended(data, 2)  # served as extended: not computed again
+    assert caches(data) == written  # served as extended: not computed again
     stock = run_pyqlib(SCRIPT, server.port, data)  # Qlib's HDF5 form, made from the extended records
     assert_same(stock, local)
 
@@ -193,9 +203,9 @@ def test_with_two_data_processors_each_cache_is_extended_once(start_server, data
     append_days(data, 1)
     for processor in (server, other):  # both notice the change and refresh
         wait_until(lambda p=processor: p.log().count("data refreshed") >= 2, 120, what="a processor's refresh")
-    extensions = [int(n) for p in (server, other) for n in re.findall(r"extended (\d+) dataset caches", p.log())]
-    assert sum(extensions) == 1, extensions  # one of them extended it; the other found it current
-    assert extended(data, 2)  # one new segment: extended once
+    refreshed = [int(n) for p in (server, other) for n in re.findall(r"extended (\d+) dataset caches", p.log())]
+    assert sum(refreshed) == 1, refreshed  # one of them extended it; the other found it current
+    assert extensions(server) + extensions(other) == 1
     assert_same(run_server_client(SCRIPT, server.port, None), local_qlib(SCRIPT, data))
 
 
@@ -218,7 +228,7 @@ def test_clients_reading_while_a_cache_is_extended_get_the_old_or_the_new_frame_
         wait_until(lambda: sum(server.log().count(f"feature {how} to") for how in ("transfer", "placement")) >= 3, 60,
                    what="the reader reading")  # the files mapped (on this host) or streamed
         append_days(data, 1)
-        wait_until(lambda: extended(data, 2), 120, what="the cache extended by the refresh")
+        wait_until(lambda: extensions(server) == 1, 120, what="the cache extended by the refresh")
         seen = reading.result()
     new = local_qlib(SCRIPT, data)
     digest = {name: hashlib.sha256(frame.to_numpy().tobytes() + repr(frame.index.tolist()).encode()).hexdigest()

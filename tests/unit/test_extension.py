@@ -91,6 +91,18 @@ def test_a_cache_extended_more_times_than_its_segments_allow_is_written_again_as
     assert_same_records(path, compute(data, "full"))
 
 
+def test_a_refresh_writes_an_extended_cache_as_one_segment_equal_to_a_full_computation(data):
+    """A refresh extends in the background: it copies the rows kept once more, so that a client on the host
+    maps the extended cache whole as a view of one file, as it did before the update."""
+    path = compute(data, "c")
+    for n in range(2):
+        append_days(data, 1 + n, seed=30 + n)
+        assert extension.extend_cache(path)
+        assert is_current(path, form=RECORDS) and len(records.read(path).segments) == 1
+        assert sorted(p.name for p in records.segment_files(path)) == records.read(path).files  # no file left over
+    assert_same_records(path, compute(data, "full"))
+
+
 def test_a_checkpoint_newer_than_the_record_of_the_sources_is_computed_again(data):
     """A worker killed after it saved the new checkpoint and manifest, before it wrote the new record: the
     cache is neither served (its record does not match the data) nor extended again from the wrong state."""
