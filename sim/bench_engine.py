@@ -147,9 +147,9 @@ def main(argv=None) -> int:
           "local Qlib (same machine, same data) ==")
     head = ("set", "rows", "fields", "local Qlib s", "server cold s", "x faster", "each run", "hot s",
             "hot stream s", "equal", "engine+rec s", "checkpoint s", "fallbacks")
-    print("".join(f"{h:>14}" for h in head))
+    print("".join(f" {h:>15}" for h in head))
     for r in rows:
-        print("".join(f"{r[k]!s:>14}" for k in ("set", "rows", "fields", "local_qlib_s", "server_cold_s",
+        print("".join(f" {r[k]!s:>15}" for k in ("set", "rows", "fields", "local_qlib_s", "server_cold_s",
                                                  "speedup_cold", "speedup_per_run", "server_hot_s",
                                                  "server_hot_streamed_s", "equal",
                                                  "engine_s", "cache_write_s", "engine_fallbacks")))
