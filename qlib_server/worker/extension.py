@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT = ".checkpoint"
 #: a cache extended this many times is written again as one segment (its rows copied once)
 MAX_SEGMENTS = 16
+#: a cache written again as one segment is copied in parts of about this many values (64 MB), so that a refresh
+#: holds as little of a large market's cache as a computation does
+PART_VALUES = 1 << 24
 
 
 def checkpoint_path(cache_path: Path) -> Path:
@@ -188,12 +191,20 @@ def _segments(cache_path: Path, table: records.Records, keep: int, tail: dataset
     return [_write(cache_path, table, len(merged), _parts(merged))]  # (the new segment alone is then unlisted)
 
 
-def _parts(table: records.Records, pieces: int = 256):
-    """All the rows of ``table``, by instrument then day, in parts as :meth:`records.Writer.add` takes them."""
+def _parts(table: records.Records):
+    """All the rows of ``table``, by instrument then day, in parts as :meth:`records.Writer.add` takes them, each
+    of about :data:`PART_VALUES` values at most (or one instrument's rows of a segment), whatever the size."""
     listed = table.select().pieces
-    for first in range(0, len(listed), pieces):
-        datetime, instrument, values = records.take(listed[first:first + pieces], table.unit, len(table.columns))
+    most = max(1, PART_VALUES // max(1, len(table.columns)))
+    first = 0
+    while first < len(listed):
+        last, rows = first + 1, listed[first][2] - listed[first][1]
+        while last < len(listed) and rows + listed[last][2] - listed[last][1] <= most:
+            rows += listed[last][2] - listed[last][1]
+            last += 1
+        datetime, instrument, values = records.take(listed[first:last], table.unit, len(table.columns))
         yield datetime, instrument, values.T
+        first = last
 
 
 def _write(cache_path: Path, table: records.Records, rows: int, parts) -> tuple[Path, int]:

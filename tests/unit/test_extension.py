@@ -91,9 +91,12 @@ def test_a_cache_extended_more_times_than_its_segments_allow_is_written_again_as
     assert_same_records(path, compute(data, "full"))
 
 
-def test_a_refresh_writes_an_extended_cache_as_one_segment_equal_to_a_full_computation(data):
-    """A refresh extends in the background: it copies the rows kept once more, so that a client on the host
-    maps the extended cache whole as a view of one file, as it did before the update."""
+@pytest.mark.parametrize("part_values", [extension.PART_VALUES, 5000], ids=["parts of 64 MB", "parts of 20 kB"])
+def test_a_refresh_writes_an_extended_cache_as_one_segment_equal_to_a_full_computation(data, monkeypatch,
+                                                                                       part_values):
+    """A refresh extends in the background: it copies the rows kept once more (in parts of a bounded size), so
+    that a client on the host maps the extended cache whole as a view of one file, as before the update."""
+    monkeypatch.setattr(extension, "PART_VALUES", part_values)
     path = compute(data, "c")
     for n in range(2):
         append_days(data, 1 + n, seed=30 + n)
