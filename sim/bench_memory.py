@@ -5,7 +5,9 @@
 Generates the data, then, in a fresh process, runs what a feature worker runs for a request of
 ``qlib_server.client`` (``datacache.compute_cache``: the engine by blocks, each block's rows written to the
 records as it is computed, the checkpoint; with ``--hdf5`` Qlib's HDF5 form too, as for a stock client: the
-values are then held whole, in an unlinked scratch file when over 1 GB) while a thread samples the process's
+values are then held whole, in an unlinked scratch file when over 1 GB), then one day appended and the cache
+extended as a request does (a new segment), then another and the cache extended as a refresh does (then
+written again as one segment), each while a thread samples the process's
 anonymous memory (``RssAnon``: what the process itself holds; pages of mapped files are the kernel's to drop).
 Prints the rows, the time and the peak anonymous memory above the process's idle (Qlib imported and
 initialised, kernels loaded), and writes bench-results/memory.json.
@@ -41,20 +43,44 @@ def anon():
     for line in open("/proc/self/status"):
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024
-peak, idle, done = [0], anon(), threading.Event()
-def sample():
-    while not done.wait(0.05):
-        peak[0] = max(peak[0], anon())
-threading.Thread(target=sample, daemon=True).start()
+def measured(call):  # run call while a thread samples the anonymous memory: its seconds and the peak
+    peak, done = [anon()], threading.Event()
+    def sample():
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], anon())
+    threading.Thread(target=sample, daemon=True).start()
+    t = time.perf_counter()
+    call()
+    seconds = time.perf_counter() - t
+    done.set()
+    return seconds, max(peak[0], anon())
+idle = anon()
 (root / "dataset_cache").mkdir(exist_ok=True)
-t = time.perf_counter()
-datacache.compute_cache(root / "dataset_cache" / "c", DatasetD._provider, {"market": "csi300", "filter_pipe": []},
-                        Alpha158DL.get_feature_config()[0], "day", hdf5=sys.argv[2] == "1")
-seconds = time.perf_counter() - t
-done.set()
-peak[0] = max(peak[0], anon())
-print(json.dumps({"rows": len(records.read(root / "dataset_cache" / "c")), "seconds": seconds,
-                  "idle_mb": idle / 2**20, "peak_mb": peak[0] / 2**20, "above_idle_mb": (peak[0] - idle) / 2**20}))
+cache = root / "dataset_cache" / "c"
+seconds, peak = measured(lambda: datacache.compute_cache(cache, DatasetD._provider,
+                                                         {"market": "csi300", "filter_pipe": []},
+                                                         Alpha158DL.get_feature_config()[0], "day",
+                                                         hdf5=sys.argv[2] == "1"))
+rows = len(records.read(cache))
+# the daily update, as a refresh runs it: one day appended, the cache extended and written again as one segment
+from qlib.data.cache import H
+from qlib_server.datagen_updates import append_days
+from qlib_server.worker import extension
+request = extension.read_digests(cache, "request")
+append_days(root, 1, seed=7)
+H.clear()
+extend_seconds, extend_peak = measured(lambda: extension.try_extend(cache, request["instruments"],
+                                                                    request["fields"], "day"))
+assert len(records.read(cache).segments) == 2, "not extended"
+append_days(root, 1, seed=8)
+H.clear()
+refresh_seconds, refresh_peak = measured(lambda: extension.extend_cache(cache) and extension.compact(cache))
+assert len(records.read(cache).segments) == 1, "not extended as one"
+print(json.dumps({"rows": rows, "seconds": seconds, "idle_mb": idle / 2**20, "peak_mb": peak / 2**20,
+                  "above_idle_mb": (peak - idle) / 2**20, "extend_seconds": extend_seconds,
+                  "extend_peak_mb": extend_peak / 2**20, "extend_above_idle_mb": (extend_peak - idle) / 2**20,
+                  "refresh_seconds": refresh_seconds, "refresh_peak_mb": refresh_peak / 2**20,
+                  "refresh_above_idle_mb": (refresh_peak - idle) / 2**20}))
 """
 
 
@@ -80,6 +106,11 @@ def main(argv=None) -> int:
           f"({row['rows']:,} rows){' with the HDF5 form' if args.hdf5 else ''} ==")
     print(f"  computed and written in {row['seconds']:.1f} s; anonymous memory: idle {row['idle_mb']:.0f} MB, "
           f"peak {row['peak_mb']:.0f} MB, {row['above_idle_mb']:.0f} MB above idle")
+    print(f"  one day appended, extended as a request does (a new segment) in {row['extend_seconds']:.1f} s; "
+          f"peak {row['extend_peak_mb']:.0f} MB, {row['extend_above_idle_mb']:.0f} MB above idle")
+    print(f"  one more day appended, extended as a refresh does (then written again as one segment) in "
+          f"{row['refresh_seconds']:.1f} s; peak {row['refresh_peak_mb']:.0f} MB, "
+          f"{row['refresh_above_idle_mb']:.0f} MB above idle")
     Path("bench-results").mkdir(exist_ok=True)
     Path("bench-results/memory.json").write_text(json.dumps(row, indent=1))
     return 0

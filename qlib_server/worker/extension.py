@@ -7,10 +7,10 @@ the last old days of a field that looks ahead (a label such as ``Ref($close, -2)
 those rows from the checkpoint it saved with the cache (:mod:`qlib_server.engine.incremental`: running window
 states, bit for bit what a full computation gives), and they become a new segment of the cache's records that
 replaces its rows from the first changed day on (:mod:`qlib_server.state.records`): nothing already written is
-copied or changed, and readers see the old cache or the new one. A refresh, in the background, writes the rows
-kept and the new ones as one segment instead, which a client on the server's host maps as a view. Anything
-else (a value rewritten, a factor changed, an instrument listed or delisted, a field added, a market with
-filters, a field the engine leaves to Qlib) is computed again in full by the caller.
+copied or changed, and readers see the old cache or the new one. A refresh, once every cache it extends is
+current, writes each again as one segment in the background (:func:`compact`), which a client on the server's
+host maps as a view. Anything else (a value rewritten, a factor changed, an instrument listed or delisted, a
+field added, a market with filters, a field the engine leaves to Qlib) is computed again in full by the caller.
 
 Crash safety: the new segment, then the new checkpoint, then the records' manifest, then the record of the
 sources are written, each atomically; a cache whose record is older than its checkpoint (a worker killed
@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT = ".checkpoint"
 #: a cache extended this many times is written again as one segment (its rows copied once)
 MAX_SEGMENTS = 16
-#: a cache written again as one segment is copied in parts of about this many values (64 MB), so that a refresh
-#: holds as little of a large market's cache as a computation does
+#: a cache written again as one segment is copied in parts of about this many values (64 MB), so that copying a
+#: large market's cache holds little of it
 PART_VALUES = 1 << 24
 
 
@@ -68,18 +68,27 @@ def extendable(cache_path: Path, classify: bool = True) -> bool:
 
 
 def extend_cache(cache_path: Path) -> bool:
-    """:func:`try_extend` for the request the cache was computed for, as one segment: a refresh's extension, in
-    the background, pays the copy of the rows already written so that a client on the server's host maps the
-    whole cache as a view of one file (see :mod:`qlib_server.client.placed`), as before the update."""
+    """:func:`try_extend` for the request the cache was computed for (a refresh's extension)."""
     request = read_digests(cache_path, "request")
     return request is not None and try_extend(cache_path, request["instruments"], request["fields"],
-                                              request["freq"], as_one=True)
+                                              request["freq"])
 
 
-def try_extend(cache_path: Path, instruments, fields, freq: str, as_one: bool = False) -> bool:
+def compact(cache_path: Path) -> bool:
+    """Write a cache of several segments again as one (its rows copied once, in parts), so that a client on the
+    server's host maps it whole as a view of one file (:mod:`qlib_server.client.placed`), as before an update;
+    False when it is one segment already. Nothing but the manifest changes: readers see the segments or the one
+    file. The caller holds the cache's lock."""
+    table = records.read(cache_path)
+    if len(table.segments) < 2:
+        return False
+    records.publish(cache_path, [_write(cache_path, table, len(table), _parts(table))])
+    return True
+
+
+def try_extend(cache_path: Path, instruments, fields, freq: str) -> bool:
     """Bring a cache that is not current up to the data by extending it, when the data only had days appended;
-    False (nothing changed) when it must be computed again. The caller holds the cache's lock. The new rows are
-    a segment of their own, or with ``as_one`` written with the rows kept as one segment."""
+    False (nothing changed) when it must be computed again. The caller holds the cache's lock."""
     record, digests = read_record(cache_path), read_digests(cache_path)
     if record is None or digests is None or RECORDS not in record.get("forms", []) \
             or not records.of_this_layout(cache_path):
@@ -94,7 +103,7 @@ def try_extend(cache_path: Path, instruments, fields, freq: str, as_one: bool = 
         log.info("dataset cache %s computed again: %s", cache_path.name, change.reason or change.kind)
         return False
     try:
-        done = _extend(cache_path, instruments, fields, freq, change, sources, contents, as_one)
+        done = _extend(cache_path, instruments, fields, freq, change, sources, contents)
     except Exception:
         log.exception("extending dataset cache %s failed; computing it again", cache_path.name)
         return False
@@ -104,7 +113,7 @@ def try_extend(cache_path: Path, instruments, fields, freq: str, as_one: bool = 
 
 
 def _extend(cache_path: Path, instruments, fields, freq: str, change: changes.Change, sources: dict,
-            contents: dict, as_one: bool) -> bool:
+            contents: dict) -> bool:
     from qlib.data.cache import H
     from qlib.data.data import Cal, DatasetD
 
@@ -146,7 +155,7 @@ def _extend(cache_path: Path, instruments, fields, freq: str, change: changes.Ch
     first = blocks[0].start if blocks else len(times)
     tail = _tail(blocks, codes, spans_of, times, first, len(times) - 1, saved.names)
     keep = int(np.searchsorted(table.days, times[first])) if first < len(times) else len(table.days)
-    segments = _segments(cache_path, table, keep, tail, as_one)  # the days before the first changed one kept
+    segments = _segments(cache_path, table, keep, tail)  # the days before the first changed one kept
     save_checkpoint(cache_path, Checkpoint(saved.names, saved.start, len(times) - 1, [b.checkpoint for b in blocks]))
     for stale in (cache_path, cache_path.with_suffix(".index"), cache_path.with_suffix(".meta")):
         stale.unlink(missing_ok=True)  # Qlib's HDF5 form is made again from the records when a stock client asks
@@ -174,10 +183,9 @@ def _tail(blocks: list, codes: list, spans_of: dict, times: np.ndarray, first: i
     return dataset.Computed(codes, list(names), times, first, rows, dense)
 
 
-def _segments(cache_path: Path, table: records.Records, keep: int, tail: dataset.Computed,
-              as_one: bool) -> list[tuple[Path, int]]:
+def _segments(cache_path: Path, table: records.Records, keep: int, tail: dataset.Computed) -> list[tuple[Path, int]]:
     """Write the changed rows as a new segment after the first ``keep`` days of the cache; the segments that
-    make the extended cache (all of it in one new segment with ``as_one`` or when it has many already)."""
+    make the extended cache (all of it in one new segment when it has many already)."""
     kept: list[tuple[Path, int]] = []
     for name, segment in zip(table.files, table.segments):
         if keep <= 0:
@@ -185,7 +193,7 @@ def _segments(cache_path: Path, table: records.Records, keep: int, tail: dataset
         kept.append((cache_path.parent / name, min(len(segment.days), keep)))
         keep -= len(segment.days)
     new = _write(cache_path, table, int(tail.rows.sum()), tail.instrument_parts())
-    if not as_one and len(kept) + 1 <= MAX_SEGMENTS:
+    if len(kept) + 1 <= MAX_SEGMENTS:
         return [*kept, new]
     merged = records.of_segments([*kept, new])  # compact: the kept rows copied once, with the new ones
     return [_write(cache_path, table, len(merged), _parts(merged))]  # (the new segment alone is then unlisted)

@@ -83,8 +83,9 @@ def refresh(cfg: ServerConfig, redis_client=None, force: bool = True, progress: 
 def extend_caches(cfg: ServerConfig, client, paths: list, used: dict, progress: Callable | None = None) -> dict:
     """Extend each dataset cache of ``paths`` used lately (``used``: its uses in the last ``refresh_recent_days``
     days, by name), the most used first, each under its lock (one a worker brought up to date meanwhile is left
-    as it is; one that cannot be extended after all is deleted, to be computed at its next request). The others
-    are left to be extended at their next request."""
+    as it is; one that cannot be extended after all is deleted, to be computed at its next request), then writes
+    each of them again as one segment (:func:`_compact`). The others are left to be extended at their next
+    request."""
     from ..state import keys, records
     from ..state.sources import RECORDS, is_current
     from . import compute, datacache, extension
@@ -94,7 +95,7 @@ def extend_caches(cfg: ServerConfig, client, paths: list, used: dict, progress: 
     started = time.time()
     counts = {"extended": 0, "failed": 0, "later": len(later)}
     client.hset(keys.REFRESH, mapping={"state": "extending", "total": len(paths), "extended": 0, "failed": 0,
-                                       "later": len(later), "started": started, "finished": 0})
+                                       "later": len(later), "compacted": 0, "started": started, "finished": 0})
     if paths:
         compute.init_qlib(cfg)
     for done, path in enumerate(paths, 1):
@@ -108,11 +109,32 @@ def extend_caches(cfg: ServerConfig, client, paths: list, used: dict, progress: 
         client.hset(keys.REFRESH, mapping=counts)
         if progress is not None:
             progress(done, len(paths))
-    client.hset(keys.REFRESH, mapping={"state": "done", "finished": time.time()})
     log.info("extended %d dataset caches in %.1f s (%d computed again at their next request; %d not used lately, "
              "extended at their next request)", counts["extended"], time.time() - started, counts["failed"],
              counts["later"])
+    counts["compacted"] = _compact(client, paths)
+    client.hset(keys.REFRESH, mapping={"state": "done", "finished": time.time(), "compacted": counts["compacted"]})
     return counts
+
+
+def _compact(client, paths: list) -> int:
+    """Once every cache of ``paths`` is current, write each that is several segments again as one, the most used
+    first, each under its lock (:func:`.extension.compact`): a client on the server's host then maps it as a
+    view again. How many were."""
+    from ..state import keys
+    from ..state.sources import RECORDS, is_current
+    from . import datacache, extension
+
+    started, compacted = time.time(), 0
+    client.hset(keys.REFRESH, "state", "compacting")
+    for path in paths:
+        with datacache.cache_lock(client, datacache.lock_name(path)):
+            try:
+                compacted += is_current(path, form=RECORDS) and extension.compact(path)
+            except (OSError, ValueError):
+                log.exception("writing dataset cache %s as one segment failed; it stays as it is", path.name)
+    log.info("wrote %d dataset caches again as one segment in %.1f s", compacted, time.time() - started)
+    return compacted
 
 
 def _mtime(path: Path) -> float:

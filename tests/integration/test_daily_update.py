@@ -1,6 +1,6 @@
 """The daily update: trading days appended to the data under a running server. Its dataset caches are extended
-by the new days (only the rows they change computed; a refresh writes them with the rows kept as one segment, a
-request as a segment of their own), in the background before anyone asks, and
+by the new days (only the rows they change computed, as a segment of their own; a refresh, once its caches are
+current, writes each again as one segment), in the background before anyone asks, and
 every client then gets what local Qlib computes on the new data; any other change is computed again.
 
 Each test changes its own copy of the session dataset; the server runs on its defaults (RabbitMQ, Redis)."""

@@ -92,15 +92,16 @@ def test_a_cache_extended_more_times_than_its_segments_allow_is_written_again_as
 
 
 @pytest.mark.parametrize("part_values", [extension.PART_VALUES, 5000], ids=["parts of 64 MB", "parts of 20 kB"])
-def test_a_refresh_writes_an_extended_cache_as_one_segment_equal_to_a_full_computation(data, monkeypatch,
-                                                                                       part_values):
-    """A refresh extends in the background: it copies the rows kept once more (in parts of a bounded size), so
-    that a client on the host maps the extended cache whole as a view of one file, as before the update."""
+def test_an_extended_cache_written_again_as_one_segment_equals_a_full_computation(data, monkeypatch, part_values):
+    """A refresh, once the caches it extends are current, writes each again as one segment (its rows copied in
+    parts of a bounded size), so that a client on the host maps it whole as a view of one file."""
     monkeypatch.setattr(extension, "PART_VALUES", part_values)
     path = compute(data, "c")
+    assert not extension.compact(path)  # one segment already
     for n in range(2):
         append_days(data, 1 + n, seed=30 + n)
-        assert extension.extend_cache(path)
+        assert extend(path) and len(records.read(path).segments) == 2
+        assert extension.compact(path)
         assert is_current(path, form=RECORDS) and len(records.read(path).segments) == 1
         assert sorted(p.name for p in records.segment_files(path)) == records.read(path).files  # no file left over
     assert_same_records(path, compute(data, "full"))

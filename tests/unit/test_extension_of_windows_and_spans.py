@@ -104,5 +104,5 @@ def test_a_cache_of_a_start_mid_calendar_extended_by_appended_days_equals_the_ca
     append_days(data, 2)
     H.clear()
     assert extension.extend_cache(path)  # as a refresh does: the request it recorded, its start included
-    assert is_current(path, form=RECORDS) and len(records.read(path).segments) == 1  # as one, as a refresh writes
+    assert is_current(path, form=RECORDS) and len(records.read(path).segments) == 2
     assert_same_records(path, computed("full"))
